@@ -1,0 +1,53 @@
+# Every target installs what it needs first, so a fresh clone needs only:
+#   make run    serve Ops-Core on 127.0.0.1:50051 with ./opscore.db
+#   make test   lint, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NODE_STAMP := node_modules/.installed-stamp
+
+.PHONY: help install run test lint protos protos-check bench clean
+
+help:
+	@echo "make run          serve on 127.0.0.1:50051 (db ./opscore.db); installs first"
+	@echo "make test         lint + full test suite; installs first"
+	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
+	@echo "make protos       regenerate generated/ from protos/"
+	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(NODE_STAMP): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/opscore serve $(ARGS)
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py 2>&1 | grep -v '^Writing mypy' || true
+	@test -z "$$($(PY) scripts/gen_protos.py --check >/dev/null || echo stale)"
+
+protos-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+lint: $(STAMP) $(NODE_STAMP)
+	npx --no-install buf lint protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) node_modules build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,2 @@
+"""Generated protobuf and gRPC code for the opscore.v1 API. Do not edit;
+regenerate with `make protos`."""

@@ -1,0 +1,1 @@
+"""Generated from protos/opscore/v1. Do not edit."""
