@@ -1,0 +1,1 @@
+"""gRPC glue: servicers translate protobuf to domain calls; nothing else lives here."""

@@ -1,0 +1,185 @@
+"""Translation between protobuf messages and domain records. No logic here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2
+
+from opscore.dispatch import RetryPolicySpec, TaskSpec
+from opscore.models import Agent, AgentEvent, RetryPolicy, StateTransition, Task, TaskError
+
+# ---------------------------------------------------------------- scalars
+
+
+def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(dt)
+    return t
+
+
+def from_ts(msg: object, field: str) -> datetime | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: timestamp_pb2.Timestamp = getattr(msg, field)
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def dur(td: timedelta | None) -> duration_pb2.Duration | None:
+    if td is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(td)
+    return d
+
+
+def from_dur(msg: object, field: str) -> timedelta | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: duration_pb2.Duration = getattr(msg, field)
+    # FromTimedelta/ToTimedelta lose sign information for tiny negatives; compute
+    # from the raw fields so validation sees what the client sent.
+    return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def struct(payload: bytes | None) -> struct_pb2.Struct | None:
+    if payload is None:
+        return None
+    s = struct_pb2.Struct()
+    s.ParseFromString(payload)
+    return s
+
+
+def payload(msg: object, field: str) -> bytes | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    return getattr(msg, field).SerializeToString(deterministic=True)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def agent(a: Agent) -> lifecycle_pb2.Agent:
+    return lifecycle_pb2.Agent(
+        agent_id=a.agent_id,
+        name=a.name,
+        version=a.version,
+        capabilities=a.capabilities,
+        contact_endpoint=a.contact_endpoint,
+        metadata=a.metadata,
+        state=int(a.state),  # type: ignore[arg-type]
+        state_details=struct(a.state_details),
+        register_time=ts(a.register_time),
+        state_change_time=ts(a.state_change_time),
+        last_seen_time=ts(a.last_seen_time),
+        deregistered=a.deregistered,
+        open_subscriptions=a.open_subscriptions,
+    )
+
+
+def transition(t: StateTransition) -> lifecycle_pb2.StateTransition:
+    return lifecycle_pb2.StateTransition(
+        agent_id=t.agent_id,
+        from_state=int(t.from_state),  # type: ignore[arg-type]
+        to_state=int(t.to_state),  # type: ignore[arg-type]
+        details=struct(t.details),
+        observe_time=ts(t.observe_time),
+        record_time=ts(t.record_time),
+        source=t.source,
+        out_of_order=t.out_of_order,
+        sequence=t.sequence,
+    )
+
+
+def agent_event(e: AgentEvent) -> lifecycle_pb2.WatchAgentsResponse:
+    return lifecycle_pb2.WatchAgentsResponse(
+        event_type=int(e.event_type),  # type: ignore[arg-type]
+        agent=agent(e.agent),
+        transition=transition(e.transition) if e.transition else None,
+        event_time=ts(e.event_time),
+    )
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def retry_policy(p: RetryPolicy) -> common_pb2.RetryPolicy:
+    return common_pb2.RetryPolicy(
+        max_attempts=p.max_attempts,
+        initial_backoff=dur(p.initial_backoff),
+        backoff_multiplier=p.backoff_multiplier,
+        max_backoff=dur(p.max_backoff),
+    )
+
+
+def retry_policy_spec(msg: object, field: str = "retry_policy") -> RetryPolicySpec:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return RetryPolicySpec()
+    p: common_pb2.RetryPolicy = getattr(msg, field)
+    return RetryPolicySpec(
+        max_attempts=p.max_attempts,
+        initial_backoff=from_dur(p, "initial_backoff"),
+        backoff_multiplier=p.backoff_multiplier,
+        max_backoff=from_dur(p, "max_backoff"),
+    )
+
+
+def task_error(e: TaskError | None) -> common_pb2.TaskError | None:
+    if e is None:
+        return None
+    return common_pb2.TaskError(message=e.message, type=e.type, details=struct(e.details))
+
+
+def from_task_error(msg: object, field: str = "error") -> TaskError:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return TaskError("")
+    e: common_pb2.TaskError = getattr(msg, field)
+    return TaskError(e.message, e.type, payload(e, "details"))
+
+
+def task(t: Task) -> dispatch_pb2.Task:
+    return dispatch_pb2.Task(
+        task_id=t.task_id,
+        name=t.name,
+        capability=t.capability,
+        agent_id=t.agent_id,
+        input=struct(t.input),
+        priority=t.priority,
+        retry_policy=retry_policy(t.retry_policy),
+        timeout=dur(t.timeout),
+        heartbeat_timeout=dur(t.heartbeat_timeout),
+        idempotency_key=t.idempotency_key,
+        state=int(t.state),  # type: ignore[arg-type]
+        attempt=t.attempt,
+        assigned_agent_id=t.assigned_agent_id,
+        lease_expire_time=ts(t.lease_expire_time),
+        schedule_time=ts(t.schedule_time),
+        output=struct(t.output),
+        last_error=task_error(t.last_error),
+        progress=struct(t.progress),
+        session_id=t.session_id,
+        workflow_task_id=t.workflow_task_id,
+        cancel_requested=t.cancel_requested,
+        create_time=ts(t.create_time),
+        update_time=ts(t.update_time),
+        finish_time=ts(t.finish_time),
+    )
+
+
+def task_spec(r: dispatch_pb2.EnqueueTaskRequest) -> TaskSpec:
+    return TaskSpec(
+        name=r.name,
+        capability=r.capability,
+        agent_id=r.agent_id,
+        input=payload(r, "input"),
+        priority=r.priority,
+        schedule_time=from_ts(r, "schedule_time"),
+        delay=from_dur(r, "delay"),
+        retry_policy=retry_policy_spec(r),
+        timeout=from_dur(r, "timeout"),
+        heartbeat_timeout=from_dur(r, "heartbeat_timeout"),
+        idempotency_key=r.idempotency_key,
+    )

@@ -1,0 +1,1 @@
+"""One servicer per service: protobuf in, domain call, protobuf out."""

@@ -1,0 +1,609 @@
+"""The one module that speaks SQL.
+
+Writes go through a single writer coroutine that owns its own connection. Engines
+record changes with the `put_*`/`add_*` methods (a snapshot of the row is taken at
+once, later puts of the same key replace earlier ones) and await `commit()`, which
+resolves when everything recorded so far is durable. While one commit is on disk the
+next batch fills up, so many concurrent RPCs share one transaction (group commit)
+and the cost of a write is one commit per batch, not one per call.
+
+Reads use a second connection; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from opscore.clock import from_micros, to_micros
+from opscore.errors import InvalidArgument, Unavailable
+from opscore.models import (
+    Agent,
+    AgentState,
+    RetryPolicy,
+    StateTransition,
+    Task,
+    TaskError,
+    TaskFilter,
+    TaskState,
+)
+
+log = logging.getLogger("opscore.storage")
+
+_US = timedelta(microseconds=1)
+
+
+def _us(td: timedelta | None) -> int | None:
+    return None if td is None else td // _US
+
+
+def _td(us: int | None) -> timedelta | None:
+    return None if us is None else us * _US
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """Numbered migrations shipped with the package, in order."""
+    found: list[Migration] = []
+    folder = resources.files("opscore.storage") / "migrations"
+    for entry in folder.iterdir():
+        name = entry.name
+        if not name.endswith(".sql"):
+            continue
+        number = int(name.split("_", 1)[0])
+        found.append(Migration(number, name, entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    expected = list(range(1, len(found) + 1))
+    if [m.version for m in found] != expected:
+        raise RuntimeError(f"migrations are not numbered 1..n: {[m.name for m in found]}")
+    return found
+
+
+SCHEMA_VERSION = len(migrations())
+
+
+def apply_migrations(conn: sqlite3.Connection, target: int | None = None) -> int:
+    """Bring a plain sqlite3 connection's database up to `target` (default: latest).
+
+    Each migration runs in its own transaction together with the version bump, so a
+    crash mid-upgrade leaves the database at the previous version, never in between.
+    """
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    target = SCHEMA_VERSION if target is None else target
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {current} is newer than this Ops-Core "
+            f"({SCHEMA_VERSION}); upgrade Ops-Core"
+        )
+    for m in migrations():
+        if current < m.version <= target:
+            log.info("applying migration", extra={"migration": m.name})
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(m.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {m.version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            current = m.version
+    return current
+
+
+def _split_sql(script: str) -> list[str]:
+    statements, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip() and not buf.strip().startswith("--"):
+        statements.append(buf.strip())
+    return statements
+
+
+# --------------------------------------------------------------------------- row codecs
+
+_AGENT_COLS = (
+    "agent_id, name, version, capabilities, contact_endpoint, metadata, state, "
+    "state_details, register_time, state_change_time, last_seen_time, deregistered, "
+    "state_before_offline, history_seq"
+)
+
+
+def _agent_row(a: Agent) -> tuple[Any, ...]:
+    return (
+        a.agent_id,
+        a.name,
+        a.version,
+        json.dumps(list(a.capabilities)),
+        a.contact_endpoint,
+        json.dumps(a.metadata, sort_keys=True),
+        int(a.state),
+        a.state_details,
+        to_micros(a.register_time),
+        to_micros(a.state_change_time),
+        to_micros(a.last_seen_time),
+        int(a.deregistered),
+        int(a.state_before_offline),
+        a.history_seq,
+    )
+
+
+def _agent_from_row(r: Sequence[Any]) -> Agent:
+    return Agent(
+        agent_id=r[0],
+        name=r[1],
+        version=r[2],
+        capabilities=tuple(json.loads(r[3])),
+        contact_endpoint=r[4],
+        metadata=json.loads(r[5]),
+        state=AgentState(r[6]),
+        state_details=r[7],
+        register_time=from_micros(r[8]),  # type: ignore[arg-type]
+        state_change_time=from_micros(r[9]),  # type: ignore[arg-type]
+        last_seen_time=from_micros(r[10]),  # type: ignore[arg-type]
+        deregistered=bool(r[11]),
+        state_before_offline=AgentState(r[12]),
+        history_seq=r[13],
+    )
+
+
+_TRANSITION_COLS = (
+    "agent_id, sequence, from_state, to_state, details, observe_time, record_time, "
+    "source, out_of_order"
+)
+
+
+def _transition_row(t: StateTransition) -> tuple[Any, ...]:
+    return (
+        t.agent_id,
+        t.sequence,
+        int(t.from_state),
+        int(t.to_state),
+        t.details,
+        to_micros(t.observe_time),
+        to_micros(t.record_time),
+        t.source,
+        int(t.out_of_order),
+    )
+
+
+def _transition_from_row(r: Sequence[Any]) -> StateTransition:
+    return StateTransition(
+        agent_id=r[0],
+        sequence=r[1],
+        from_state=AgentState(r[2]),
+        to_state=AgentState(r[3]),
+        details=r[4],
+        observe_time=from_micros(r[5]),  # type: ignore[arg-type]
+        record_time=from_micros(r[6]),  # type: ignore[arg-type]
+        source=r[7],
+        out_of_order=bool(r[8]),
+    )
+
+
+_TASK_FIXED = (
+    "task_id, name, capability, agent_id, input, priority, max_attempts, "
+    "initial_backoff_us, backoff_multiplier, max_backoff_us, timeout_us, "
+    "heartbeat_timeout_us, idempotency_key, session_id, workflow_task_id, create_time"
+)
+_TASK_MUTABLE = (
+    "state",
+    "attempt",
+    "assigned_agent_id",
+    "lease_expire_time",
+    "attempt_deadline",
+    "schedule_time",
+    "output",
+    "error_message",
+    "error_type",
+    "error_details",
+    "progress",
+    "cancel_requested",
+    "update_time",
+    "finish_time",
+    "ready_seq",
+)
+_TASK_COLS = _TASK_FIXED + ", " + ", ".join(_TASK_MUTABLE)
+
+
+def _task_row(t: Task) -> tuple[Any, ...]:
+    rp = t.retry_policy
+    err = t.last_error
+    return (
+        t.task_id,
+        t.name,
+        t.capability,
+        t.agent_id,
+        t.input,
+        t.priority,
+        rp.max_attempts,
+        _us(rp.initial_backoff),
+        rp.backoff_multiplier,
+        _us(rp.max_backoff),
+        _us(t.timeout),
+        _us(t.heartbeat_timeout),
+        t.idempotency_key or None,
+        t.session_id,
+        t.workflow_task_id,
+        to_micros(t.create_time),
+        int(t.state),
+        t.attempt,
+        t.assigned_agent_id,
+        to_micros(t.lease_expire_time),
+        to_micros(t.attempt_deadline),
+        to_micros(t.schedule_time),
+        t.output,
+        err.message if err else None,
+        err.type if err else None,
+        err.details if err else None,
+        t.progress,
+        int(t.cancel_requested),
+        to_micros(t.update_time),
+        to_micros(t.finish_time),
+        t.ready_seq,
+    )
+
+
+def _task_from_row(r: Sequence[Any]) -> Task:
+    return Task(
+        task_id=r[0],
+        name=r[1],
+        capability=r[2],
+        agent_id=r[3],
+        input=r[4],
+        priority=r[5],
+        retry_policy=RetryPolicy(r[6], _td(r[7]), r[8], _td(r[9])),  # type: ignore[arg-type]
+        timeout=_td(r[10]),  # type: ignore[arg-type]
+        heartbeat_timeout=_td(r[11]),
+        idempotency_key=r[12] or "",
+        session_id=r[13],
+        workflow_task_id=r[14],
+        create_time=from_micros(r[15]),  # type: ignore[arg-type]
+        state=TaskState(r[16]),
+        attempt=r[17],
+        assigned_agent_id=r[18],
+        lease_expire_time=from_micros(r[19]),
+        attempt_deadline=from_micros(r[20]),
+        schedule_time=from_micros(r[21]),
+        output=r[22],
+        last_error=TaskError(r[23], r[24] or "", r[25]) if r[23] is not None else None,
+        progress=r[26],
+        cancel_requested=bool(r[27]),
+        update_time=from_micros(r[28]),  # type: ignore[arg-type]
+        finish_time=from_micros(r[29]),
+        ready_seq=r[30],
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+# Upsert statements by table, in the order a batch applies them.
+_UPSERT_SQL: dict[str, str] = {
+    "agents": (
+        f"INSERT INTO agents ({_AGENT_COLS}) VALUES ({', '.join('?' * 14)}) "
+        "ON CONFLICT(agent_id) DO UPDATE SET "
+        + ", ".join(
+            f"{c} = excluded.{c}"
+            for c in (
+                "name",
+                "version",
+                "capabilities",
+                "contact_endpoint",
+                "metadata",
+                "state",
+                "state_details",
+                "state_change_time",
+                "last_seen_time",
+                "deregistered",
+                "state_before_offline",
+                "history_seq",
+            )
+        )
+    ),
+    "tasks": (
+        f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 31)}) "
+        "ON CONFLICT(task_id) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in _TASK_MUTABLE)
+    ),
+}
+_APPEND_SQL: dict[str, str] = {
+    "agent_transitions": (
+        f"INSERT INTO agent_transitions ({_TRANSITION_COLS}) VALUES ({', '.join('?' * 9)})"
+    ),
+}
+_DELETE_SQL: dict[str, str] = {}
+
+
+class _Batch:
+    __slots__ = ("appends", "deletes", "future", "upserts")
+
+    def __init__(self) -> None:
+        self.upserts: dict[str, dict[Any, tuple[Any, ...]]] = {t: {} for t in _UPSERT_SQL}
+        self.appends: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _APPEND_SQL}
+        self.deletes: dict[str, dict[Any, tuple[Any, ...]]] = {t: {} for t in _DELETE_SQL}
+        self.future: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not (
+            any(self.upserts.values()) or any(self.appends.values()) or any(self.deletes.values())
+        )
+
+
+# --------------------------------------------------------------------------- cursors
+
+
+def encode_cursor(*values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, arity: int) -> list[Any]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        values = json.loads(raw)
+        if not isinstance(values, list) or len(values) != arity:
+            raise ValueError
+        return values
+    except ValueError as exc:
+        raise InvalidArgument(
+            "page_token is not one this server issued; pass next_page_token unchanged",
+            field="page_token",
+        ) from exc
+
+
+def clamp_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size must not be negative", field="page_size")
+    return 100 if page_size == 0 else min(page_size, 1000)
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Store:
+    def __init__(self, path: str | Path, *, sync: str = "full") -> None:
+        self.path = str(path)
+        self.sync = sync
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending = _Batch()
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+
+    # ---- open / close
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # Migrations run on a plain connection first: they are one-off and need
+        # per-statement control that is simplest without the thread hop.
+        await asyncio.to_thread(self._migrate)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._pragmas(self._writer)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._pragmas(self._reader)
+        await self._reader.execute("PRAGMA query_only = ON")
+        self._writer_task = asyncio.create_task(self._write_loop(), name="opscore-writer")
+
+    def _migrate(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            apply_migrations(conn)
+        finally:
+            conn.close()
+
+    async def _pragmas(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync == 'full' else 'NORMAL'}")
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA foreign_keys = ON")
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections."""
+        if self._writer_task is None:
+            return
+        self._closing = True
+        with contextlib.suppress(Unavailable):
+            await self.commit()
+        self._writer_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer_task
+        self._writer_task = None
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.close()
+        self._writer = self._reader = None
+
+    # ---- group commit
+
+    def commit(self) -> asyncio.Future[None]:
+        """A future that resolves once everything recorded so far is durable."""
+        batch = self._pending
+        if batch.future is None:
+            batch.future = asyncio.get_running_loop().create_future()
+        self._wake.set()
+        return batch.future
+
+    async def _write_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, _Batch()
+            if batch.empty():
+                if batch.future is not None and not batch.future.done():
+                    batch.future.set_result(None)
+                continue
+            try:
+                await self._apply(batch)
+            except asyncio.CancelledError:
+                self._restore(batch)
+                raise
+            except Exception as exc:
+                failures += 1
+                log.exception("commit failed; will retry", extra={"failures": failures})
+                self._restore(batch)
+                if batch.future is not None and not batch.future.done():
+                    batch.future.set_exception(
+                        Unavailable(f"storage could not commit ({exc}); retry the call")
+                    )
+                    batch.future.exception()  # retrieved: waiters may be gone
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                self._wake.set()
+                continue
+            failures = 0
+            self.commits += 1
+            if batch.future is not None and not batch.future.done():
+                batch.future.set_result(None)
+
+    async def _apply(self, batch: _Batch) -> None:
+        conn = self._writer
+        assert conn is not None
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, rows in batch.upserts.items():
+                if rows:
+                    await conn.executemany(_UPSERT_SQL[table], list(rows.values()))
+            for table, rows in batch.appends.items():
+                if rows:
+                    await conn.executemany(_APPEND_SQL[table], rows)
+            for table, keys in batch.deletes.items():
+                if keys:
+                    await conn.executemany(_DELETE_SQL[table], list(keys.values()))
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            raise
+
+    def _restore(self, failed: _Batch) -> None:
+        """Put a failed batch's rows back under anything recorded since."""
+        newer = self._pending
+        for table, rows in failed.upserts.items():
+            merged = dict(rows)
+            merged.update(newer.upserts[table])
+            newer.upserts[table] = merged
+        for table, rows in failed.appends.items():
+            newer.appends[table] = rows + newer.appends[table]
+        for table, keys in failed.deletes.items():
+            merged = dict(keys)
+            merged.update(newer.deletes[table])
+            newer.deletes[table] = merged
+
+    # ---- write API (record now, durable after `await commit()`)
+
+    def put_agent(self, agent: Agent) -> None:
+        self._pending.upserts["agents"][agent.agent_id] = _agent_row(agent)
+
+    def add_transition(self, t: StateTransition) -> None:
+        self._pending.appends["agent_transitions"].append(_transition_row(t))
+
+    def put_task(self, task: Task) -> None:
+        self._pending.upserts["tasks"][task.task_id] = _task_row(task)
+
+    # ---- reads
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        assert self._reader is not None
+        async with self._reader.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def load_agents(self) -> list[Agent]:
+        rows = await self._fetchall(f"SELECT {_AGENT_COLS} FROM agents")
+        return [_agent_from_row(r) for r in rows]
+
+    async def list_transitions(
+        self, agent_id: str, page_size: int, page_token: str
+    ) -> tuple[list[StateTransition], str]:
+        limit = clamp_page_size(page_size)
+        before = decode_cursor(page_token, 1)[0] if page_token else None
+        sql = f"SELECT {_TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ?"
+        params: list[Any] = [agent_id]
+        if before is not None:
+            sql += " AND sequence < ?"
+            params.append(int(before))
+        sql += " ORDER BY sequence DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = await self._fetchall(sql, params)
+        items = [_transition_from_row(r) for r in rows[:limit]]
+        token = encode_cursor(items[-1].sequence) if len(rows) > limit else ""
+        return items, token
+
+    async def load_open_tasks(self) -> list[Task]:
+        rows = await self._fetchall(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN (1, 2, 3)")
+        return [_task_from_row(r) for r in rows]
+
+    async def max_ready_seq(self) -> int:
+        rows = await self._fetchall("SELECT COALESCE(MAX(ready_seq), 0) FROM tasks")
+        return int(rows[0][0])
+
+    async def get_task(self, task_id: str) -> Task | None:
+        rows = await self._fetchall(f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", [task_id])
+        return _task_from_row(rows[0]) if rows else None
+
+    async def get_task_by_idempotency_key(self, key: str) -> Task | None:
+        rows = await self._fetchall(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE idempotency_key = ?", [key]
+        )
+        return _task_from_row(rows[0]) if rows else None
+
+    async def list_tasks(
+        self, flt: TaskFilter, page_size: int, page_token: str
+    ) -> tuple[list[Task], str]:
+        """Newest first, by insertion order (rowid), which never changes for a task."""
+        limit = clamp_page_size(page_size)
+        where, params = [], []
+        if page_token:
+            where.append("rowid < ?")
+            params.append(int(decode_cursor(page_token, 1)[0]))
+        if flt.state:
+            where.append("state = ?")
+            params.append(int(flt.state))
+        if flt.capability:
+            where.append("capability = ?")
+            params.append(flt.capability)
+        if flt.agent_id:
+            where.append("(agent_id = ? OR assigned_agent_id = ?)")
+            params += [flt.agent_id, flt.agent_id]
+        if flt.session_id:
+            where.append("session_id = ?")
+            params.append(flt.session_id)
+        sql = f"SELECT rowid, {_TASK_COLS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = await self._fetchall(sql, params)
+        items = [_task_from_row(r[1:]) for r in rows[:limit]]
+        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
+        return items, token
+
+    async def count_tasks(self) -> int:
+        rows = await self._fetchall("SELECT COUNT(*) FROM tasks")
+        return int(rows[0][0])
