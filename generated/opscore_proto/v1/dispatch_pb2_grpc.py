@@ -181,9 +181,12 @@ class DispatchServiceServicer:
     def HeartbeatTask(self, request, context):
         """Extends the lease of an attempt and records progress.
 
-        The new deadline is now + `heartbeat_timeout` (or `timeout` from the
-        assignment when the task has no heartbeat timeout). The response says
-        whether a cancellation was requested. Fenced like CompleteTask.
+        The lease becomes now + `heartbeat_timeout`, but never later than the
+        attempt's hard end (assignment time + `timeout`); without a heartbeat
+        timeout the lease is that hard end and a heartbeat only records progress
+        and proves the agent is alive. The response says whether the task was
+        cancelled: a heartbeat for a task cancelled while the agent held it answers
+        `cancel_requested` true instead of an error. Fenced like CompleteTask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,9 +97,12 @@ class DispatchServiceStub:
     HeartbeatTask: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.HeartbeatTaskRequest, _dispatch_pb2.HeartbeatTaskResponse]
     """Extends the lease of an attempt and records progress.
 
-    The new deadline is now + `heartbeat_timeout` (or `timeout` from the
-    assignment when the task has no heartbeat timeout). The response says
-    whether a cancellation was requested. Fenced like CompleteTask.
+    The lease becomes now + `heartbeat_timeout`, but never later than the
+    attempt's hard end (assignment time + `timeout`); without a heartbeat
+    timeout the lease is that hard end and a heartbeat only records progress
+    and proves the agent is alive. The response says whether the task was
+    cancelled: a heartbeat for a task cancelled while the agent held it answers
+    `cancel_requested` true instead of an error. Fenced like CompleteTask.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.GetTaskRequest, _dispatch_pb2.GetTaskResponse]
     """Returns one task. Errors: NOT_FOUND."""
@@ -185,9 +188,12 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     HeartbeatTask: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.HeartbeatTaskRequest, _dispatch_pb2.HeartbeatTaskResponse]  # type: ignore[assignment]
     """Extends the lease of an attempt and records progress.
 
-    The new deadline is now + `heartbeat_timeout` (or `timeout` from the
-    assignment when the task has no heartbeat timeout). The response says
-    whether a cancellation was requested. Fenced like CompleteTask.
+    The lease becomes now + `heartbeat_timeout`, but never later than the
+    attempt's hard end (assignment time + `timeout`); without a heartbeat
+    timeout the lease is that hard end and a heartbeat only records progress
+    and proves the agent is alive. The response says whether the task was
+    cancelled: a heartbeat for a task cancelled while the agent held it answers
+    `cancel_requested` true instead of an error. Fenced like CompleteTask.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.GetTaskRequest, _dispatch_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task. Errors: NOT_FOUND."""
@@ -306,9 +312,12 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatch_pb2.HeartbeatTaskResponse, _abc.Awaitable[_dispatch_pb2.HeartbeatTaskResponse]]:
         """Extends the lease of an attempt and records progress.
 
-        The new deadline is now + `heartbeat_timeout` (or `timeout` from the
-        assignment when the task has no heartbeat timeout). The response says
-        whether a cancellation was requested. Fenced like CompleteTask.
+        The lease becomes now + `heartbeat_timeout`, but never later than the
+        attempt's hard end (assignment time + `timeout`); without a heartbeat
+        timeout the lease is that hard end and a heartbeat only records progress
+        and proves the agent is alive. The response says whether the task was
+        cancelled: a heartbeat for a task cancelled while the agent held it answers
+        `cancel_requested` true instead of an error. Fenced like CompleteTask.
         """
 
     @_abc_1.abstractmethod
