@@ -653,7 +653,7 @@ async def test_many_agents_many_tasks_exactly_once(harness):
             budget = rng.randint(5, 40)  # then disconnect and come back
             pending: set[asyncio.Task] = set()
 
-            async def finish(task: pb.Task) -> None:
+            async def finish(task: pb.Task, held: set[str] = held) -> None:
                 await asyncio.sleep(0)
                 # The agent gives the slot up when it sends the result: the server
                 # may assign the next task before this call's reply arrives.
