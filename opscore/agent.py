@@ -1,0 +1,814 @@
+"""The Agent worker: register, subscribe, run handlers, report results.
+
+    from opscore.agent import Agent, TaskContext
+
+    agent = Agent("summarizer", agent_id="summarizer-1", max_in_flight=4)
+
+    @agent.task("text.summarize")
+    async def summarize(task: TaskContext) -> dict:
+        words = task.input["text"].split()
+        task.report_progress({"words_seen": len(words)})
+        return {"summary": " ".join(words[:10]), "words": len(words)}
+
+    agent.run_sync()   # or: await agent.run()
+
+What `run()` does:
+
+1. Registers the agent with the capabilities of its handlers (retrying while the
+   server is unreachable) and reports `IDLE`.
+2. Opens a task subscription with `max_in_flight` and runs each assignment's
+   handler in its own asyncio task: `async def` handlers on the event loop, plain
+   functions in a thread pool. While tasks run the agent reports `ACTIVE`, and
+   `IDLE` again once it has none (at most one report per half second).
+3. Sends `HeartbeatTask` automatically (every third of the task's
+   `heartbeat_timeout`) while a handler runs, and at once when the handler
+   reports progress.
+4. Completes the task with the handler's return value (a dict is the output;
+   any other value `v` becomes `{"result": v}`; None leaves it empty), or fails
+   it with the exception it raised: type and message, with the traceback in the
+   details. `NonRetryableError` fails the task for good.
+5. Honours cancellations (from the stream, or a heartbeat answering
+   `cancel_requested`) by cancelling the handler's asyncio task; no result is
+   sent. A thread cannot be interrupted: a sync handler should check
+   `task.cancelled` now and then.
+6. Reconnects with jittered backoff when the server goes away (draining or
+   unreachable), keeping the tasks it holds; registers again if the server no
+   longer knows it. A stream that ends normally means the agent was
+   deregistered: `run()` then cancels its handlers and returns.
+7. On SIGTERM or SIGINT (or `shutdown()`), stops taking work, lets the tasks it
+   holds finish (up to `shutdown_timeout`, after which they are cancelled and
+   failed as retryable so another agent picks them up), reports `FINISHED` and
+   returns. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import random
+import signal
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
+
+from opscore.client import OpsCoreClient
+from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
+from opscore.client.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    OpsCoreError,
+    UnavailableError,
+)
+
+__all__ = ["Agent", "Handler", "NonRetryableError", "TaskContext"]
+
+log = logging.getLogger("opscore.agent")
+
+#: A task handler: takes the `TaskContext`, returns the output (sync or async).
+Handler = Callable[["TaskContext"], Any]
+H = TypeVar("H", bound=Handler)
+
+_IDLE = lifecycle_pb2.AGENT_STATE_IDLE
+_ACTIVE = lifecycle_pb2.AGENT_STATE_ACTIVE
+_FINISHED = lifecycle_pb2.AGENT_STATE_FINISHED
+_TRACEBACK_LIMIT = 16_000
+
+
+class NonRetryableError(Exception):
+    """Raise from a handler to fail the task for good: no further attempt.
+
+    `error_type` replaces the class name as the error's type; `details` (a
+    JSON-like dict) is sent with it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.details = dict(details or {})
+
+
+def _seconds(value: Seconds) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class _Backoff:
+    """Jittered exponential waits: `next()` returns the next one in seconds."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 10.0) -> None:
+        self.initial, self.maximum = initial, maximum
+        self._step = initial
+
+    def next(self) -> float:
+        step = self._step
+        self._step = min(self.maximum, self._step * 2)
+        return random.uniform(step / 2, step)
+
+    def reset(self) -> None:
+        self._step = self.initial
+
+
+class TaskContext:
+    """What a handler gets: the task, its input, and ways to talk back.
+
+    `input` is the task's input as a dict. For a workflow task
+    (`session_id` set) the input holds `parameters` (from the definition),
+    `input` (the session's input) and `upstream` (each dependency's output by
+    task id), also available as `parameters`, `session_input` and `upstream`.
+    """
+
+    def __init__(self, agent: Agent, task: dispatch_pb2.Task) -> None:
+        self.task: dispatch_pb2.Task = task
+        self.agent_id: str = agent.agent_id
+        self.task_id: str = task.task_id
+        self.attempt: int = task.attempt
+        self.capability: str = task.capability
+        self.name: str = task.name
+        self.session_id: str = task.session_id
+        self.workflow_task_id: str = task.workflow_task_id
+        self.input: dict[str, Any] = to_dict(task.input)
+        #: When the lease ends unless extended (updated by each heartbeat).
+        self.lease_expire_time: datetime | None = to_datetime(task, "lease_expire_time")
+        self.heartbeat_timeout: timedelta | None = to_timedelta(task, "heartbeat_timeout")
+        self._loop = asyncio.get_running_loop()
+        self._progress: dict[str, Any] | None = None
+        self._progress_lock = threading.Lock()
+        self._progress_event = asyncio.Event()
+        self._cancel_reason = ""
+        self._cancel_kind = ""
+        self._work: asyncio.Future[Any] | None = None
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """`input["parameters"]` of a workflow task ({} for a standalone task)."""
+        return self._workflow_part("parameters")
+
+    @property
+    def session_input(self) -> dict[str, Any]:
+        """`input["input"]`: the session's input, for a workflow task."""
+        return self._workflow_part("input")
+
+    @property
+    def upstream(self) -> dict[str, Any]:
+        """`input["upstream"]`: each dependency's output by workflow task id."""
+        return self._workflow_part("upstream")
+
+    def _workflow_part(self, key: str) -> dict[str, Any]:
+        value = self.input.get(key) if self.session_id else None
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled, its lease lost, or the agent is
+        giving up on it (forced shutdown). Sync handlers should check it."""
+        return bool(self._cancel_kind)
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the task was cancelled ("" while it is not)."""
+        return self._cancel_reason
+
+    def report_progress(self, progress: Mapping[str, Any]) -> None:
+        """Record progress (a JSON-like dict); it is sent with a heartbeat at once.
+
+        Callable from async and sync handlers alike (from any thread); it never
+        blocks. Only the latest report is kept if several come before the
+        heartbeat goes out.
+        """
+        snapshot = dict(progress)
+        to_struct(snapshot)  # fail here, in the handler, if it is not JSON-like
+        with self._progress_lock:
+            self._progress = snapshot
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._progress_event.set()
+        else:
+            self._loop.call_soon_threadsafe(self._progress_event.set)
+
+    def _take_progress(self) -> dict[str, Any] | None:
+        with self._progress_lock:
+            progress, self._progress = self._progress, None
+        return progress
+
+    def _restore_progress(self, progress: dict[str, Any] | None) -> None:
+        with self._progress_lock:
+            if self._progress is None:
+                self._progress = progress
+
+    def _cancel(self, reason: str, kind: str) -> None:
+        """kind: "server" (cancelled or lease lost: send nothing) or "shutdown"
+        (fail as retryable so it runs elsewhere)."""
+        if self._cancel_kind:
+            return
+        self._cancel_reason, self._cancel_kind = reason, kind
+        if self._work is not None and not self._work.done():
+            self._work.cancel()
+
+
+@dataclass(eq=False)
+class _Held:
+    ctx: TaskContext
+    runner: asyncio.Task[None]
+
+
+class _StateReporter:
+    """Reports ACTIVE/IDLE as the agent's load changes, one report at a time and at
+    most one per `interval` seconds, so a busy agent does not flood its history."""
+
+    def __init__(self, agent: Agent, interval: float = 0.5) -> None:
+        self.agent = agent
+        self.interval = interval
+        self.wanted = _IDLE
+        self.sent: int | None = None
+        self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def send(self, state: int, details: Mapping[str, Any] | None = None) -> None:
+        async with self._lock:
+            await self.agent.client.report_state(self.agent.agent_id, state, details=details)
+            self.sent = state
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="opscore-agent-state")
+
+    def want(self, state: int) -> None:
+        if state != self.wanted:
+            self.wanted = state
+            self._changed.set()
+
+    async def _loop(self) -> None:
+        while not self._closing.is_set():
+            await self._changed.wait()
+            self._changed.clear()
+            if self._closing.is_set():
+                return
+            if self.wanted != self.sent:
+                try:
+                    await self.send(self.wanted)
+                except OpsCoreError as exc:
+                    log.warning("could not report state: %s", exc)
+                    self._changed.set()  # try again after the interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.interval)
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._changed.set()
+        if self._task is not None:
+            await self._task
+
+
+class Agent:
+    """A worker that runs task handlers for Ops-Core.
+
+    Register handlers with the `task` decorator, then `await agent.run()` (or
+    `agent.run_sync()`); see the module documentation for what happens.
+
+    `name`, `version`, `metadata` and `contact_endpoint` describe the agent in
+    the registry. `agent_id` should be stable across restarts of the same
+    agent (default `$OPSCORE_AGENT_ID`; when neither is set the server
+    generates one on each start). `target` and `api_key` default to
+    `$OPSCORE_TARGET` and `$OPSCORE_API_KEY`; pass `client` to use one you
+    manage instead. `max_in_flight` is how many tasks run at once.
+    `shutdown_timeout` is how long a graceful shutdown waits for running
+    tasks. `liveness_interval` is how often the agent proves it is alive while
+    it has no subscription open (finishing tasks during shutdown); keep it
+    below the server's agent timeout (30 s by default).
+    """
+
+    def __init__(
+        self,
+        name: str = "",
+        *,
+        agent_id: str | None = None,
+        target: str | None = None,
+        api_key: str | None = None,
+        version: str = "",
+        metadata: Mapping[str, str] | None = None,
+        contact_endpoint: str = "",
+        max_in_flight: int = 1,
+        shutdown_timeout: Seconds = 30.0,
+        liveness_interval: Seconds = 10.0,
+        client: OpsCoreClient | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        env = os.environ if env is None else env
+        self.name = name
+        self.agent_id: str = agent_id or env.get("OPSCORE_AGENT_ID", "")
+        self.version = version
+        self.metadata = dict(metadata or {})
+        self.contact_endpoint = contact_endpoint
+        self.max_in_flight = max_in_flight
+        self.shutdown_timeout = _seconds(shutdown_timeout)
+        self.liveness_interval = _seconds(liveness_interval)
+        self._client_args = (target, api_key, env)
+        self._given_client = client
+        #: The client the agent talks through (created by `run()` unless given).
+        self.client: OpsCoreClient = client or OpsCoreClient(target, api_key=api_key, env=env)
+        self._handlers: dict[str, Handler] = {}
+        self._held: dict[str, _Held] = {}
+        self._running = False
+        self._stopping = False
+        self._forced = False
+        self._deregistered = False
+        self._stop_event: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
+        self._sub_task: asyncio.Task[str] | None = None
+        self._reporter: _StateReporter | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ handlers
+
+    def task(self, capability: str) -> Callable[[H], H]:
+        """Decorator: run the function for tasks needing `capability`.
+
+        The function takes a `TaskContext` and returns the output; it may be
+        `async def` (runs on the event loop) or a plain function (runs in a
+        thread). The agent registers every capability it has a handler for.
+        """
+
+        def register(fn: H) -> H:
+            self.add_handler(capability, fn)
+            return fn
+
+        return register
+
+    def add_handler(self, capability: str, handler: Handler) -> None:
+        """Like the `task` decorator, as a call."""
+        if not capability:
+            raise ValueError("capability must not be empty")
+        if capability in self._handlers:
+            raise ValueError(f"a handler for {capability!r} is already registered")
+        if self._running:
+            raise RuntimeError("add handlers before the agent runs")
+        self._handlers[capability] = handler
+
+    @property
+    def capabilities(self) -> list[str]:
+        """The capabilities the agent registers: those it has handlers for."""
+        return sorted(self._handlers)
+
+    @property
+    def in_flight(self) -> int:
+        """How many tasks the agent holds right now."""
+        return len(self._held)
+
+    def _handler_for(self, task: dispatch_pb2.Task) -> Handler | None:
+        # A task pinned to this agent may carry no capability: fall back to its
+        # name, its workflow task id, or the only handler there is.
+        for key in (task.capability, task.name, task.workflow_task_id):
+            if key and key in self._handlers:
+                return self._handlers[key]
+        if not task.capability and len(self._handlers) == 1:
+            return next(iter(self._handlers.values()))
+        return None
+
+    # ------------------------------------------------------------------ running
+
+    def run_sync(self) -> None:
+        """Run the agent until it is shut down (SIGTERM/SIGINT), blocking."""
+        asyncio.run(self.run())
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until `shutdown()`, a signal (when `handle_signals` and on the main
+        thread) or deregistration. Raises `OpsCoreError` for errors that
+        retrying cannot fix (e.g. a rejected API key)."""
+        if not self._handlers:
+            raise ValueError("register at least one handler with @agent.task(...) first")
+        if self._running:
+            raise RuntimeError("the agent is already running")
+        self._running = True
+        self._done = asyncio.Event()
+        if self._given_client is None and self.client.closed:
+            target, api_key, env = self._client_args
+            self.client = OpsCoreClient(target, api_key=api_key, env=env)
+        self._stop_event = asyncio.Event()
+        if self._stopping:
+            self._stop_event.set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_in_flight, thread_name_prefix="opscore-handler"
+        )
+        loop = asyncio.get_running_loop()
+        signals = self._install_signals(loop) if handle_signals else []
+        graceful_end = False
+        try:
+            if await self._join():
+                assert self._reporter is not None
+                self._reporter.start()
+                await self._work()
+            graceful_end = True
+        finally:
+            for sig in signals:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+            await self._finish(graceful_end)
+
+    def request_shutdown(self, *, graceful: bool = True) -> None:
+        """Ask the agent to stop (callable from a signal handler or another
+        task): stop taking work, finish held tasks, report FINISHED. Called
+        again, or with `graceful=False`, it stops waiting for running tasks."""
+        if self._stopping or not graceful:
+            self._force()
+        self._stopping = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._sub_task is not None:
+            self._sub_task.cancel()
+
+    async def shutdown(self, *, graceful: bool = True) -> None:
+        """`request_shutdown()`, then wait until `run()` has finished."""
+        self.request_shutdown(graceful=graceful)
+        if self._running and self._done is not None:
+            await self._done.wait()
+
+    def _force(self) -> None:
+        self._forced = True
+        for held in list(self._held.values()):
+            held.ctx._cancel("agent shutting down", "shutdown")
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # e.g. not on Unix
+                continue
+            installed.append(sig)
+        return installed
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            log.warning("%s again: cancelling %d running task(s)", sig.name, len(self._held))
+        else:
+            log.info(
+                "%s: no new work; finishing %d task(s), then exiting", sig.name, len(self._held)
+            )
+        self.request_shutdown()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a shutdown is requested."""
+        assert self._stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    async def _join(self) -> bool:
+        """Register (an upsert) and report IDLE, retrying while the server is
+        unreachable. False if a shutdown came first or the agent is
+        deregistered. A FINISHED agent from an earlier run gets no work until it
+        reports IDLE, hence the report."""
+        backoff = _Backoff()
+        while not self._stopping:
+            try:
+                agent = await self.client.register_agent(
+                    self.agent_id,
+                    name=self.name,
+                    version=self.version,
+                    capabilities=self.capabilities,
+                    contact_endpoint=self.contact_endpoint,
+                    metadata=self.metadata,
+                )
+                self.agent_id = agent.agent_id
+                if self._reporter is None:
+                    self._reporter = _StateReporter(self)
+                await self._reporter.send(_ACTIVE if self._held else _IDLE)
+            except (UnavailableError, NotFoundError) as exc:
+                delay = backoff.next()
+                log.warning("server %s: %s; retrying in %.1fs", self.client.target, exc, delay)
+                await self._pause(delay)
+                continue
+            except FailedPreconditionError as exc:  # deregistered meanwhile
+                log.warning("cannot report IDLE: %s", exc)
+                self._deregistered = True
+                return False
+            log.info(
+                "agent %s registered with capabilities %s",
+                self.agent_id,
+                ", ".join(self.capabilities),
+            )
+            return True
+        return False
+
+    async def _work(self) -> None:
+        """Hold a subscription open until shutdown or deregistration."""
+        backoff = _Backoff()
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            started = loop.time()
+            self._sub_task = asyncio.create_task(self._consume(), name="opscore-agent-stream")
+            try:
+                await asyncio.wait({self._sub_task})
+            except asyncio.CancelledError:
+                self._sub_task.cancel()
+                raise
+            sub, self._sub_task = self._sub_task, None
+            if sub.cancelled():
+                return  # shutdown requested: stop taking work
+            exc = sub.exception()
+            if exc is None:
+                log.info("agent %s was deregistered; stopping", self.agent_id)
+                self._deregistered = True
+                self._force()
+                return
+            if loop.time() - started > 5.0:
+                backoff.reset()
+            if isinstance(exc, NotFoundError):
+                log.warning("the server does not know agent %s; registering again", self.agent_id)
+                if not await self._join():
+                    return
+                continue
+            if isinstance(exc, FailedPreconditionError):
+                log.info("agent %s is deregistered: %s", self.agent_id, exc)
+                self._deregistered = True
+                self._force()
+                return
+            if isinstance(exc, OpsCoreError) and exc.code.name in (
+                "UNAUTHENTICATED",
+                "PERMISSION_DENIED",
+                "INVALID_ARGUMENT",
+                "UNIMPLEMENTED",
+            ):
+                raise exc
+            if not isinstance(exc, OpsCoreError):
+                raise exc
+            delay = backoff.next()
+            log.warning("task stream ended (%s); reconnecting in %.1fs", exc, delay)
+            await self._pause(delay)
+
+    async def _consume(self) -> str:
+        stream = self.client.subscribe_tasks(self.agent_id, max_in_flight=self.max_in_flight)
+        async with contextlib.aclosing(stream):
+            async for message in stream:
+                kind = message.WhichOneof("message")
+                if kind == "assignment":
+                    self._accept(message.assignment.task)
+                elif kind == "cancellation":
+                    c = message.cancellation
+                    held = self._held.get(c.task_id)
+                    if held is not None and held.ctx.attempt == c.attempt:
+                        log.info("task %s cancelled: %s", c.task_id, c.reason)
+                        held.ctx._cancel(c.reason or "cancelled", "server")
+        return "deregistered"
+
+    # ------------------------------------------------------------------ tasks
+
+    def _accept(self, task: dispatch_pb2.Task) -> None:
+        held = self._held.get(task.task_id)
+        if held is not None:
+            if held.ctx.attempt >= task.attempt:
+                return  # a repeat of an assignment we already run
+            held.ctx._cancel(f"superseded by attempt {task.attempt}", "server")
+        ctx = TaskContext(self, task)
+        runner = asyncio.create_task(self._execute(ctx), name=f"opscore-task-{task.task_id}")
+        self._held[task.task_id] = _Held(ctx, runner)
+        self._load_changed()
+        if self._forced:
+            ctx._cancel("agent shutting down", "shutdown")
+
+    def _load_changed(self) -> None:
+        if self._reporter is not None and not self._stopping:
+            self._reporter.want(_ACTIVE if self._held else _IDLE)
+
+    async def _call(self, handler: Handler, ctx: TaskContext) -> Any:
+        if inspect.iscoroutinefunction(handler):
+            return await handler(ctx)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, handler, ctx)
+        result = await loop.run_in_executor(self._executor, call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _execute(self, ctx: TaskContext) -> None:
+        log.info("task %s (%s) attempt %d started", ctx.task_id, ctx.capability, ctx.attempt)
+        heartbeats = asyncio.create_task(self._heartbeats(ctx), name=f"opscore-hb-{ctx.task_id}")
+        try:
+            handler = self._handler_for(ctx.task)
+            if handler is None:
+                await self._send_failure(
+                    ctx,
+                    f"agent {self.agent_id} has no handler for capability {ctx.capability!r}",
+                    "NoHandler",
+                    None,
+                    non_retryable=True,
+                )
+                return
+            work = asyncio.ensure_future(self._call(handler, ctx))
+            ctx._work = work
+            if ctx.cancelled:
+                work.cancel()
+            try:
+                await asyncio.wait({work})
+            finally:
+                if not work.done():
+                    work.cancel()  # the runner itself was cancelled: hard stop
+            heartbeats.cancel()
+            if work.cancelled():
+                if ctx._cancel_kind == "shutdown":
+                    await self._send_failure(
+                        ctx, "the agent shut down before the task finished", "AgentShutdown", None
+                    )
+                else:
+                    log.info("task %s stopped: %s", ctx.task_id, ctx.cancel_reason)
+                return
+            exc = work.exception()
+            if exc is not None:
+                await self._report_exception(ctx, exc)
+                return
+            await self._send_output(ctx, work.result())
+        finally:
+            heartbeats.cancel()
+            held = self._held.get(ctx.task_id)
+            if held is not None and held.ctx is ctx:
+                del self._held[ctx.task_id]
+            self._load_changed()
+
+    async def _report_exception(self, ctx: TaskContext, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
+        details: dict[str, Any] = {"traceback": trace}
+        if isinstance(exc, NonRetryableError):
+            details.update(exc.details)
+            error_type = exc.error_type or type(exc).__name__
+        else:
+            error_type = type(exc).__name__
+        message = str(exc) or error_type
+        log.info("task %s attempt %d failed: %s: %s", ctx.task_id, ctx.attempt, error_type, message)
+        await self._send_failure(
+            ctx, message, error_type, details, non_retryable=isinstance(exc, NonRetryableError)
+        )
+
+    async def _send_output(self, ctx: TaskContext, result: Any) -> None:
+        if result is None:
+            output: dict[str, Any] | None = None
+        elif isinstance(result, Mapping):
+            output = dict(result)
+        else:
+            output = {"result": result}
+        try:
+            struct = to_struct(output)
+        except TypeError as exc:
+            await self._send_failure(
+                ctx,
+                f"the handler returned a value that is not JSON-like: {exc}",
+                "InvalidOutput",
+                None,
+                non_retryable=True,
+            )
+            return
+        await self._deliver(
+            ctx,
+            "result",
+            lambda: self.client.complete_task(ctx.task_id, self.agent_id, ctx.attempt, struct),
+        )
+        log.info("task %s attempt %d completed", ctx.task_id, ctx.attempt)
+
+    async def _send_failure(
+        self,
+        ctx: TaskContext,
+        message: str,
+        error_type: str,
+        details: Mapping[str, Any] | None,
+        *,
+        non_retryable: bool = False,
+    ) -> None:
+        await self._deliver(
+            ctx,
+            "failure",
+            lambda: self.client.fail_task(
+                ctx.task_id,
+                self.agent_id,
+                ctx.attempt,
+                message,
+                error_type=error_type,
+                details=details,
+                non_retryable=non_retryable,
+            ),
+        )
+
+    async def _deliver(
+        self, ctx: TaskContext, what: str, send: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Send a result, outlasting a server restart: keep trying while the lease
+        may still hold. A fenced answer means the attempt no longer counts."""
+        backoff = _Backoff(0.5, 5.0)
+        while True:
+            try:
+                await send()
+                return
+            except (FailedPreconditionError, NotFoundError) as exc:
+                log.warning(
+                    "%s of task %s attempt %d ignored by the server: %s",
+                    what,
+                    ctx.task_id,
+                    ctx.attempt,
+                    exc,
+                )
+                return
+            except UnavailableError as exc:
+                lease = ctx.lease_expire_time
+                if self._forced or (lease is not None and lease <= datetime.now(UTC)):
+                    log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
+                    return
+                await asyncio.sleep(backoff.next())
+            except OpsCoreError as exc:
+                log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
+                return
+
+    async def _heartbeats(self, ctx: TaskContext) -> None:
+        """Keep the lease alive and carry progress, until the runner cancels it."""
+        timeout = ctx.heartbeat_timeout
+        interval = max(0.05, timeout.total_seconds() / 3) if timeout else None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx._progress_event.wait(), interval)
+            ctx._progress_event.clear()
+            progress = ctx._take_progress()
+            try:
+                resp = await self.client.heartbeat_task(
+                    ctx.task_id, self.agent_id, ctx.attempt, progress
+                )
+            except (FailedPreconditionError, NotFoundError) as exc:
+                ctx._cancel(f"lease lost: {exc.message}", "server")
+                return
+            except OpsCoreError as exc:
+                log.warning("heartbeat of task %s failed: %s", ctx.task_id, exc)
+                ctx._restore_progress(progress)
+                continue
+            if resp.cancel_requested:
+                ctx._cancel("cancelled", "server")
+                return
+            if resp.HasField("lease_expire_time"):
+                ctx.lease_expire_time = to_datetime(resp, "lease_expire_time")
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _keep_alive(self) -> None:
+        """Prove liveness while finishing tasks with no subscription open."""
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            with contextlib.suppress(OpsCoreError):
+                await self.client.heartbeat(self.agent_id)
+
+    async def _finish(self, graceful: bool) -> None:
+        try:
+            if self._held:
+                if graceful and not self._forced:
+                    log.info("waiting for %d running task(s)", len(self._held))
+                keep_alive = asyncio.create_task(self._keep_alive())
+                try:
+                    runners = {h.runner for h in self._held.values()}
+                    if not graceful:
+                        for held in list(self._held.values()):
+                            held.runner.cancel()
+                    _, pending = await asyncio.wait(runners, timeout=self.shutdown_timeout)
+                    if pending:
+                        log.warning(
+                            "%d task(s) still running after %.0fs; cancelling them",
+                            len(pending),
+                            self.shutdown_timeout,
+                        )
+                        self._force()
+                        await asyncio.wait(pending, timeout=10.0)
+                finally:
+                    keep_alive.cancel()
+            if self._reporter is not None:
+                await self._reporter.close()
+                if graceful and not self._deregistered:
+                    try:
+                        await self._reporter.send(_FINISHED, {"reason": "shutdown"})
+                        log.info("agent %s finished", self.agent_id)
+                    except OpsCoreError as exc:
+                        log.warning("could not report FINISHED: %s", exc)
+        finally:
+            for held in list(self._held.values()):
+                held.runner.cancel()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._given_client is None:
+                await self.client.close()
+            self._running = False
+            self._done.set()
