@@ -19,16 +19,19 @@ from opscore_proto.v1 import (
     lifecycle_pb2,
     lifecycle_pb2_grpc,
     workflow_pb2,
+    workflow_pb2_grpc,
 )
 
 from opscore.api.interceptors import OpsCoreInterceptor
 from opscore.api.servicers.dispatch import DispatchServicer
 from opscore.api.servicers.lifecycle import LifecycleServicer
+from opscore.api.servicers.workflow import WorkflowServicer
 from opscore.config import Config, is_loopback, listen_host
 from opscore.dispatch import DispatchEngine
 from opscore.errors import ConfigError, Unavailable
 from opscore.lifecycle import LifecycleEngine
 from opscore.storage import Store
+from opscore.workflow.engine import WorkflowEngine
 
 log = logging.getLogger("opscore.server")
 
@@ -45,6 +48,7 @@ class OpsCoreServer:
     store: Store = field(init=False)
     lifecycle: LifecycleEngine = field(init=False)
     dispatch: DispatchEngine = field(init=False)
+    workflow: WorkflowEngine = field(init=False)
     port: int = 0
     _server: grpc.aio.Server | None = None
     _health: health.aio.HealthServicer | None = None  # type: ignore[name-defined]
@@ -56,9 +60,18 @@ class OpsCoreServer:
         await self.store.open()
         self.lifecycle = LifecycleEngine(self.store, agent_timeout=cfg.agent_timeout)
         self.dispatch = DispatchEngine(self.store, self.lifecycle)
-        await self.lifecycle.start()
-        await self.dispatch.start()
-        await self._load_workflows()
+        self.workflow = WorkflowEngine(self.store, self.dispatch)
+        try:
+            await self.lifecycle.start()
+            await self.dispatch.start()
+            await self.workflow.start()
+            if cfg.workflows_dir:
+                await self.workflow.load_directory(cfg.workflows_dir)
+        except BaseException:
+            self.dispatch.stop()
+            self.lifecycle.stop()
+            await self.store.close()
+            raise
 
         ms = lambda td: int(td.total_seconds() * 1000)  # noqa: E731
         server = grpc.aio.server(
@@ -79,7 +92,9 @@ class OpsCoreServer:
         dispatch_pb2_grpc.add_DispatchServiceServicer_to_server(
             DispatchServicer(self.dispatch), server
         )
-        self._add_workflow_service(server)
+        workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(
+            WorkflowServicer(self.workflow), server
+        )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -106,12 +121,6 @@ class OpsCoreServer:
             extra={"listen": cfg.listen, "port": self.port, "db": cfg.db, "sync": cfg.sync},
         )
 
-    def _add_workflow_service(self, server: grpc.aio.Server) -> None:
-        """The workflow engine registers itself here (see opscore.workflow)."""
-
-    async def _load_workflows(self) -> None:
-        """Definitions from --workflows-dir are loaded by the workflow engine."""
-
     @property
     def target(self) -> str:
         host = listen_host(self.config.listen)
@@ -131,15 +140,12 @@ class OpsCoreServer:
         # waits out its whole grace period.
         self.dispatch.close_streams()
         self.lifecycle.events.close(Unavailable("server is shutting down; reconnect"))
-        self._close_extra_streams()
+        self.workflow.close_watchers()
         await self._server.stop(self.config.drain_grace.total_seconds())
         self.dispatch.stop()
         self.lifecycle.stop()
         await self.store.close()
         log.info("stopped")
-
-    def _close_extra_streams(self) -> None:
-        """Hook for the workflow engine's watchers."""
 
     async def wait(self) -> None:
         assert self._server is not None

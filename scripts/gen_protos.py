@@ -56,7 +56,11 @@ def _protoc(out: Path) -> None:
     ]
     bin_dir = str(Path(sys.executable).parent)
     env = {"PATH": bin_dir + ":" + __import__("os").environ.get("PATH", "")}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    # protoc plugins chat on stderr ("Writing mypy to ..."); show it only on failure.
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed with exit code {done.returncode}")
 
 
 def generate(dest: Path) -> None:

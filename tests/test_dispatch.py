@@ -548,7 +548,10 @@ async def test_reconnect_in_time_keeps_the_lease(make_harness):
     got = await assignment(s1)
     await s1.close()
     s2 = await subscribe(h, "a1")
-    # The kept lease fills the new stream's only slot: nothing else is sent.
+    # The kept lease is sent again on the new stream, same attempt, and fills
+    # its only slot: nothing else is sent.
+    again = await assignment(s2)
+    assert (again.task_id, again.attempt) == (got.task_id, got.attempt)
     other = await enqueue(h, capability="c")
     await s2.expect_quiet(0.2)
     done = await complete(h, got, "a1")
@@ -615,7 +618,9 @@ async def test_restart_keeps_queue_order_leases_and_schedules(harness):
     assert task.state == TS.TASK_STATE_ASSIGNED
     assert task.lease_expire_time == got.lease_expire_time
     sub = await subscribe(harness, "a1", max_in_flight=1)
-    # The kept lease occupies the slot until the agent finishes it.
+    # The kept lease is re-sent and occupies the slot until the agent finishes it.
+    resent = await assignment(sub)
+    assert (resent.task_id, resent.attempt) == (got.task_id, got.attempt)
     await complete(harness, got, "a1")
     order = []
     for _ in range(4):

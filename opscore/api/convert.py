@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2
+from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_pb2
 
 from opscore.dispatch import RetryPolicySpec, TaskSpec
 from opscore.models import Agent, AgentEvent, RetryPolicy, StateTransition, Task, TaskError
+from opscore.workflow.models import Session, TaskRun
 
 # ---------------------------------------------------------------- scalars
 
@@ -182,4 +183,38 @@ def task_spec(r: dispatch_pb2.EnqueueTaskRequest) -> TaskSpec:
         timeout=from_dur(r, "timeout"),
         heartbeat_timeout=from_dur(r, "heartbeat_timeout"),
         idempotency_key=r.idempotency_key,
+    )
+
+
+# ---------------------------------------------------------------- workflow
+
+
+def session(s: Session, *, with_runs: bool = True) -> workflow_pb2.Session:
+    return workflow_pb2.Session(
+        session_id=s.session_id,
+        definition_id=s.definition_id,
+        definition_version=s.definition_version,
+        state=int(s.state),  # type: ignore[arg-type]
+        input=struct(s.input),
+        output=struct(s.output),
+        error=task_error(s.error),
+        task_runs=[task_run(r) for r in s.runs.values()] if with_runs else [],
+        agent_id=s.agent_id,
+        idempotency_key=s.idempotency_key,
+        create_time=ts(s.create_time),
+        update_time=ts(s.update_time),
+        finish_time=ts(s.finish_time),
+    )
+
+
+def task_run(r: TaskRun) -> workflow_pb2.TaskRun:
+    return workflow_pb2.TaskRun(
+        workflow_task_id=r.workflow_task_id,
+        task_id=r.task_id,
+        state=int(r.state),  # type: ignore[arg-type]
+        attempt=r.attempt,
+        output=struct(r.output),
+        error=task_error(r.error),
+        start_time=ts(r.start_time),
+        finish_time=ts(r.finish_time),
     )

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -17,6 +18,16 @@ from opscore import errors
 from opscore.api.errors import rich_status, status_code
 
 log = logging.getLogger("opscore.rpc")
+
+_request_id_var: ContextVar[str] = ContextVar("opscore_request_id", default="")
+
+
+async def stream_ready(context: grpc.aio.ServicerContext) -> None:
+    """Streaming servicers call this once their subscription or watch is registered:
+    the initial metadata (carrying x-request-id) then tells the client that
+    everything from now on reaches it."""
+    await context.send_initial_metadata((("x-request-id", _request_id_var.get()),))
+
 
 # Standard services that probes and tools call without a key.
 _EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -113,9 +124,9 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             rid = _request_id(context)
             code = grpc.StatusCode.OK
+            _request_id_var.set(rid)
             try:
                 self._check_auth(method, context)
-                await context.send_initial_metadata((("x-request-id", rid),))
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:

@@ -39,6 +39,7 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
+from opscore.workflow.models import RunState, Session, SessionState, TaskRun
 
 log = logging.getLogger("opscore.storage")
 
@@ -300,6 +301,87 @@ def _task_from_row(r: Sequence[Any]) -> Task:
     )
 
 
+_SESSION_COLS = (
+    "session_id, definition_id, definition_version, state, input, output, error_message, "
+    "error_type, error_details, agent_id, idempotency_key, create_time, update_time, finish_time"
+)
+
+
+def _session_row(x: Session) -> tuple[Any, ...]:
+    err = x.error
+    return (
+        x.session_id,
+        x.definition_id,
+        x.definition_version,
+        int(x.state),
+        x.input,
+        x.output,
+        err.message if err else None,
+        err.type if err else None,
+        err.details if err else None,
+        x.agent_id,
+        x.idempotency_key or None,
+        to_micros(x.create_time),
+        to_micros(x.update_time),
+        to_micros(x.finish_time),
+    )
+
+
+def _session_from_row(r: Sequence[Any]) -> Session:
+    return Session(
+        session_id=r[0],
+        definition_id=r[1],
+        definition_version=r[2],
+        state=SessionState(r[3]),
+        input=r[4],
+        output=r[5],
+        error=TaskError(r[6], r[7] or "", r[8]) if r[6] is not None else None,
+        agent_id=r[9],
+        idempotency_key=r[10] or "",
+        create_time=from_micros(r[11]),  # type: ignore[arg-type]
+        update_time=from_micros(r[12]),  # type: ignore[arg-type]
+        finish_time=from_micros(r[13]),
+    )
+
+
+_RUN_COLS = (
+    "session_id, workflow_task_id, position, task_id, state, attempt, output, error_message, "
+    "error_type, error_details, start_time, finish_time"
+)
+
+
+def _run_row(session_id: str, run: TaskRun) -> tuple[Any, ...]:
+    err = run.error
+    return (
+        session_id,
+        run.workflow_task_id,
+        run.position,
+        run.task_id,
+        int(run.state),
+        run.attempt,
+        run.output,
+        err.message if err else None,
+        err.type if err else None,
+        err.details if err else None,
+        to_micros(run.start_time),
+        to_micros(run.finish_time),
+    )
+
+
+def _run_from_row(r: Sequence[Any]) -> TaskRun:
+    return TaskRun(
+        workflow_task_id=r[1],
+        position=r[2],
+        task_id=r[3],
+        state=RunState(r[4]),
+        attempt=r[5],
+        output=r[6],
+        error=TaskError(r[7], r[8] or "", r[9]) if r[7] is not None else None,
+        start_time=from_micros(r[10]),
+        finish_time=from_micros(r[11]),
+    )
+
+
 # --------------------------------------------------------------------------- tables
 
 # Upsert statements by table, in the order a batch applies them.
@@ -331,12 +413,45 @@ _UPSERT_SQL: dict[str, str] = {
         + ", ".join(f"{c} = excluded.{c}" for c in _TASK_MUTABLE)
     ),
 }
+_UPSERT_SQL.update(
+    {
+        "workflow_definitions": (
+            "INSERT OR REPLACE INTO workflow_definitions "
+            "(definition_id, version, body, content_hash, create_time) VALUES (?, ?, ?, ?, ?)"
+        ),
+        "sessions": (
+            f"INSERT INTO sessions ({_SESSION_COLS}) VALUES ({', '.join('?' * 14)}) "
+            "ON CONFLICT(session_id) DO UPDATE SET "
+            + ", ".join(
+                f"{c} = excluded.{c}"
+                for c in (
+                    "state",
+                    "output",
+                    "error_message",
+                    "error_type",
+                    "error_details",
+                    "update_time",
+                    "finish_time",
+                )
+            )
+        ),
+        "session_definitions": "INSERT OR IGNORE INTO session_definitions VALUES (?, ?)",
+        "session_task_runs": (
+            f"INSERT OR REPLACE INTO session_task_runs ({_RUN_COLS}) VALUES ({', '.join('?' * 12)})"
+        ),
+    }
+)
 _APPEND_SQL: dict[str, str] = {
     "agent_transitions": (
         f"INSERT INTO agent_transitions ({_TRANSITION_COLS}) VALUES ({', '.join('?' * 9)})"
     ),
+    "session_events": "INSERT INTO session_events (session_id, sequence, body) VALUES (?, ?, ?)",
 }
-_DELETE_SQL: dict[str, str] = {}
+_DELETE_SQL: dict[str, str] = {
+    "workflow_definitions": (
+        "DELETE FROM workflow_definitions WHERE definition_id = ? AND version = ?"
+    ),
+}
 
 
 def _write_transaction(
@@ -542,6 +657,37 @@ class Store:
     def put_task(self, task: Task) -> None:
         self._pending.upserts["tasks"][task.task_id] = _task_row(task)
 
+    def put_definition(
+        self, definition_id: str, version: int, body: bytes, content_hash: str, create_time: Any
+    ) -> None:
+        key = (definition_id, version)
+        self._pending.deletes["workflow_definitions"].pop(key, None)
+        self._pending.upserts["workflow_definitions"][key] = (
+            definition_id,
+            version,
+            body,
+            content_hash,
+            to_micros(create_time),
+        )
+
+    def delete_definition(self, definition_id: str, version: int) -> None:
+        key = (definition_id, version)
+        self._pending.upserts["workflow_definitions"].pop(key, None)
+        self._pending.deletes["workflow_definitions"][key] = key
+
+    def put_session(self, session: Session) -> None:
+        self._pending.upserts["sessions"][session.session_id] = _session_row(session)
+
+    def put_session_definition(self, session_id: str, body: bytes) -> None:
+        self._pending.upserts["session_definitions"][session_id] = (session_id, body)
+
+    def put_run(self, session_id: str, run: TaskRun) -> None:
+        key = (session_id, run.workflow_task_id)
+        self._pending.upserts["session_task_runs"][key] = _run_row(session_id, run)
+
+    def add_session_event(self, session_id: str, sequence: int, body: bytes) -> None:
+        self._pending.appends["session_events"].append((session_id, sequence, body))
+
     # ---- reads
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
@@ -621,3 +767,120 @@ class Store:
     async def count_tasks(self) -> int:
         rows = await self._fetchall("SELECT COUNT(*) FROM tasks")
         return int(rows[0][0])
+
+    # ---- workflow reads
+
+    async def get_definition(
+        self, definition_id: str, version: int = 0
+    ) -> tuple[bytes, str] | None:
+        """(body, content_hash) of one version, or of the latest when version is 0."""
+        if version:
+            rows = await self._fetchall(
+                "SELECT body, content_hash FROM workflow_definitions "
+                "WHERE definition_id = ? AND version = ?",
+                [definition_id, version],
+            )
+        else:
+            rows = await self._fetchall(
+                "SELECT body, content_hash FROM workflow_definitions WHERE definition_id = ? "
+                "ORDER BY version DESC LIMIT 1",
+                [definition_id],
+            )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def definition_versions(self, definition_id: str) -> list[int]:
+        rows = await self._fetchall(
+            "SELECT version FROM workflow_definitions WHERE definition_id = ? ORDER BY version",
+            [definition_id],
+        )
+        return [r[0] for r in rows]
+
+    async def list_definitions(self, page_size: int, page_token: str) -> tuple[list[bytes], str]:
+        """The latest version of each definition, ordered by id."""
+        limit = clamp_page_size(page_size)
+        after = decode_cursor(page_token, 1)[0] if page_token else ""
+        rows = await self._fetchall(
+            "SELECT d.definition_id, d.body FROM workflow_definitions d "
+            "JOIN (SELECT definition_id, MAX(version) AS v FROM workflow_definitions "
+            "      WHERE definition_id > ? GROUP BY definition_id) m "
+            "ON d.definition_id = m.definition_id AND d.version = m.v "
+            "ORDER BY d.definition_id LIMIT ?",
+            [after, limit + 1],
+        )
+        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
+        return [r[1] for r in rows[:limit]], token
+
+    async def load_open_sessions(self) -> list[tuple[Session, bytes, int]]:
+        """Sessions still running, each with its definition and last event sequence."""
+        rows = await self._fetchall(
+            f"SELECT {_SESSION_COLS}, "
+            "(SELECT body FROM session_definitions d WHERE d.session_id = s.session_id), "
+            "(SELECT COALESCE(MAX(sequence), 0) FROM session_events e "
+            " WHERE e.session_id = s.session_id) "
+            "FROM sessions s WHERE state IN (1, 2)"
+        )
+        out = []
+        for r in rows:
+            session = _session_from_row(r[:14])
+            session.runs = await self.load_runs(session.session_id)
+            out.append((session, r[14], r[15]))
+        return out
+
+    async def load_runs(self, session_id: str) -> dict[str, TaskRun]:
+        rows = await self._fetchall(
+            f"SELECT {_RUN_COLS} FROM session_task_runs WHERE session_id = ? ORDER BY position",
+            [session_id],
+        )
+        return {r[1]: _run_from_row(r) for r in rows}
+
+    async def get_session(self, session_id: str, *, with_runs: bool = True) -> Session | None:
+        rows = await self._fetchall(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", [session_id]
+        )
+        if not rows:
+            return None
+        session = _session_from_row(rows[0])
+        if with_runs:
+            session.runs = await self.load_runs(session_id)
+        return session
+
+    async def get_session_by_key(self, key: str) -> Session | None:
+        rows = await self._fetchall(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE idempotency_key = ?", [key]
+        )
+        if not rows:
+            return None
+        session = _session_from_row(rows[0])
+        session.runs = await self.load_runs(session.session_id)
+        return session
+
+    async def list_sessions(
+        self, state: int, definition_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Session], str]:
+        limit = clamp_page_size(page_size)
+        where, params = [], []
+        if page_token:
+            where.append("rowid < ?")
+            params.append(int(decode_cursor(page_token, 1)[0]))
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if definition_id:
+            where.append("definition_id = ?")
+            params.append(definition_id)
+        sql = f"SELECT rowid, {_SESSION_COLS} FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = await self._fetchall(sql, params)
+        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
+        return [_session_from_row(r[1:]) for r in rows[:limit]], token
+
+    async def list_session_events(self, session_id: str, after: int) -> list[tuple[int, bytes]]:
+        rows = await self._fetchall(
+            "SELECT sequence, body FROM session_events WHERE session_id = ? AND sequence > ? "
+            "ORDER BY sequence",
+            [session_id, after],
+        )
+        return [(r[0], r[1]) for r in rows]

@@ -167,8 +167,8 @@ class WorkflowTask(_message.Message):
     name: _builtins.str
     """For people. Optional."""
     capability: _builtins.str
-    """Capability required. Exactly one of `capability` and `agent_id`, unless
-    the session is started with an `agent_id` that pins every task.
+    """Capability required. Exactly one of `capability` and `agent_id`. A session
+    started with an `agent_id` sends every task to that agent regardless.
     """
     agent_id: _builtins.str
     """Pins the task to this agent."""
@@ -176,9 +176,11 @@ class WorkflowTask(_message.Message):
     """As in EnqueueTaskRequest."""
     fallback: _builtins.str
     """Id of a task to run in this one's place if it fails permanently; its
-    output then stands in for this task's. The fallback task must not be
-    reachable otherwise (it should have no dependencies of its own: it takes
-    those of the task it replaces).
+    output then stands in for this task's, for dependents and for the session
+    output. A fallback task runs only in that case: it must have no
+    `depends_on` of its own (it receives the `upstream` of the task it
+    replaces), no task may depend on it directly, and it may stand in for only
+    one task. It may have a fallback of its own.
     """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:

@@ -8,6 +8,7 @@ from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import dispatch_pb2_grpc
 
 from opscore.api import convert as c
+from opscore.api.interceptors import stream_ready
 from opscore.dispatch import (
     Assignment,
     Cancellation,
@@ -42,6 +43,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         sub = await self.engine.subscribe(
             request.agent_id, list(request.capabilities), request.max_in_flight
         )
+        await stream_ready(context)
         # An item taken from the outbox but not yet handed to grpc can be given
         # back to the queue if the stream dies; once yielded, only the lease can
         # tell whether it arrived.

@@ -7,6 +7,7 @@ from opscore_proto.v1 import lifecycle_pb2 as pb
 from opscore_proto.v1 import lifecycle_pb2_grpc
 
 from opscore.api import convert as c
+from opscore.api.interceptors import stream_ready
 from opscore.lifecycle import LifecycleEngine
 from opscore.models import AgentState
 
@@ -83,5 +84,6 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         watcher = self.engine.watch(
             list(request.agent_ids), request.capability, list(request.event_types)
         )
+        await stream_ready(context)
         async for event in watcher:
             yield c.agent_event(event)

@@ -1,0 +1,1 @@
+"""Workflow definitions and the engine that runs them as sessions."""

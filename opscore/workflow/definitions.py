@@ -1,0 +1,375 @@
+"""Workflow definitions: reading them (protobuf, JSON, YAML, the earlier Ops-Core
+format) and validating them, with errors that name the task and field.
+
+A definition is kept as its `opscore.v1.WorkflowDefinition` message: that is the
+contract's own JSON/YAML mapping, and storing its bytes keeps what a session runs
+exactly what was validated. The engine works from the `Plan` derived here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from opscore_proto.v1 import workflow_pb2
+
+from opscore import validation as v
+from opscore.dispatch import RetryPolicySpec
+from opscore.errors import FieldViolation, InvalidArgument
+from opscore.models import RetryPolicy
+
+MAX_TASKS = 10_000
+_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+Definition = workflow_pb2.WorkflowDefinition
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTask:
+    """One validated step, ready for the engine."""
+
+    id: str
+    position: int
+    capability: str
+    agent_id: str
+    name: str
+    parameters: bytes | None
+    depends_on: tuple[str, ...]
+    dependents: tuple[str, ...]
+    retry_policy: RetryPolicy
+    timeout: timedelta | None
+    heartbeat_timeout: timedelta | None
+    priority: int
+    fallback: str
+    is_fallback: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    tasks: dict[str, PlanTask]
+    order: tuple[str, ...]
+    roots: tuple[str, ...]
+    sinks: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def parse_source(source: str, *, origin: str = "source") -> Definition:
+    """JSON or YAML text (proto field names), or the earlier Ops-Core format."""
+    if not source.strip():
+        raise InvalidArgument(f"{origin} is empty", field="source")
+    try:
+        data = json.loads(source)
+    except ValueError:
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(
+                f"{origin} is neither valid JSON nor valid YAML: {exc}", field="source"
+            ) from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(
+            f"{origin} must be a mapping with 'id' and 'tasks', not {type(data).__name__}",
+            field="source",
+        )
+    if _is_legacy(data):
+        data = _from_legacy(data, origin)
+    data = _normalise_durations(data)
+    msg = Definition()
+    try:
+        json_format.ParseDict(data, msg)
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"{origin}: {exc}", field="source") from None
+    return msg
+
+
+def _is_legacy(data: dict[str, Any]) -> bool:
+    tasks = data.get("tasks")
+    return isinstance(tasks, list) and any(isinstance(t, dict) and "taskId" in t for t in tasks)
+
+
+def _from_legacy(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The earlier format: a linear chain of {taskId, name, agentCapability,
+    parameters, nextTaskId}. Each task depends on the one whose nextTaskId names it."""
+    tasks_in = data["tasks"]
+    out_tasks: list[dict[str, Any]] = []
+    previous: dict[str, str] = {}
+    for i, t in enumerate(tasks_in):
+        if not isinstance(t, dict) or not t.get("taskId"):
+            raise InvalidArgument(f"{origin}: tasks[{i}] has no taskId", field=f"tasks[{i}]")
+        nxt = t.get("nextTaskId")
+        if nxt:
+            previous[str(nxt)] = str(t["taskId"])
+    for t in tasks_in:
+        task_id = str(t["taskId"])
+        converted: dict[str, Any] = {"id": task_id}
+        if t.get("name"):
+            converted["name"] = str(t["name"])
+        if t.get("agentCapability"):
+            converted["capability"] = str(t["agentCapability"])
+        if t.get("parameters") is not None:
+            converted["parameters"] = t["parameters"]
+        if task_id in previous:
+            converted["depends_on"] = [previous[task_id]]
+        out_tasks.append(converted)
+    name = str(data.get("name") or "")
+    ident = data.get("id") or data.get("workflowId") or _slug(name)
+    version = data.get("version")
+    out: dict[str, Any] = {"id": str(ident or ""), "tasks": out_tasks}
+    if name:
+        out["name"] = name
+    if data.get("description"):
+        out["description"] = str(data["description"])
+    if isinstance(version, int):
+        out["version"] = version  # string versions ("1.0") of the old format mean "next"
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:128]
+
+
+def _normalise_durations(data: dict[str, Any]) -> dict[str, Any]:
+    """Let people write durations as numbers of seconds; the proto JSON form is "1.5s"."""
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        return data
+    for t in tasks:
+        if not isinstance(t, dict):
+            continue
+        for key in ("timeout", "heartbeat_timeout", "heartbeatTimeout"):
+            if isinstance(t.get(key), int | float) and not isinstance(t.get(key), bool):
+                t[key] = f"{t[key]}s"
+        rp = t.get("retry_policy") or t.get("retryPolicy")
+        if isinstance(rp, dict):
+            for key in ("initial_backoff", "max_backoff", "initialBackoff", "maxBackoff"):
+                if isinstance(rp.get(key), int | float) and not isinstance(rp.get(key), bool):
+                    rp[key] = f"{rp[key]}s"
+    return data
+
+
+def content_hash(d: Definition) -> str:
+    """Identity of a definition's content: everything but version and create time."""
+    c = Definition()
+    c.CopyFrom(d)
+    c.version = 0
+    c.ClearField("create_time")
+    return hashlib.sha256(c.SerializeToString(deterministic=True)).hexdigest()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _dur(msg: Any, field: str) -> timedelta | None:
+    if not msg.HasField(field):
+        return None
+    d = getattr(msg, field)
+    return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+
+
+def validate(d: Definition, *, require_id: bool = True) -> Plan:
+    """Check everything DESIGN §4 asks; return the plan the engine runs."""
+    problems: list[FieldViolation] = []
+
+    def bad(field: str, message: str) -> None:
+        problems.append(FieldViolation(field, message))
+
+    if require_id:
+        try:
+            v.require_id(d.id, "id", what="definition id")
+        except InvalidArgument as exc:
+            bad("id", exc.message)
+    if d.version < 0:
+        bad("version", "version must not be negative")
+    if not d.tasks:
+        bad("tasks", "a workflow needs at least one task")
+    if len(d.tasks) > MAX_TASKS:
+        bad("tasks", f"a workflow has at most {MAX_TASKS} tasks, this one has {len(d.tasks)}")
+    ids: dict[str, int] = {}
+    for i, t in enumerate(d.tasks):
+        where = f"tasks[{i}]" + (f" ({t.id})" if t.id else "")
+        if not _TASK_ID.match(t.id):
+            bad(f"tasks[{i}].id", f"{where}: id must be 1-128 characters of letters, digits, . _ -")
+        elif t.id in ids:
+            bad(
+                f"tasks[{i}].id", f"task {t.id!r} is defined twice (tasks[{ids[t.id]}], tasks[{i}])"
+            )
+        else:
+            ids[t.id] = i
+    fallback_of: dict[str, str] = {}
+    policies: dict[str, RetryPolicy] = {}
+    for i, t in enumerate(d.tasks):
+        name = f"task {t.id!r}"
+        if bool(t.capability) == bool(t.agent_id):
+            bad(
+                f"tasks[{i}].capability",
+                f"{name}: set exactly one of capability and agent_id"
+                if t.capability
+                else f"{name}: has neither capability nor agent_id",
+            )
+        elif t.capability:
+            try:
+                v.capability(t.capability, "capability")
+            except InvalidArgument as exc:
+                bad(f"tasks[{i}].capability", f"{name}: {exc.message}")
+        elif t.agent_id:
+            try:
+                v.require_id(t.agent_id, "agent_id")
+            except InvalidArgument as exc:
+                bad(f"tasks[{i}].agent_id", f"{name}: {exc.message}")
+        seen: set[str] = set()
+        for j, dep in enumerate(t.depends_on):
+            field = f"tasks[{i}].depends_on[{j}]"
+            if dep == t.id:
+                bad(field, f"{name} depends on itself")
+            elif dep not in ids:
+                bad(field, f"{name} depends on unknown task {dep!r}")
+            elif dep in seen:
+                bad(field, f"{name} lists dependency {dep!r} twice")
+            seen.add(dep)
+        if t.fallback:
+            field = f"tasks[{i}].fallback"
+            if t.fallback == t.id:
+                bad(field, f"{name} names itself as its fallback")
+            elif t.fallback not in ids:
+                bad(field, f"{name} has unknown fallback {t.fallback!r}")
+            elif t.fallback in fallback_of:
+                bad(
+                    field,
+                    f"{name}: task {t.fallback!r} is already the fallback of "
+                    f"{fallback_of[t.fallback]!r}; a fallback replaces one task",
+                )
+            else:
+                fallback_of[t.fallback] = t.id
+        for fname in ("timeout", "heartbeat_timeout"):
+            value = _dur(t, fname)
+            if value is not None and value <= timedelta(0):
+                bad(f"tasks[{i}].{fname}", f"{name}: {fname} must be positive")
+        if t.HasField("retry_policy"):
+            rp = t.retry_policy
+            spec = RetryPolicySpec(
+                max_attempts=rp.max_attempts,
+                initial_backoff=_dur(rp, "initial_backoff"),
+                backoff_multiplier=rp.backoff_multiplier,
+                max_backoff=_dur(rp, "max_backoff"),
+            )
+            try:
+                policies[t.id] = spec.resolve(f"tasks[{i}].retry_policy")
+            except InvalidArgument as exc:
+                bad(exc.violations[0].field, f"{name}: {exc.message}")
+        try:
+            v.payload_size(
+                t.parameters.SerializeToString() if t.HasField("parameters") else None,
+                "parameters",
+            )
+        except InvalidArgument as exc:
+            bad(f"tasks[{i}].parameters", f"{name}: {exc.message}")
+    for fb, principal in fallback_of.items():
+        i = ids[fb]
+        if d.tasks[i].depends_on:
+            bad(
+                f"tasks[{i}].depends_on",
+                f"task {fb!r} is the fallback of {principal!r} and must not have depends_on: "
+                f"it receives the upstream of {principal!r}",
+            )
+    for i, t in enumerate(d.tasks):
+        for j, dep in enumerate(t.depends_on):
+            if dep in fallback_of:
+                bad(
+                    f"tasks[{i}].depends_on[{j}]",
+                    f"task {t.id!r} depends on {dep!r}, which is the fallback of "
+                    f"{fallback_of[dep]!r}: depend on {fallback_of[dep]!r} instead",
+                )
+    if not problems:
+        cycle = _find_cycle(d, fallback_of)
+        if cycle:
+            i = ids[cycle[0]]
+            bad(
+                f"tasks[{i}].depends_on",
+                "dependency cycle: " + " -> ".join([*cycle, cycle[0]]),
+            )
+    if problems:
+        shown = "; ".join(p.description for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InvalidArgument(shown + more, violations=problems)
+    return _plan(d, fallback_of, policies)
+
+
+def _find_cycle(d: Definition, fallback_of: dict[str, str]) -> list[str]:
+    """A cycle through depends_on and fallback edges, or [] (Kahn's algorithm)."""
+    edges: dict[str, list[str]] = {t.id: [] for t in d.tasks}
+    indeg: dict[str, int] = {t.id: 0 for t in d.tasks}
+    for t in d.tasks:
+        for dep in t.depends_on:
+            edges[dep].append(t.id)
+            indeg[t.id] += 1
+        if t.fallback:
+            edges[t.id].append(t.fallback)
+            indeg[t.fallback] += 1
+    queue = deque(k for k, n in indeg.items() if n == 0)
+    while queue:
+        k = queue.popleft()
+        for nxt in edges[k]:
+            indeg[nxt] -= 1
+            if indeg[nxt] == 0:
+                queue.append(nxt)
+    remaining = {k for k, n in indeg.items() if n > 0}
+    if not remaining:
+        return []
+    # Walk backwards along dependencies inside the remaining set to show one cycle.
+    back: dict[str, list[str]] = {k: [] for k in remaining}
+    for src, targets in edges.items():
+        for dst in targets:
+            if src in remaining and dst in remaining:
+                back[dst].append(src)
+    start = min(remaining)
+    path, seen = [start], {start: 0}
+    while True:
+        nxt = back[path[-1]][0]
+        if nxt in seen:
+            cycle = list(reversed(path[seen[nxt] :]))
+            first = cycle.index(min(cycle))
+            return cycle[first:] + cycle[:first]
+        seen[nxt] = len(path)
+        path.append(nxt)
+
+
+def _plan(d: Definition, fallback_of: dict[str, str], policies: dict[str, RetryPolicy]) -> Plan:
+    dependents: dict[str, list[str]] = {t.id: [] for t in d.tasks}
+    for t in d.tasks:
+        for dep in t.depends_on:
+            dependents[dep].append(t.id)
+    tasks: dict[str, PlanTask] = {}
+    for i, t in enumerate(d.tasks):
+        tasks[t.id] = PlanTask(
+            id=t.id,
+            position=i,
+            capability=t.capability,
+            agent_id=t.agent_id,
+            name=t.name or t.id,
+            parameters=(
+                t.parameters.SerializeToString(deterministic=True)
+                if t.HasField("parameters")
+                else None
+            ),
+            depends_on=tuple(t.depends_on),
+            dependents=tuple(dependents[t.id]),
+            retry_policy=policies.get(t.id, RetryPolicy()),
+            timeout=_dur(t, "timeout"),
+            heartbeat_timeout=_dur(t, "heartbeat_timeout"),
+            priority=t.priority,
+            fallback=t.fallback,
+            is_fallback=t.id in fallback_of,
+        )
+    order = tuple(t.id for t in d.tasks)
+    roots = tuple(k for k in order if not tasks[k].depends_on and not tasks[k].is_fallback)
+    sinks = tuple(k for k in order if not tasks[k].dependents and not tasks[k].is_fallback)
+    return Plan(tasks, order, roots, sinks)

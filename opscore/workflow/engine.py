@@ -1,0 +1,679 @@
+"""The workflow engine: definitions, sessions, DAG sequencing, fallbacks, watch.
+
+Session tasks are ordinary dispatch tasks carrying `session_id`; the engine reacts
+to their events synchronously (a dispatch listener), so a task's result and its
+effect on the session land in the same commit and are applied exactly once.
+
+Running sessions live in memory with per-task counters of unfinished
+dependencies: a completion costs time proportional to the task's dependents, never
+to the size of the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import struct_pb2
+from opscore_proto.v1 import common_pb2, workflow_pb2
+
+from opscore import validation as v
+from opscore.clock import utcnow
+from opscore.dispatch import DispatchEngine, TaskSpec
+from opscore.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OpsCoreError,
+    Unavailable,
+)
+from opscore.events import Broadcast
+from opscore.models import Page, Task, TaskError, TaskState
+from opscore.payload import Payload
+from opscore.storage import Store
+from opscore.workflow.definitions import Definition, Plan, content_hash, parse_source, validate
+from opscore.workflow.models import (
+    TERMINAL_EVENTS,
+    EventType,
+    RunState,
+    Session,
+    SessionState,
+    StoredEvent,
+    TaskRun,
+)
+
+log = logging.getLogger("opscore.workflow")
+
+INLINE_DEFINITION_ID = "inline"
+
+
+@dataclass(slots=True)
+class _Live:
+    """A running session with the state the engine needs to drive it."""
+
+    session: Session
+    plan: Plan
+    pending: dict[str, int]
+    open_nodes: int
+    event_seq: int
+    by_task: dict[str, str] = field(default_factory=dict)
+
+
+class WorkflowEngine:
+    def __init__(self, store: Store, dispatch: DispatchEngine) -> None:
+        self.store = store
+        self.dispatch = dispatch
+        self.live: dict[str, _Live] = {}
+        self._keys: dict[str, str] = {}
+        self._watchers: dict[str, Broadcast[StoredEvent]] = {}
+        self._unpublished: dict[asyncio.Future[None], list[StoredEvent]] = {}
+        self._definition_lock = asyncio.Lock()
+        self._closed = False
+        dispatch.listeners.append(self._on_task_event)
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        for session, body, last_seq in await self.store.load_open_sessions():
+            definition = Definition.FromString(body)
+            plan = validate(definition, require_id=False)
+            live = _Live(session, plan, {}, 0, last_seq)
+            for tid, pt in plan.tasks.items():
+                run = session.runs[tid]
+                if run.task_id:
+                    live.by_task[run.task_id] = tid
+                if pt.is_fallback:
+                    continue
+                if not self._resolved(live, tid):
+                    live.open_nodes += 1
+                live.pending[tid] = sum(not self._resolved(live, d) for d in pt.depends_on)
+            self.live[session.session_id] = live
+            if session.idempotency_key:
+                self._keys[session.idempotency_key] = session.session_id
+        log.info("workflow state loaded", extra={"running_sessions": len(self.live)})
+
+    async def load_directory(self, directory: str) -> int:
+        """Create every definition in DIR; refuse (ConfigError) on the first bad file."""
+        files = await asyncio.to_thread(_read_definition_files, directory)
+        for name, text in files:
+            try:
+                await self.create_definition(parse_source(text, origin=name))
+            except OpsCoreError as exc:
+                raise ConfigError(f"workflow file {name}: {exc.message}") from None
+        log.info("workflow definitions loaded", extra={"dir": directory, "files": len(files)})
+        return len(files)
+
+    def close_watchers(self) -> None:
+        self._closed = True
+        for b in list(self._watchers.values()):
+            b.close(Unavailable("server is shutting down; reconnect to resume the watch"))
+
+    # ------------------------------------------------------------------ definitions
+
+    async def create_definition(self, definition: Definition) -> tuple[Definition, bool]:
+        validate(definition)
+        async with self._definition_lock:
+            digest = content_hash(definition)
+            if definition.version:
+                existing = await self.store.get_definition(definition.id, definition.version)
+                if existing is not None:
+                    body, stored_hash = existing
+                    if stored_hash == digest:
+                        return Definition.FromString(body), False
+                    raise AlreadyExists(
+                        f"workflow {definition.id!r} version {definition.version} already "
+                        "exists with different content; definitions are immutable: use a new "
+                        "version (or version 0 for the next one)",
+                        reason="DEFINITION_VERSION_EXISTS",
+                    )
+                version = definition.version
+            else:
+                latest = await self.store.get_definition(definition.id)
+                if latest is not None:
+                    body, stored_hash = latest
+                    if stored_hash == digest:
+                        return Definition.FromString(body), False
+                    version = Definition.FromString(body).version + 1
+                else:
+                    version = 1
+            stored = Definition()
+            stored.CopyFrom(definition)
+            stored.version = version
+            stored.create_time.FromDatetime(utcnow())
+            self.store.put_definition(
+                stored.id,
+                version,
+                stored.SerializeToString(deterministic=True),
+                digest,
+                utcnow(),
+            )
+            await self.store.commit()
+        return stored, True
+
+    async def get_definition(self, definition_id: str, version: int = 0) -> Definition:
+        v.require_id(definition_id, "definition_id", what="definition id")
+        if version < 0:
+            raise InvalidArgument("version must not be negative", field="version")
+        found = await self.store.get_definition(definition_id, version)
+        if found is None:
+            which = f" version {version}" if version else ""
+            raise NotFound(
+                f"workflow definition {definition_id!r}{which} does not exist",
+                reason="DEFINITION_NOT_FOUND",
+            )
+        return Definition.FromString(found[0])
+
+    async def list_definitions(self, page_size: int, page_token: str) -> Page[Definition]:
+        bodies, token = await self.store.list_definitions(page_size, page_token)
+        return Page([Definition.FromString(b) for b in bodies], token)
+
+    async def delete_definition(self, definition_id: str, version: int = 0) -> int:
+        v.require_id(definition_id, "definition_id", what="definition id")
+        async with self._definition_lock:
+            versions = await self.store.definition_versions(definition_id)
+            doomed = versions if version == 0 else [x for x in versions if x == version]
+            if not doomed:
+                which = f" version {version}" if version else ""
+                raise NotFound(
+                    f"workflow definition {definition_id!r}{which} does not exist",
+                    reason="DEFINITION_NOT_FOUND",
+                )
+            for x in doomed:
+                self.store.delete_definition(definition_id, x)
+            await self.store.commit()
+        return len(doomed)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def start_workflow(
+        self,
+        *,
+        definition_id: str = "",
+        version: int = 0,
+        inline: Definition | None = None,
+        input: Payload = None,
+        agent_id: str = "",
+        idempotency_key: str = "",
+    ) -> tuple[Session, bool]:
+        if self.dispatch.draining:
+            raise Unavailable("server is shutting down; retry against the restarted server")
+        if bool(definition_id) == (inline is not None):
+            raise InvalidArgument(
+                "set exactly one of definition_id and definition", field="definition_id"
+            )
+        v.payload_size(input, "input")
+        v.max_len(idempotency_key, "idempotency_key", 256)
+        if agent_id:
+            v.require_id(agent_id, "agent_id")
+            agent = self.dispatch.lifecycle.agents.get(agent_id)
+            if agent is None or agent.deregistered:
+                raise NotFound(
+                    f"agent_id {agent_id!r} is not a registered agent", reason="AGENT_NOT_FOUND"
+                )
+        if inline is not None:
+            definition = Definition()
+            definition.CopyFrom(inline)
+            if not definition.id:
+                definition.id = INLINE_DEFINITION_ID
+            plan = validate(definition)
+        else:
+            definition = await self.get_definition(definition_id, version)
+            plan = validate(definition)
+        if idempotency_key:
+            prior = await self._session_for_key(idempotency_key)
+            if prior is not None:
+                return prior, False
+        now = utcnow()
+        session = Session(
+            session_id=str(uuid.uuid4()),
+            definition_id=definition.id,
+            definition_version=definition.version,
+            state=SessionState.RUNNING,
+            input=input,
+            agent_id=agent_id,
+            idempotency_key=idempotency_key,
+            create_time=now,
+            update_time=now,
+            runs={tid: TaskRun(tid, plan.tasks[tid].position) for tid in plan.order},
+        )
+        live = _Live(
+            session,
+            plan,
+            pending={k: len(t.depends_on) for k, t in plan.tasks.items() if not t.is_fallback},
+            open_nodes=sum(not t.is_fallback for t in plan.tasks.values()),
+            event_seq=0,
+        )
+        self.live[session.session_id] = live
+        if idempotency_key:
+            self._keys[idempotency_key] = session.session_id
+        self.store.put_session(session)
+        self.store.put_session_definition(
+            session.session_id, definition.SerializeToString(deterministic=True)
+        )
+        for run in session.runs.values():
+            self.store.put_run(session.session_id, run)
+        self._event(live, EventType.SESSION_STARTED)
+        for tid in plan.roots:
+            self._start_task(live, tid)
+        snap = self._snapshot(session)
+        await self.store.commit()
+        return snap, True
+
+    async def _session_for_key(self, key: str) -> Session | None:
+        sid = self._keys.get(key)
+        if sid is not None and sid in self.live:
+            return self._snapshot(self.live[sid].session)
+        found = await self.store.get_session_by_key(key)
+        if found is not None:
+            return found
+        # A concurrent start with the same key may have won while we read.
+        sid = self._keys.get(key)
+        if sid is not None and sid in self.live:
+            return self._snapshot(self.live[sid].session)
+        return None
+
+    async def get_session(self, session_id: str) -> Session:
+        v.require_id(session_id, "session_id", what="session id")
+        live = self.live.get(session_id)
+        if live is not None:
+            return self._snapshot(live.session)
+        found = await self.store.get_session(session_id)
+        if found is None:
+            raise NotFound(f"session {session_id} does not exist", reason="SESSION_NOT_FOUND")
+        return found
+
+    async def list_sessions(
+        self, state: int, definition_id: str, page_size: int, page_token: str
+    ) -> Page[Session]:
+        try:
+            SessionState(state)
+        except ValueError:
+            raise InvalidArgument(
+                f"state {state} is not a known SessionState", field="state"
+            ) from None
+        items, token = await self.store.list_sessions(state, definition_id, page_size, page_token)
+        out = []
+        for s in items:
+            live = self.live.get(s.session_id)
+            if live is not None:
+                s = dataclasses.replace(live.session, runs={})
+            out.append(s)
+        return Page(out, token)
+
+    async def cancel_session(self, session_id: str, reason: str = "") -> Session:
+        v.require_id(session_id, "session_id", what="session id")
+        v.max_len(reason, "reason", 1024)
+        live = self.live.get(session_id)
+        if live is None:
+            stored = await self.get_session(session_id)
+            if stored.state == SessionState.CANCELLED:
+                return stored
+            raise FailedPrecondition(
+                f"session {session_id} already finished as {stored.state.name}",
+                reason="SESSION_FINISHED",
+            )
+        why = reason or "session cancelled"
+        self._finish_session(live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why)
+        snap = self._snapshot(live.session)
+        await self.store.commit()
+        return snap
+
+    # ------------------------------------------------------------------ watch
+
+    async def watch(
+        self,
+        session_id: str,
+        after: int = 0,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, then live ones, ending after the terminal one.
+        `on_ready` is awaited once the live subscription is in place."""
+        await self.get_session(session_id)  # NOT_FOUND before anything streams
+        if after < 0:
+            raise InvalidArgument("after_sequence must not be negative", field="after_sequence")
+        broadcast = self._watchers.get(session_id)
+        if broadcast is None:
+            broadcast = self._watchers[session_id] = Broadcast()
+            if self._closed:
+                broadcast.close(Unavailable("server is shutting down"))
+        watcher = broadcast.watch()  # subscribe before reading, so nothing falls between
+        try:
+            if on_ready is not None:
+                await on_ready()
+            last = after
+            for seq, body in await self.store.list_session_events(session_id, after):
+                event = _stored(session_id, seq, body)
+                yield event
+                last = seq
+                if event.terminal:
+                    return
+            async for event in watcher:
+                if event.sequence <= last:
+                    continue
+                yield event
+                last = event.sequence
+                if event.terminal:
+                    return
+        finally:
+            watcher.close()
+            if not len(broadcast) and self._watchers.get(session_id) is broadcast:
+                del self._watchers[session_id]
+
+    # ------------------------------------------------------------------ engine core
+
+    def _start_task(self, live: _Live, tid: str, *, replacing: str = "") -> None:
+        """Enqueue workflow task `tid` with its input built from its upstream."""
+        s = live.session
+        pt = live.plan.tasks[tid]
+        deps = pt.depends_on
+        if pt.is_fallback:
+            # A fallback receives the upstream of the task it ultimately replaces.
+            principal = replacing
+            while live.plan.tasks[principal].is_fallback:
+                principal = self._principal_of(live, principal)
+            deps = live.plan.tasks[principal].depends_on
+        spec = TaskSpec(
+            name=f"{s.definition_id}/{tid}",
+            capability="" if s.agent_id else (pt.capability if not pt.agent_id else ""),
+            agent_id=s.agent_id or pt.agent_id,
+            input=self._task_input(live, pt.parameters, deps),
+            priority=pt.priority,
+            timeout=pt.timeout,
+            heartbeat_timeout=pt.heartbeat_timeout,
+            session_id=s.session_id,
+            workflow_task_id=tid,
+        )
+        task = self.dispatch.create_task(spec, pt.retry_policy, None)
+        run = s.runs[tid]
+        run.task_id = task.task_id
+        run.state = RunState.RUNNING
+        run.start_time = utcnow()
+        live.by_task[task.task_id] = tid
+        self.store.put_run(s.session_id, run)
+        kind = EventType.FALLBACK_STARTED if replacing else EventType.TASK_QUEUED
+        self._event(live, kind, tid, task_id=task.task_id)
+        # The assignment may already have happened inside create_task; its event
+        # was recorded then, before TASK_QUEUED. Keep the story in order.
+        if task.state == TaskState.ASSIGNED and run.attempt == 0:
+            run.attempt = task.attempt
+            self._event(
+                live,
+                EventType.TASK_ASSIGNED,
+                tid,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                agent_id=task.assigned_agent_id,
+            )
+
+    def _principal_of(self, live: _Live, fallback_id: str) -> str:
+        for pt in live.plan.tasks.values():
+            if pt.fallback == fallback_id:
+                return pt.id
+        raise AssertionError(f"{fallback_id} is nobody's fallback")  # validated away
+
+    def _task_input(self, live: _Live, parameters: Payload, deps: tuple[str, ...]) -> bytes:
+        s = struct_pb2.Struct()
+        # All three keys are always present (as objects), so handlers need no checks.
+        params = s.fields["parameters"].struct_value
+        params.SetInParent()
+        if parameters:
+            params.MergeFromString(parameters)
+        inp = s.fields["input"].struct_value
+        inp.SetInParent()
+        if live.session.input:
+            inp.MergeFromString(live.session.input)
+        upstream = s.fields["upstream"].struct_value
+        upstream.SetInParent()
+        for dep in deps:
+            out = self._resolved_output(live, dep)
+            slot = upstream.fields[dep]
+            if out:
+                slot.struct_value.MergeFromString(out)
+            else:
+                slot.struct_value.SetInParent()
+        return s.SerializeToString(deterministic=True)
+
+    def _resolved(self, live: _Live, tid: str) -> bool:
+        """Has principal `tid` (or its fallback chain) completed?"""
+        run = live.session.runs[tid]
+        while run.state == RunState.REPLACED:
+            run = live.session.runs[live.plan.tasks[run.workflow_task_id].fallback]
+        return run.state == RunState.COMPLETED
+
+    def _resolved_output(self, live: _Live, tid: str) -> Payload:
+        run = live.session.runs[tid]
+        while run.state == RunState.REPLACED:
+            run = live.session.runs[live.plan.tasks[run.workflow_task_id].fallback]
+        return run.output
+
+    def _on_task_event(self, kind: str, task: Task) -> None:
+        live = self.live.get(task.session_id)
+        if live is None:
+            return
+        tid = live.by_task.get(task.task_id)
+        if tid is None:
+            return
+        s = live.session
+        run = s.runs[tid]
+        run.attempt = task.attempt
+        if kind == "assigned":
+            if run.task_id:  # else _start_task records it once the run is linked
+                self._event(
+                    live,
+                    EventType.TASK_ASSIGNED,
+                    tid,
+                    task_id=task.task_id,
+                    attempt=task.attempt,
+                    agent_id=task.assigned_agent_id,
+                )
+            self.store.put_run(s.session_id, run)
+            return
+        if kind == "retrying":
+            run.error = task.last_error
+            self.store.put_run(s.session_id, run)
+            self._event(
+                live,
+                EventType.TASK_RETRYING,
+                tid,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                error=task.last_error,
+            )
+            return
+        run.finish_time = utcnow()
+        if kind == "completed":
+            run.state, run.output = RunState.COMPLETED, task.output
+            self.store.put_run(s.session_id, run)
+            self._event(
+                live,
+                EventType.TASK_COMPLETED,
+                tid,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                output=task.output,
+            )
+            if not s.is_final:
+                self._resolve(live, tid)
+            return
+        if kind == "cancelled":
+            run.state = RunState.CANCELLED
+            self.store.put_run(s.session_id, run)
+            self._event(live, EventType.TASK_CANCELLED, tid, task_id=task.task_id)
+            if not s.is_final:
+                self._fail_session(live, tid, TaskError(f"task {tid} was cancelled", "Cancelled"))
+            return
+        # failed permanently
+        run.state, run.error = RunState.FAILED, task.last_error
+        self.store.put_run(s.session_id, run)
+        self._event(
+            live,
+            EventType.TASK_FAILED,
+            tid,
+            task_id=task.task_id,
+            attempt=task.attempt,
+            error=task.last_error,
+        )
+        if s.is_final:
+            return
+        fallback = live.plan.tasks[tid].fallback
+        if fallback:
+            run.state = RunState.REPLACED
+            self.store.put_run(s.session_id, run)
+            self._start_task(live, fallback, replacing=tid)
+            return
+        err = task.last_error or TaskError("failed")
+        self._fail_session(live, tid, err)
+
+    def _resolve(self, live: _Live, tid: str) -> None:
+        """Task `tid` completed: credit the principal it stands for, start what is ready."""
+        principal = tid
+        while live.plan.tasks[principal].is_fallback:
+            principal = self._principal_of(live, principal)
+        live.open_nodes -= 1
+        for dependent in live.plan.tasks[principal].dependents:
+            live.pending[dependent] -= 1
+            if live.pending[dependent] == 0:
+                self._start_task(live, dependent)
+        if live.open_nodes == 0:
+            out = struct_pb2.Struct()
+            for sink in live.plan.sinks:
+                slot = out.fields[sink]
+                value = self._resolved_output(live, sink)
+                if value:
+                    slot.struct_value.MergeFromString(value)
+                else:
+                    slot.struct_value.SetInParent()
+            live.session.output = out.SerializeToString(deterministic=True)
+            self._finish_session(live, SessionState.COMPLETED, EventType.SESSION_COMPLETED)
+
+    def _fail_session(self, live: _Live, tid: str, err: TaskError) -> None:
+        live.session.error = TaskError(f"task {tid!r} failed: {err.message}", err.type, err.details)
+        self._finish_session(
+            live, SessionState.FAILED, EventType.SESSION_FAILED, f"session failed: task {tid}"
+        )
+
+    def _finish_session(
+        self, live: _Live, state: SessionState, event: EventType, reason: str = ""
+    ) -> None:
+        s = live.session
+        now = utcnow()
+        s.state = state
+        s.finish_time = s.update_time = now
+        # Mark final first: the cancellations below come back as task events.
+        for run in s.runs.values():
+            if run.state == RunState.RUNNING:
+                task = self.dispatch.tasks.get(run.task_id)
+                if task is not None and not task.is_final:
+                    self.dispatch.cancel_open(task, reason)
+                if run.state == RunState.RUNNING:
+                    run.state = RunState.CANCELLED
+                    run.finish_time = now
+                    self.store.put_run(s.session_id, run)
+            elif run.state == RunState.WAITING:
+                is_fallback = live.plan.tasks[run.workflow_task_id].is_fallback
+                run.state = (
+                    RunState.SKIPPED
+                    if is_fallback and state == SessionState.COMPLETED
+                    else RunState.CANCELLED
+                )
+                self.store.put_run(s.session_id, run)
+        self.store.put_session(s)
+        self._event(
+            live,
+            event,
+            output=s.output if state == SessionState.COMPLETED else None,
+            error=s.error if state == SessionState.FAILED else None,
+        )
+        del self.live[s.session_id]
+        if s.idempotency_key:
+            # Storage answers for it once this commit lands; until then the key
+            # must stay resolvable, so it is dropped only after the commit.
+            key = s.idempotency_key
+            fut = self.store.commit()
+            fut.add_done_callback(lambda f, k=key: self._keys.pop(k, None))
+
+    # ------------------------------------------------------------------ events
+
+    def _event(
+        self,
+        live: _Live,
+        kind: EventType,
+        tid: str = "",
+        *,
+        task_id: str = "",
+        attempt: int = 0,
+        agent_id: str = "",
+        output: Payload = None,
+        error: TaskError | None = None,
+    ) -> None:
+        live.event_seq += 1
+        s = live.session
+        msg = workflow_pb2.SessionEvent(
+            session_id=s.session_id,
+            sequence=live.event_seq,
+            event_type=int(kind),  # type: ignore[arg-type]
+            workflow_task_id=tid,
+            task_id=task_id,
+            attempt=attempt,
+            agent_id=agent_id,
+            session_state=int(s.state),  # type: ignore[arg-type]
+        )
+        msg.event_time.FromDatetime(utcnow())
+        if output:
+            msg.output.MergeFromString(output)
+        if error is not None:
+            msg.error.CopyFrom(common_pb2.TaskError(message=error.message, type=error.type))
+            if error.details:
+                msg.error.details.MergeFromString(error.details)
+        body = msg.SerializeToString()
+        self.store.add_session_event(s.session_id, live.event_seq, body)
+        # Published once committed, whether or not anyone watches now: a watcher
+        # that subscribes before the commit but reads storage before it lands
+        # would otherwise miss the event.
+        fut = self.store.commit()
+        pending = self._unpublished.get(fut)
+        if pending is None:
+            pending = self._unpublished[fut] = []
+            fut.add_done_callback(self._publish)
+        pending.append(StoredEvent(s.session_id, live.event_seq, body, kind in TERMINAL_EVENTS))
+
+    def _publish(self, fut: asyncio.Future[None]) -> None:
+        events = self._unpublished.pop(fut, [])
+        if fut.cancelled() or fut.exception() is not None or not self._watchers:
+            return  # a failed batch is retried; watchers then read it from storage
+        for e in events:
+            b = self._watchers.get(e.session_id)
+            if b is not None:
+                b.publish(e)
+
+    @staticmethod
+    def _snapshot(session: Session) -> Session:
+        return dataclasses.replace(
+            session, runs={k: dataclasses.replace(r) for k, r in session.runs.items()}
+        )
+
+
+def _stored(session_id: str, seq: int, body: bytes) -> StoredEvent:
+    kind = workflow_pb2.SessionEvent.FromString(body).event_type
+    return StoredEvent(session_id, seq, body, EventType(kind) in TERMINAL_EVENTS)
+
+
+def _read_definition_files(directory: str) -> list[tuple[str, str]]:
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--workflows-dir {directory} is not a directory")
+    out = []
+    for path in sorted(root.iterdir()):
+        if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+            try:
+                out.append((str(path), path.read_text()))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"workflow file {path}: cannot read: {exc}") from None
+    return out
