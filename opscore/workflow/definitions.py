@@ -48,7 +48,8 @@ class PlanTask:
     heartbeat_timeout: timedelta | None
     priority: int
     fallback: str
-    is_fallback: bool
+    # For a fallback task: the task it stands in for; "" otherwise.
+    replaces: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,9 +368,9 @@ def _plan(d: Definition, fallback_of: dict[str, str], policies: dict[str, RetryP
             heartbeat_timeout=_dur(t, "heartbeat_timeout"),
             priority=t.priority,
             fallback=t.fallback,
-            is_fallback=t.id in fallback_of,
+            replaces=fallback_of.get(t.id, ""),
         )
     order = tuple(t.id for t in d.tasks)
-    roots = tuple(k for k in order if not tasks[k].depends_on and not tasks[k].is_fallback)
-    sinks = tuple(k for k in order if not tasks[k].dependents and not tasks[k].is_fallback)
+    roots = tuple(k for k in order if not tasks[k].depends_on and not tasks[k].replaces)
+    sinks = tuple(k for k in order if not tasks[k].dependents and not tasks[k].replaces)
     return Plan(tasks, order, roots, sinks)

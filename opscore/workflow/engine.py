@@ -89,7 +89,7 @@ class WorkflowEngine:
                 run = session.runs[tid]
                 if run.task_id:
                     live.by_task[run.task_id] = tid
-                if pt.is_fallback:
+                if pt.replaces:
                     continue
                 if not self._resolved(live, tid):
                     live.open_nodes += 1
@@ -246,8 +246,8 @@ class WorkflowEngine:
         live = _Live(
             session,
             plan,
-            pending={k: len(t.depends_on) for k, t in plan.tasks.items() if not t.is_fallback},
-            open_nodes=sum(not t.is_fallback for t in plan.tasks.values()),
+            pending={k: len(t.depends_on) for k, t in plan.tasks.items() if not t.replaces},
+            open_nodes=sum(not t.replaces for t in plan.tasks.values()),
             event_seq=0,
         )
         self.live[session.session_id] = live
@@ -373,11 +373,11 @@ class WorkflowEngine:
         s = live.session
         pt = live.plan.tasks[tid]
         deps = pt.depends_on
-        if pt.is_fallback:
+        if pt.replaces:
             # A fallback receives the upstream of the task it ultimately replaces.
             principal = replacing
-            while live.plan.tasks[principal].is_fallback:
-                principal = self._principal_of(live, principal)
+            while live.plan.tasks[principal].replaces:
+                principal = live.plan.tasks[principal].replaces
             deps = live.plan.tasks[principal].depends_on
         spec = TaskSpec(
             name=f"{s.definition_id}/{tid}",
@@ -411,12 +411,6 @@ class WorkflowEngine:
                 attempt=task.attempt,
                 agent_id=task.assigned_agent_id,
             )
-
-    def _principal_of(self, live: _Live, fallback_id: str) -> str:
-        for pt in live.plan.tasks.values():
-            if pt.fallback == fallback_id:
-                return pt.id
-        raise AssertionError(f"{fallback_id} is nobody's fallback")  # validated away
 
     def _task_input(self, live: _Live, parameters: Payload, deps: tuple[str, ...]) -> bytes:
         s = struct_pb2.Struct()
@@ -534,8 +528,8 @@ class WorkflowEngine:
     def _resolve(self, live: _Live, tid: str) -> None:
         """Task `tid` completed: credit the principal it stands for, start what is ready."""
         principal = tid
-        while live.plan.tasks[principal].is_fallback:
-            principal = self._principal_of(live, principal)
+        while live.plan.tasks[principal].replaces:
+            principal = live.plan.tasks[principal].replaces
         live.open_nodes -= 1
         for dependent in live.plan.tasks[principal].dependents:
             live.pending[dependent] -= 1
@@ -577,7 +571,7 @@ class WorkflowEngine:
                     run.finish_time = now
                     self.store.put_run(s.session_id, run)
             elif run.state == RunState.WAITING:
-                is_fallback = live.plan.tasks[run.workflow_task_id].is_fallback
+                is_fallback = live.plan.tasks[run.workflow_task_id].replaces
                 run.state = (
                     RunState.SKIPPED
                     if is_fallback and state == SessionState.COMPLETED
