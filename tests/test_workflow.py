@@ -302,7 +302,7 @@ async def test_diamond_fan_in_waits_for_both(harness):
 
 @pytest.mark.timeout(120)
 async def test_wide_fan_out_fan_in(harness):
-    width = 300
+    width = 1000
     tasks = [{"id": "root", "capability": "c"}]
     tasks += [{"id": f"m{i}", "capability": "c", "depends_on": ["root"]} for i in range(width)]
     tasks.append({"id": "sink", "capability": "c", "depends_on": [f"m{i}" for i in range(width)]})
