@@ -1,0 +1,238 @@
+"""Storage: migrations, upgrade of an old database, SQLite settings, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from opscore_proto.v1 import lifecycle_pb2 as pb
+
+from opscore.clock import to_micros
+from opscore.storage import SCHEMA_VERSION, Store, apply_migrations, migrations
+from tests.conftest import eventually
+
+S = pb.AgentState
+
+
+def schema(path: Path) -> list[tuple[str, str, str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(
+            conn.execute(
+                "SELECT type, name, tbl_name, COALESCE(sql, '') FROM sqlite_master "
+                "WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+
+
+def pragma(path: Path, name: str) -> object:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ migrations
+
+
+def test_migrations_are_numbered_one_to_n():
+    found = migrations()
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    assert SCHEMA_VERSION == len(found) >= 2
+    assert found[0].name == "0001_lifecycle.sql"
+    for m in found:
+        assert m.name.startswith(f"{m.version:04d}_") and m.name.endswith(".sql")
+        assert m.sql.strip()
+
+
+def test_migrating_at_once_equals_migrating_step_by_step(tmp_path: Path):
+    at_once, stepwise = tmp_path / "at_once.db", tmp_path / "stepwise.db"
+    conn = sqlite3.connect(at_once, isolation_level=None)
+    assert apply_migrations(conn) == SCHEMA_VERSION
+    conn.close()
+    conn = sqlite3.connect(stepwise, isolation_level=None)
+    for version in range(1, SCHEMA_VERSION + 1):
+        assert apply_migrations(conn, target=version) == version
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == version
+    # Running again is a no-op.
+    assert apply_migrations(conn) == SCHEMA_VERSION
+    conn.close()
+    assert schema(at_once) == schema(stepwise)
+    names = {name for _, name, _, _ in schema(at_once)}
+    assert {"agents", "agent_transitions", "tasks"} <= names
+
+
+async def test_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path, make_harness):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert apply_migrations(conn, target=1) == 1
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'tasks'").fetchone() is None
+    registered = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    changed = datetime(2024, 1, 2, 3, 5, 0, tzinfo=UTC)
+    conn.execute(
+        "INSERT INTO agents (agent_id, name, version, capabilities, contact_endpoint, "
+        "metadata, state, state_details, register_time, state_change_time, last_seen_time, "
+        "deregistered, state_before_offline, history_seq) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, 0, 2)",
+        (
+            "legacy-1",
+            "Legacy",
+            "0.9",
+            json.dumps(["summarize", "translate"]),
+            "http://legacy:8080",
+            json.dumps({"team": "blue"}),
+            int(S.AGENT_STATE_IDLE),
+            to_micros(registered),
+            to_micros(changed),
+            to_micros(changed),
+        ),
+    )
+    conn.execute(
+        "INSERT INTO agent_transitions (agent_id, sequence, from_state, to_state, details, "
+        "observe_time, record_time, source, out_of_order) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, 0)",
+        (
+            "legacy-1",
+            2,
+            int(S.AGENT_STATE_INITIALIZING),
+            int(S.AGENT_STATE_IDLE),
+            to_micros(changed),
+            to_micros(changed),
+            "agent",
+        ),
+    )
+    conn.close()
+
+    h = await make_harness(db=str(path))
+    got = (await h.lifecycle.GetAgent(pb.GetAgentRequest(agent_id="legacy-1"))).agent
+    assert (got.name, got.version, got.contact_endpoint) == ("Legacy", "0.9", "http://legacy:8080")
+    assert list(got.capabilities) == ["summarize", "translate"]
+    assert dict(got.metadata) == {"team": "blue"}
+    assert got.state == S.AGENT_STATE_IDLE
+    assert got.register_time.ToDatetime(tzinfo=UTC) == registered
+    history = await h.lifecycle.ListStateTransitions(
+        pb.ListStateTransitionsRequest(agent_id="legacy-1")
+    )
+    assert len(history.transitions) == 1
+    t = history.transitions[0]
+    assert (t.from_state, t.to_state) == (S.AGENT_STATE_INITIALIZING, S.AGENT_STATE_IDLE)
+    assert t.observe_time.ToDatetime(tzinfo=UTC) == changed
+    # New history continues after the migrated one.
+    await h.lifecycle.ReportState(
+        pb.ReportStateRequest(agent_id="legacy-1", state=S.AGENT_STATE_ACTIVE)
+    )
+    history = await h.lifecycle.ListStateTransitions(
+        pb.ListStateTransitionsRequest(agent_id="legacy-1")
+    )
+    assert [t.to_state for t in history.transitions] == [
+        S.AGENT_STATE_ACTIVE,
+        S.AGENT_STATE_IDLE,
+    ]
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'tasks'").fetchone()
+    finally:
+        conn.close()
+
+
+async def test_newer_database_is_refused(tmp_path: Path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_migrations(conn)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    store = Store(path)
+    with pytest.raises(RuntimeError, match="newer"):
+        await store.open()
+    # Nothing was changed by the refused open.
+    assert pragma(path, "user_version") == SCHEMA_VERSION + 1
+
+
+# ------------------------------------------------------------------ SQLite settings
+
+
+async def test_wal_and_synchronous_full_by_default(harness):
+    store = harness.server.store
+    assert pragma(Path(harness.config.db), "journal_mode") == "wal"
+    assert store.sync == "full"
+    cursor = await store._writer.execute("PRAGMA synchronous")
+    assert (await cursor.fetchone())[0] == 2  # FULL
+
+
+async def test_sync_normal_reaches_the_store(make_harness):
+    h = await make_harness(sync="normal")
+    store = h.server.store
+    assert store.sync == "normal"
+    cursor = await store._writer.execute("PRAGMA synchronous")
+    assert (await cursor.fetchone())[0] == 1  # NORMAL
+    assert pragma(Path(h.config.db), "journal_mode") == "wal"
+
+
+# ------------------------------------------------------------------ group commit
+
+
+async def test_concurrent_writes_share_commits_and_wait_for_them(harness):
+    """200 concurrent ReportState calls while the disk is slow share a few commits,
+    and none is acknowledged before its commit.
+
+    A commit on this machine's disk can take well under a millisecond, quicker than
+    calls arrive, so without help every call could get a commit of its own. Another
+    connection holding SQLite's write lock stands in for a slow disk: the writer
+    waits on the lock (busy_timeout) exactly as it would wait on fsync.
+    """
+    agents = [f"agent-{i}" for i in range(20)]
+    for agent_id in agents:
+        await harness.register(agent_id)
+    store = harness.server.store
+    engine = harness.server.lifecycle
+    states = [S.AGENT_STATE_IDLE, S.AGENT_STATE_ACTIVE]
+    blocker = sqlite3.connect(harness.config.db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        before = store.commits
+        calls = [
+            asyncio.ensure_future(
+                harness.lifecycle.ReportState(
+                    pb.ReportStateRequest(agent_id=agent_id, state=states[n % 2])
+                )
+            )
+            for n in range(10)
+            for agent_id in agents
+        ]
+        # Every call has reached the engine and recorded its transition (1 for the
+        # registration + 10 reports per agent), and waits for the commit.
+        await eventually(
+            lambda: sum(engine.agents[a].history_seq for a in agents) == 20 * 11,
+            what="all 200 reports recorded",
+        )
+        assert not any(c.done() for c in calls), "a reply did not wait for its commit"
+        assert store.commits == before
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    results = await asyncio.gather(*calls)
+    commits = store.commits - before
+    assert len(results) == 200
+    assert 1 <= commits <= 5, f"{commits} commits for 200 calls: no group commit"
+    # Every acknowledged transition is stored: through the API and in the file.
+    for agent_id in agents:
+        history = await harness.lifecycle.ListStateTransitions(
+            pb.ListStateTransitionsRequest(agent_id=agent_id, page_size=1000)
+        )
+        assert sorted(t.sequence for t in history.transitions) == list(range(1, 12)), agent_id
+        assert sum(t.source == "agent" for t in history.transitions) == 10, agent_id
+    conn = sqlite3.connect(harness.config.db)
+    try:
+        stored = conn.execute(
+            "SELECT COUNT(*) FROM agent_transitions WHERE source = 'agent'"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    assert stored == 200
