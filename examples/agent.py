@@ -87,11 +87,10 @@ def build_agent(**kwargs: Any) -> Agent:
         sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
         keep = int(option(task, "sentences", 1))
         await pace(task, ["reading", "counting", "summarizing"])
-        return {
-            "summary": " ".join(sentences[:keep]),
-            "words": len(text.split()),
-            "sentences": len(sentences),
-        }
+        result: dict[str, Any] = {"words": len(text.split()), "sentences": len(sentences)}
+        if keep > 0:
+            result["summary"] = " ".join(sentences[:keep])
+        return result
 
     @agent.task("text.translate")
     def translate(task: TaskContext) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
 from opscore.client import OpsCoreClient
 from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
 from opscore.client.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     NotFoundError,
     OpsCoreError,
@@ -149,7 +150,9 @@ class TaskContext:
         self._loop = asyncio.get_running_loop()
         self._progress: dict[str, Any] | None = None
         self._progress_lock = threading.Lock()
-        self._progress_event = asyncio.Event()
+        # Wakes the heartbeat loop: progress to send, or the handler is done.
+        self._wake = asyncio.Event()
+        self._handler_done = False
         self._cancel_reason = ""
         self._cancel_kind = ""
         self._work: asyncio.Future[Any] | None = None
@@ -200,14 +203,18 @@ class TaskContext:
         except RuntimeError:
             running = None
         if running is self._loop:
-            self._progress_event.set()
+            self._wake.set()
         else:
-            self._loop.call_soon_threadsafe(self._progress_event.set)
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def _take_progress(self) -> dict[str, Any] | None:
         with self._progress_lock:
             progress, self._progress = self._progress, None
         return progress
+
+    def _stop_heartbeats(self) -> None:
+        self._handler_done = True
+        self._wake.set()
 
     def _restore_progress(self, progress: dict[str, Any] | None) -> None:
         with self._progress_lock:
@@ -339,6 +346,7 @@ class Agent:
         self._sub_task: asyncio.Task[str] | None = None
         self._reporter: _StateReporter | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stragglers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ handlers
 
@@ -626,7 +634,10 @@ class Agent:
             finally:
                 if not work.done():
                     work.cancel()  # the runner itself was cancelled: hard stop
-            heartbeats.cancel()
+            # Let a heartbeat in flight finish rather than cancel it: a cancelled
+            # call can take concurrent calls down with it on the server.
+            ctx._stop_heartbeats()
+            await asyncio.wait({heartbeats}, timeout=2.0)
             if work.cancelled():
                 if ctx._cancel_kind == "shutdown":
                     await self._send_failure(
@@ -641,7 +652,10 @@ class Agent:
                 return
             await self._send_output(ctx, work.result())
         finally:
-            heartbeats.cancel()
+            ctx._stop_heartbeats()
+            if not heartbeats.done():
+                self._stragglers.add(heartbeats)
+                heartbeats.add_done_callback(self._stragglers.discard)
             held = self._held.get(ctx.task_id)
             if held is not None and held.ctx is ctx:
                 del self._held[ctx.task_id]
@@ -679,12 +693,13 @@ class Agent:
                 non_retryable=True,
             )
             return
-        await self._deliver(
+        sent = await self._deliver(
             ctx,
             "result",
             lambda: self.client.complete_task(ctx.task_id, self.agent_id, ctx.attempt, struct),
         )
-        log.info("task %s attempt %d completed", ctx.task_id, ctx.attempt)
+        if sent:
+            log.info("task %s attempt %d completed", ctx.task_id, ctx.attempt)
 
     async def _send_failure(
         self,
@@ -711,14 +726,15 @@ class Agent:
 
     async def _deliver(
         self, ctx: TaskContext, what: str, send: Callable[[], Awaitable[Any]]
-    ) -> None:
+    ) -> bool:
         """Send a result, outlasting a server restart: keep trying while the lease
-        may still hold. A fenced answer means the attempt no longer counts."""
+        may still hold (results are idempotent). A fenced answer means the
+        attempt no longer counts. True if the server took it."""
         backoff = _Backoff(0.5, 5.0)
         while True:
             try:
                 await send()
-                return
+                return True
             except (FailedPreconditionError, NotFoundError) as exc:
                 log.warning(
                     "%s of task %s attempt %d ignored by the server: %s",
@@ -727,16 +743,17 @@ class Agent:
                     ctx.attempt,
                     exc,
                 )
-                return
-            except UnavailableError as exc:
+                return False
+            except (UnavailableError, DeadlineExceededError) as exc:
                 lease = ctx.lease_expire_time
                 if self._forced or (lease is not None and lease <= datetime.now(UTC)):
                     log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
-                    return
+                    return False
+                log.warning("sending %s of task %s failed (%s); retrying", what, ctx.task_id, exc)
                 await asyncio.sleep(backoff.next())
             except OpsCoreError as exc:
                 log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
-                return
+                return False
 
     async def _heartbeats(self, ctx: TaskContext) -> None:
         """Keep the lease alive and carry progress, until the runner cancels it."""
@@ -744,8 +761,10 @@ class Agent:
         interval = max(0.05, timeout.total_seconds() / 3) if timeout else None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx._progress_event.wait(), interval)
-            ctx._progress_event.clear()
+                await asyncio.wait_for(ctx._wake.wait(), interval)
+            ctx._wake.clear()
+            if ctx._handler_done:
+                return
             progress = ctx._take_progress()
             try:
                 resp = await self.client.heartbeat_task(
@@ -766,10 +785,13 @@ class Agent:
 
     # ------------------------------------------------------------------ shutdown
 
-    async def _keep_alive(self) -> None:
+    async def _keep_alive(self, stop: asyncio.Event) -> None:
         """Prove liveness while finishing tasks with no subscription open."""
         while True:
-            await asyncio.sleep(self.liveness_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.liveness_interval)
+            if stop.is_set():
+                return
             with contextlib.suppress(OpsCoreError):
                 await self.client.heartbeat(self.agent_id)
 
@@ -778,7 +800,8 @@ class Agent:
             if self._held:
                 if graceful and not self._forced:
                     log.info("waiting for %d running task(s)", len(self._held))
-                keep_alive = asyncio.create_task(self._keep_alive())
+                stop_keep_alive = asyncio.Event()
+                keep_alive = asyncio.create_task(self._keep_alive(stop_keep_alive))
                 try:
                     runners = {h.runner for h in self._held.values()}
                     if not graceful:
@@ -794,7 +817,8 @@ class Agent:
                         self._force()
                         await asyncio.wait(pending, timeout=10.0)
                 finally:
-                    keep_alive.cancel()
+                    stop_keep_alive.set()
+                    await asyncio.wait({keep_alive}, timeout=2.0)
             if self._reporter is not None:
                 await self._reporter.close()
                 if graceful and not self._deregistered:
@@ -806,6 +830,8 @@ class Agent:
         finally:
             for held in list(self._held.values()):
                 held.runner.cancel()
+            for task in list(self._stragglers):
+                task.cancel()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
             if self._given_client is None:
