@@ -8,6 +8,10 @@ import sys
 import click
 
 from opscore import __version__
+from opscore.cli_agents import agents, health
+from opscore.cli_sessions import sessions
+from opscore.cli_tasks import tasks
+from opscore.cli_workflows import workflows
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,8 +20,17 @@ def main() -> None:
     """Ops-Core: the control plane for fleets of AI agents.
 
     Run `opscore serve` to start the server; the other commands talk to a
-    running server.
+    running server (--target, default 127.0.0.1:50051, or OPSCORE_TARGET; API
+    key from --api-key or OPSCORE_API_KEY). They print tables, or JSON with
+    --json, and exit 1 when the request fails.
     """
+
+
+main.add_command(agents)
+main.add_command(workflows)
+main.add_command(sessions)
+main.add_command(tasks)
+main.add_command(health)
 
 
 @main.command()

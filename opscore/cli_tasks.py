@@ -1,0 +1,224 @@
+"""`opscore tasks ...`."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import click
+from opscore_proto.v1 import dispatch_pb2
+
+from opscore.cli_common import (
+    EXIT_FAILED,
+    Cli,
+    age,
+    client_command,
+    details_table,
+    limit_option,
+    message_json,
+    parse_duration,
+    parse_payload,
+    pretty,
+    short_name,
+    state_choice,
+    styled,
+    table,
+    timestamp,
+)
+from opscore.client import TaskRetry, to_dict, to_timedelta
+
+TaskState = dispatch_pb2.TaskState
+FINAL = (
+    TaskState.TASK_STATE_COMPLETED,
+    TaskState.TASK_STATE_FAILED,
+    TaskState.TASK_STATE_CANCELLED,
+)
+
+
+def _state(value: int) -> str:
+    return short_name(TaskState, value, "TASK_STATE_")
+
+
+@click.group()
+def tasks() -> None:
+    """Queue, inspect and cancel standalone tasks."""
+
+
+@tasks.command("enqueue")
+@click.argument("capability", required=False)
+@click.option("--agent", "agent_id", default="", help="Pin to this agent instead of a capability.")
+@click.option("--input", "input_", metavar="JSON|@FILE", help="Task input: a JSON object or @file.")
+@click.option("--name", default="", help="A name for people.")
+@click.option("--priority", type=int, default=0, help="Higher runs first.")
+@click.option("--delay", metavar="DURATION", help="Run no earlier than this from now (30s, 5m).")
+@click.option("--timeout", metavar="DURATION", help="Maximum length of one attempt (default 300s).")
+@click.option(
+    "--heartbeat-timeout", metavar="DURATION", help="End an attempt without a heartbeat this long."
+)
+@click.option(
+    "--max-attempts", type=int, default=0, help="Attempts including the first (default 3)."
+)
+@click.option("--idempotency-key", help="Enqueueing again with the same key returns the same task.")
+@click.option(
+    "--wait", is_flag=True, help="Wait until the task finishes; exit 1 unless it completed."
+)
+@client_command
+async def enqueue(
+    cli: Cli,
+    capability: str | None,
+    agent_id: str,
+    input_: str | None,
+    name: str,
+    priority: int,
+    delay: str | None,
+    timeout: str | None,
+    heartbeat_timeout: str | None,
+    max_attempts: int,
+    idempotency_key: str | None,
+    wait: bool,
+) -> int:
+    """Queue a task for any agent with CAPABILITY (or for --agent)."""
+    if bool(capability) == bool(agent_id):
+        raise click.UsageError("give a CAPABILITY or --agent (exactly one)")
+    task = await cli.client.enqueue_task(
+        capability or "",
+        agent_id=agent_id,
+        input=parse_payload(input_),
+        name=name,
+        priority=priority,
+        delay=parse_duration(delay, "--delay"),
+        timeout=parse_duration(timeout, "--timeout"),
+        heartbeat_timeout=parse_duration(heartbeat_timeout, "--heartbeat-timeout"),
+        retry_policy=TaskRetry(max_attempts=max_attempts) if max_attempts else None,
+        idempotency_key=idempotency_key,
+    )
+    if not wait:
+        if cli.as_json:
+            cli.print_json(message_json(task))
+        else:
+            cli.print(f"queued task {task.task_id} ({_state(task.state)})")
+        return 0
+    if not cli.as_json:
+        cli.err.print(f"queued task {task.task_id}; waiting for it to finish", style="dim")
+    task = await _wait(cli, task.task_id)
+    if cli.as_json:
+        cli.print_json(message_json(task))
+    else:
+        _show(cli, task)
+    return 0 if task.state == TaskState.TASK_STATE_COMPLETED else EXIT_FAILED
+
+
+async def _wait(cli: Cli, task_id: str) -> dispatch_pb2.Task:
+    """Poll the task until it is final (there is no task stream in the API)."""
+    delay = 0.05
+    while True:
+        task = await cli.client.get_task(task_id)
+        if task.state in FINAL:
+            return task
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+@tasks.command("list")
+@click.option("--state", type=state_choice(TaskState, "TASK_STATE_"), help="Only this state.")
+@click.option("--capability", default="", help="Only tasks needing this capability.")
+@click.option("--agent", "agent_id", default="", help="Only tasks pinned or assigned to it.")
+@click.option("--session", "session_id", default="", help="Only tasks of this workflow session.")
+@limit_option(50)
+@client_command
+async def list_tasks(
+    cli: Cli, state: str | None, capability: str, agent_id: str, session_id: str, limit: int
+) -> None:
+    """List tasks, newest first."""
+    found = [
+        t
+        async for t in cli.client.iter_tasks(
+            state=state,
+            capability=capability,
+            agent_id=agent_id,
+            session_id=session_id,
+            limit=limit or None,
+        )
+    ]
+    if cli.as_json:
+        cli.print_json([message_json(t) for t in found])
+        return
+    if not found:
+        cli.print("No tasks.")
+        return
+    t = table("TASK ID", "NAME", "FOR", "STATE", "ATTEMPT", "AGENT", "CREATED")
+    now = datetime.now(UTC)
+    for task in found:
+        t.add_row(
+            task.task_id,
+            task.name or "-",
+            task.capability or f"agent {task.agent_id}",
+            styled(_state(task.state)),
+            str(task.attempt),
+            task.assigned_agent_id or "-",
+            age(task, "create_time", now),
+        )
+    cli.print(t)
+
+
+@tasks.command("get")
+@click.argument("task_id")
+@client_command
+async def get_task(cli: Cli, task_id: str) -> None:
+    """Show one task with its input, progress, output and last error."""
+    task = await cli.client.get_task(task_id)
+    if cli.as_json:
+        cli.print_json(message_json(task))
+    else:
+        _show(cli, task)
+
+
+def _show(cli: Cli, task: dispatch_pb2.Task) -> None:
+    policy = task.retry_policy
+    rows: list[tuple[str, object]] = [
+        ("task id", task.task_id),
+        ("name", task.name or "-"),
+        ("for", task.capability or f"agent {task.agent_id}"),
+        ("state", styled(_state(task.state))),
+        ("attempt", f"{task.attempt} of {policy.max_attempts}"),
+        ("agent", task.assigned_agent_id or "-"),
+        ("priority", task.priority),
+        ("timeout", _duration(task, "timeout")),
+        ("heartbeat timeout", _duration(task, "heartbeat_timeout")),
+        ("created", timestamp(task, "create_time")),
+    ]
+    if task.HasField("schedule_time"):
+        rows.append(("scheduled for", timestamp(task, "schedule_time")))
+    if task.HasField("lease_expire_time"):
+        rows.append(("lease ends", timestamp(task, "lease_expire_time")))
+    if task.HasField("finish_time"):
+        rows.append(("finished", timestamp(task, "finish_time")))
+    if task.session_id:
+        rows.append(("session", f"{task.session_id} (task {task.workflow_task_id})"))
+    rows.append(("input", pretty(to_dict(task.input))))
+    if task.HasField("progress"):
+        rows.append(("progress", pretty(to_dict(task.progress))))
+    if task.HasField("output"):
+        rows.append(("output", pretty(to_dict(task.output))))
+    if task.HasField("last_error"):
+        err = task.last_error
+        rows.append(("last error", f"{err.type or 'Error'}: {err.message}"))
+    cli.print(details_table(rows))
+
+
+def _duration(task: dispatch_pb2.Task, field_name: str) -> str:
+    value = to_timedelta(task, field_name)
+    return "-" if value is None else f"{value.total_seconds():g}s"
+
+
+@tasks.command("cancel")
+@click.argument("task_id")
+@click.option("--reason", default="", help="Passed to the agent holding the task.")
+@client_command
+async def cancel(cli: Cli, task_id: str, reason: str) -> None:
+    """Cancel a task that has not finished."""
+    task = await cli.client.cancel_task(task_id, reason)
+    if cli.as_json:
+        cli.print_json(message_json(task))
+    else:
+        cli.print(f"cancelled task {task.task_id}")
