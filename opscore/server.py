@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opscore_proto.v1 import (
     dispatch_pb2,
@@ -22,6 +22,7 @@ from opscore_proto.v1 import (
     workflow_pb2_grpc,
 )
 
+from opscore.api.health import SERVING, HealthServicer
 from opscore.api.interceptors import OpsCoreInterceptor
 from opscore.api.servicers.dispatch import DispatchServicer
 from opscore.api.servicers.lifecycle import LifecycleServicer
@@ -51,7 +52,7 @@ class OpsCoreServer:
     workflow: WorkflowEngine = field(init=False)
     port: int = 0
     _server: grpc.aio.Server | None = None
-    _health: health.aio.HealthServicer | None = None  # type: ignore[name-defined]
+    _health: HealthServicer | None = None
     _stopped: bool = False
 
     async def start(self) -> None:
@@ -95,7 +96,7 @@ class OpsCoreServer:
         workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(
             WorkflowServicer(self.workflow), server
         )
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -108,7 +109,7 @@ class OpsCoreServer:
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, SERVING)
         host = listen_host(cfg.listen)
         if not cfg.auth_enabled:
             log.warning(
@@ -135,7 +136,7 @@ class OpsCoreServer:
         self._stopped = True
         log.info("draining")
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.drain()
         # Parked streams never finish on their own: end them first, or stop()
         # waits out its whole grace period.
         self.dispatch.close_streams()

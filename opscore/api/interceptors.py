@@ -4,6 +4,7 @@ one structured log line per RPC, and the translation of domain errors to statuse
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -127,8 +128,12 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             _request_id_var.set(rid)
             try:
                 self._check_auth(method, context)
-                async for response in behavior(request, context):
-                    yield response
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    await result  # a handler that sends with context.write()
+                else:
+                    async for response in result:
+                        yield response
             except BaseException as exc:
                 code, message, md = _classify(exc, context, method, rid)
                 if message is None:
