@@ -38,6 +38,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 self._status[name] = NOT_SERVING
             self._changed.notify_all()
 
+    def _moved(self, service: str, seen: Status | None) -> bool:
+        return self._status.get(service, SERVICE_UNKNOWN) != seen or self.draining
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
@@ -52,11 +55,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         last: Status | None = None
         while True:
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda: (
-                        self._status.get(request.service, SERVICE_UNKNOWN) != last or self.draining
-                    )
-                )
+                await self._changed.wait_for(lambda seen=last: self._moved(request.service, seen))
                 status = self._status.get(request.service, SERVICE_UNKNOWN)
                 draining = self.draining
             if status != last:
