@@ -1,0 +1,6 @@
+"""One module per scenario; each has NAME, TITLE and run(ctx) -> result body."""
+
+from bench.scenarios import baselines, latency, lifecycle, scale, throughput, workflows
+
+ALL = [throughput, latency, workflows, lifecycle, scale, baselines]
+BY_NAME = {m.NAME: m for m in ALL}
