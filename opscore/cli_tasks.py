@@ -46,6 +46,9 @@ def tasks() -> None:
 
 @tasks.command("enqueue")
 @click.argument("capability", required=False)
+@click.option(
+    "--capability", "capability_option", metavar="CAPABILITY", help="Same as the argument."
+)
 @click.option("--agent", "agent_id", default="", help="Pin to this agent instead of a capability.")
 @click.option("--input", "input_", metavar="JSON|@FILE", help="Task input: a JSON object or @file.")
 @click.option("--name", default="", help="A name for people.")
@@ -66,6 +69,7 @@ def tasks() -> None:
 async def enqueue(
     cli: Cli,
     capability: str | None,
+    capability_option: str | None,
     agent_id: str,
     input_: str | None,
     name: str,
@@ -77,7 +81,15 @@ async def enqueue(
     idempotency_key: str | None,
     wait: bool,
 ) -> int:
-    """Queue a task for any agent with CAPABILITY (or for --agent)."""
+    """Queue a task for any agent with CAPABILITY (or for --agent).
+
+    The task is QUEUED at once (SCHEDULED with --delay). Without
+    --idempotency-key a fresh key is generated, so a retry after a network
+    error cannot queue it twice.
+    """
+    if capability and capability_option and capability != capability_option:
+        raise click.UsageError("CAPABILITY and --capability differ")
+    capability = capability or capability_option
     if bool(capability) == bool(agent_id):
         raise click.UsageError("give a CAPABILITY or --agent (exactly one)")
     task = await cli.client.enqueue_task(

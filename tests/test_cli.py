@@ -252,7 +252,9 @@ async def test_tasks_enqueue_list_get_cancel(harness, tmp_path):
     assert task["timeout"] == "90s" and task["heartbeat_timeout"] == "60s"
     assert task["retry_policy"]["max_attempts"] == 5 and task["priority"] == 3
 
-    r = await opscore("tasks", "enqueue", "text.translate", "--delay", "1h", target=t)
+    r = await opscore(
+        "tasks", "enqueue", "--capability", "text.translate", "--delay", "1h", target=t
+    )
     assert r.code == 0, r
     assert r.out.startswith("queued task ") and "(SCHEDULED)" in r.out
     later_id = r.out.split()[2]
