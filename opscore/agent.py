@@ -244,7 +244,7 @@ class _StateReporter:
     def __init__(self, agent: Agent, interval: float = 0.5) -> None:
         self.agent = agent
         self.interval = interval
-        self.wanted = _IDLE
+        self.wanted: int = _IDLE
         self.sent: int | None = None
         self._changed = asyncio.Event()
         self._closing = asyncio.Event()
@@ -837,4 +837,5 @@ class Agent:
             if self._given_client is None:
                 await self.client.close()
             self._running = False
-            self._done.set()
+            if self._done is not None:
+                self._done.set()

@@ -178,7 +178,7 @@ def client_command(
         show_default=True,
         help="Server address HOST:PORT.",
     )(callback)
-    return callback  # type: ignore[no-any-return]
+    return callback
 
 
 # ---------------------------------------------------------------------- parsing

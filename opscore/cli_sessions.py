@@ -367,7 +367,7 @@ class SessionView:
         return Group(header, bar, t)
 
 
-STATE_STYLE = {
+STATE_STYLE: dict[int, str] = {
     SessionState.SESSION_STATE_PENDING: "yellow",
     SessionState.SESSION_STATE_RUNNING: "cyan",
     SessionState.SESSION_STATE_COMPLETED: "green",

@@ -9,7 +9,15 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -320,7 +328,7 @@ class OpsCoreClient:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _stream(self, service: str, method: str, request: Any) -> AsyncIterator[Any]:
+    async def _stream(self, service: str, method: str, request: Any) -> AsyncGenerator[Any, None]:
         """Iterate a server stream; translate errors; cancel the call when the
         consumer stops early."""
         self._ensure_channel()
@@ -336,7 +344,7 @@ class OpsCoreClient:
 
     async def _pages(
         self, fetch: Callable[[str], Awaitable[Page[T]]], limit: int | None
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         token, seen = "", 0
         while True:
             page = await fetch(token)
@@ -511,7 +519,7 @@ class OpsCoreClient:
         capability: str = "",
         event_types: Iterable[int | str] = (),
         reconnect: bool = False,
-    ) -> AsyncIterator[lifecycle_pb2.WatchAgentsResponse]:
+    ) -> AsyncGenerator[lifecycle_pb2.WatchAgentsResponse, None]:
         """Agent events as they happen (registered, updated, state changed,
         offline, deregistered), optionally filtered; `event_types` by name
         ("state_changed") or number. Only events after the stream opened.
@@ -604,7 +612,7 @@ class OpsCoreClient:
 
     async def subscribe_tasks(
         self, agent_id: str, *, capabilities: Iterable[str] = (), max_in_flight: int = 1
-    ) -> AsyncIterator[dispatch_pb2.SubscribeTasksResponse]:
+    ) -> AsyncGenerator[dispatch_pb2.SubscribeTasksResponse, None]:
         """The raw task stream of an agent: each message is an `assignment` or a
         `cancellation`. The stream ends normally when the agent is deregistered
         and raises `UnavailableError` when the server drains (reconnect).
@@ -904,7 +912,7 @@ class OpsCoreClient:
 
     async def watch_session(
         self, session_id: str, *, after_sequence: int = 0, reconnect: bool = True
-    ) -> AsyncIterator[workflow_pb2.SessionEvent]:
+    ) -> AsyncGenerator[workflow_pb2.SessionEvent, None]:
         """The session's events: every event so far (after `after_sequence`),
         then live ones; the iteration ends after the terminal event.
 

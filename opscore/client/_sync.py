@@ -28,20 +28,20 @@ T = TypeVar("T")
 def _blocking(
     method: Callable[Concatenate[OpsCoreClient, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[OpsCoreClientSync, P], R]:
-    @functools.wraps(method)
-    def call(self: OpsCoreClientSync, *args: P.args, **kwargs: P.kwargs) -> R:
+    def call(self: OpsCoreClientSync, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._run(method(self._client, *args, **kwargs))
 
+    functools.update_wrapper(call, method)
     return call
 
 
 def _blocking_iter(
     method: Callable[Concatenate[OpsCoreClient, P], AsyncIterator[T]],
 ) -> Callable[Concatenate[OpsCoreClientSync, P], Iterator[T]]:
-    @functools.wraps(method)
-    def call(self: OpsCoreClientSync, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+    def call(self: OpsCoreClientSync, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
         return self._iterate(method(self._client, *args, **kwargs))
 
+    functools.update_wrapper(call, method)
     return call
 
 

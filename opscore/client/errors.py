@@ -218,9 +218,9 @@ def error_from_rpc(err: grpc.RpcError, *, request_id: str = "", method: str = ""
     `request_id` is the id the client sent; the one the server echoes in the
     trailing metadata wins when present.
     """
-    code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    message: str = (err.details() if hasattr(err, "details") else "") or ""  # type: ignore[attr-defined]
-    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None  # type: ignore[attr-defined]
+    code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (err.details() if hasattr(err, "details") else "") or ""
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     echoed = _metadata_value(trailing, "x-request-id")
     if echoed:
         request_id = echoed.decode() if isinstance(echoed, bytes) else echoed
