@@ -320,6 +320,32 @@ async def test_workflow_methods(harness):
             await c.get_workflow_definition("sdk-flow")
 
 
+async def test_watch_session_resumes_across_a_server_restart(harness):
+    async with client_for(harness) as c:
+        if not await workflow_service_available(c):
+            pytest.skip("WorkflowService is not registered in the server yet")
+        definition = {"id": "parked", "tasks": [{"id": "only", "capability": "nobody.yet"}]}
+        await c.create_workflow_definition(definition)
+        session = await c.start_workflow("parked")
+        seen: list[workflow_pb2.SessionEvent] = []
+        two_events = asyncio.Event()
+
+        async def watch() -> None:
+            async for event in c.watch_session(session.session_id):
+                seen.append(event)
+                if len(seen) == 2:
+                    two_events.set()
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.wait_for(two_events.wait(), 10)  # started, task queued
+        await harness.restart()  # ends the stream with UNAVAILABLE: the client resumes
+        await c.cancel_session(session.session_id, reason="done waiting")
+        await asyncio.wait_for(watcher, 20)
+    sequences = [e.sequence for e in seen]
+    assert sequences == list(range(1, len(seen) + 1))  # nothing lost, nothing repeated
+    assert seen[-1].event_type == workflow_pb2.SESSION_EVENT_TYPE_SESSION_CANCELLED
+
+
 def _yaml_tasks() -> str:
     return (
         "name: SDK flow\n"
