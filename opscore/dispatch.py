@@ -396,7 +396,7 @@ class DispatchEngine:
         # are sent again, same attempt: a restarted agent process picks them up at
         # once instead of leaving them to their lease deadline; one that is still
         # working on (task_id, attempt) ignores the repeat.
-        commit = self.store.commit()
+        commit = self.store.batch()
         for task_id in sorted(self._assigned_by_agent.get(agent_id, ())):
             if task_id not in self._holder:
                 self._holder[task_id] = sub
@@ -435,7 +435,7 @@ class DispatchEngine:
         sub.in_flight.clear()
         if not self.draining:
             self.lifecycle.subscription_closed(sub.agent)
-        self.store.commit()
+        self.store.batch()
 
     def _end_stream(self, sub: Subscription, error: Exception | None) -> None:
         sub.push((None, StreamEnd(error)))
@@ -592,10 +592,11 @@ class DispatchEngine:
         """Cancel an open task in memory; the holder is told after commit."""
         holder = self._holder.get(task.task_id)
         task.cancel_requested = True
-        was_assigned = task.state == TaskState.ASSIGNED
+        if task.state == TaskState.ASSIGNED and holder is not None and not holder.closed:
+            # Before _finish frees the slot: the agent must hear of the cancellation
+            # before it is sent the task that takes its place.
+            holder.push((self.store.batch(), Cancellation(task.task_id, task.attempt, reason)))
         self._finish(task, TaskState.CANCELLED, utcnow())
-        if was_assigned and holder is not None and not holder.closed:
-            holder.push((self.store.commit(), Cancellation(task.task_id, task.attempt, reason)))
         self._emit("cancelled", task)
 
     # ------------------------------------------------------------------ reads
@@ -680,7 +681,7 @@ class DispatchEngine:
         self._assigned_by_agent.setdefault(sub.agent.agent_id, set()).add(task.task_id)
         self.store.put_task(task)
         self._arm(task, task.lease_expire_time)
-        sub.push((self.store.commit(), Assignment(self.snapshot(task))))
+        sub.push((self.store.batch(), Assignment(self.snapshot(task))))
         self._refresh(sub, rotate=True)
         self._emit("assigned", task)
 
@@ -853,7 +854,7 @@ class DispatchEngine:
             )
         else:
             return
-        fut = self.store.commit()
+        fut = self.store.batch()
         fut.add_done_callback(lambda f, t=task: f.exception() or self.evict_finished([t]))
 
     # ------------------------------------------------------------------ listeners

@@ -347,7 +347,7 @@ class LifecycleEngine:
     ) -> None:
         """For changes the server makes on its own: commit, then tell watchers."""
         snap = self.snapshot(agent)
-        fut = self.store.commit()
+        fut = self.store.batch()
 
         def done(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:

@@ -741,3 +741,48 @@ async def test_many_agents_many_tasks_exactly_once(harness):
         if not token:
             break
     assert completed == n_tasks
+
+
+async def test_cancellation_arrives_before_the_task_that_takes_its_slot(harness):
+    await harness.register("a1", ["c"])
+    sub = await subscribe(harness, "a1", max_in_flight=1)
+    first = await enqueue(harness, capability="c", name="first")
+    await enqueue(harness, capability="c", name="second")
+    got = await assignment(sub)
+    assert got.task_id == first.task_id
+    await harness.dispatch.CancelTask(pb.CancelTaskRequest(task_id=first.task_id))
+    msg = await sub.next()
+    assert msg.WhichOneof("message") == "cancellation" and msg.cancellation.task_id == got.task_id
+    assert (await assignment(sub)).name == "second"
+    await sub.close()
+
+
+async def test_a_cancelled_call_does_not_fail_the_others_in_its_commit(harness):
+    """Calls share one commit; a client giving up on one must not cancel the rest."""
+    import sqlite3
+
+    await harness.register("a1")
+    blocker = sqlite3.connect(harness.config.db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the server's next commit waits for this lock
+    try:
+        calls = [
+            harness.lifecycle.ReportState(
+                lpb.ReportStateRequest(agent_id="a1", state=lpb.AGENT_STATE_IDLE)
+            )
+            for _ in range(10)
+        ]
+        await eventually(
+            lambda: harness.server.lifecycle.agents["a1"].history_seq >= 11,
+            what="all ten reports applied in memory, waiting for their commit",
+        )
+        for call in calls[:5]:
+            call.cancel()
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    results = await asyncio.gather(*calls[5:])
+    assert all(r.agent.state == lpb.AGENT_STATE_IDLE for r in results)
+    hist = await harness.lifecycle.ListStateTransitions(
+        lpb.ListStateTransitionsRequest(agent_id="a1", page_size=100)
+    )
+    assert len(hist.transitions) == 11  # the cancelled calls' changes were committed too

@@ -560,7 +560,7 @@ class Store:
             return
         self._closing = True
         with contextlib.suppress(Unavailable):
-            await self.commit()
+            await self.batch()
         self._writer_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer_task
@@ -572,13 +572,23 @@ class Store:
 
     # ---- group commit
 
-    def commit(self) -> asyncio.Future[None]:
-        """A future that resolves once everything recorded so far is durable."""
+    def batch(self) -> asyncio.Future[None]:
+        """The future of the batch being filled: it resolves once everything recorded
+        so far is durable. Shared by every caller of the batch, so add callbacks to
+        it but never cancel it; RPC handlers `await commit()` instead."""
         batch = self._pending
         if batch.future is None:
             batch.future = asyncio.get_running_loop().create_future()
         self._wake.set()
         return batch.future
+
+    def commit(self) -> asyncio.Future[None]:
+        """Await this to wait until everything recorded so far is durable.
+
+        Shielded: a caller that is cancelled (a client gave up on its RPC) must not
+        cancel the batch future that the other RPCs of the batch are waiting on.
+        """
+        return asyncio.shield(self.batch())
 
     async def _write_loop(self) -> None:
         failures = 0

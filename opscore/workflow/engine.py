@@ -381,7 +381,9 @@ class WorkflowEngine:
             deps = live.plan.tasks[principal].depends_on
         spec = TaskSpec(
             name=f"{s.definition_id}/{tid}",
-            capability="" if s.agent_id else (pt.capability if not pt.agent_id else ""),
+            # Routing uses agent_id when set; the capability stays on pinned tasks as
+            # information, so an agent with several handlers knows which to run.
+            capability=pt.capability,
             agent_id=s.agent_id or pt.agent_id,
             input=self._task_input(live, pt.parameters, deps),
             priority=pt.priority,
@@ -590,7 +592,7 @@ class WorkflowEngine:
             # Storage answers for it once this commit lands; until then the key
             # must stay resolvable, so it is dropped only after the commit.
             key = s.idempotency_key
-            fut = self.store.commit()
+            fut = self.store.batch()
             fut.add_done_callback(lambda f, k=key: self._keys.pop(k, None))
 
     # ------------------------------------------------------------------ events
@@ -631,7 +633,7 @@ class WorkflowEngine:
         # Published once committed, whether or not anyone watches now: a watcher
         # that subscribes before the commit but reads storage before it lands
         # would otherwise miss the event.
-        fut = self.store.commit()
+        fut = self.store.batch()
         pending = self._unpublished.get(fut)
         if pending is None:
             pending = self._unpublished[fut] = []

@@ -70,11 +70,8 @@ class Worker:
                 self.running[task.task_id] = asyncio.create_task(self._handle(task))
 
     async def _handle(self, task: pb.Task) -> None:
-        handler = (
-            self.handlers[task.capability]
-            if task.capability
-            else next(iter(self.handlers.values()))
-        )
+        # Pinned tasks may carry a capability this worker never registered.
+        handler = self.handlers.get(task.capability) or next(iter(self.handlers.values()))
         data = json_format.MessageToDict(task.input)
         try:
             result = handler(data, task)

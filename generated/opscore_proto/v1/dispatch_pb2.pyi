@@ -100,7 +100,11 @@ class Task(_message.Message):
     name: _builtins.str
     """Free-form name for people. Optional, at most 256 characters."""
     capability: _builtins.str
-    """Capability an agent must have to receive the task. Empty when pinned."""
+    """Capability an agent must have to receive the task. Empty for a task
+    enqueued with `agent_id`. A workflow task pinned to an agent (by its
+    definition or by StartWorkflow's `agent_id`) keeps its step's capability
+    here as information: routing then uses `agent_id` only.
+    """
     agent_id: _builtins.str
     """When set, only this agent receives the task."""
     priority: _builtins.int
