@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -14,12 +15,17 @@ from opscore.workflow.models import Session, TaskRun
 # ---------------------------------------------------------------- scalars
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
+# ts() and dur() run several times per task on the hot path; protobuf's
+# FromDatetime/FromTimedelta are pure Python and several times slower than this.
 def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     if dt is None:
         return None
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(dt)
-    return t
+    seconds, micros = divmod((dt - _EPOCH) // _MICRO, 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def from_ts(msg: object, field: str) -> datetime | None:
@@ -32,9 +38,17 @@ def from_ts(msg: object, field: str) -> datetime | None:
 def dur(td: timedelta | None) -> duration_pb2.Duration | None:
     if td is None:
         return None
-    d = duration_pb2.Duration()
-    d.FromTimedelta(td)
-    return d
+    return _dur(td)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dur(td: timedelta) -> duration_pb2.Duration:
+    # Cached: a handful of distinct timeouts recur on every task. Callers only
+    # pass the message to constructors, which copy it.
+    micros = td // _MICRO
+    sign = -1 if micros < 0 else 1
+    seconds, rest = divmod(abs(micros), 1_000_000)
+    return duration_pb2.Duration(seconds=sign * seconds, nanos=sign * rest * 1000)
 
 
 def from_dur(msg: object, field: str) -> timedelta | None:
@@ -107,6 +121,7 @@ def agent_event(e: AgentEvent) -> lifecycle_pb2.WatchAgentsResponse:
 # ---------------------------------------------------------------- dispatch
 
 
+@functools.lru_cache(maxsize=1024)
 def retry_policy(p: RetryPolicy) -> common_pb2.RetryPolicy:
     return common_pb2.RetryPolicy(
         max_attempts=p.max_attempts,
