@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t_all
     with path.open("a") as f:
         f.write(f"\nTotal run time: {total / 60:.1f} min.\n")
-    if not args.keep_work:
+    if failed and not args.keep_work:
+        # Keep the logs of a failed run (they say why), not its database files.
+        for f in work.glob("*.db*"):
+            f.unlink(missing_ok=True)
+        print(f"bench: logs kept in {work}", flush=True)
+    elif not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     print(path.read_text())
     print(f"bench: {out} ({total / 60:.1f} min)")

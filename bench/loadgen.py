@@ -208,6 +208,9 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
         except grpc.aio.AioRpcError as e:
             if not ctl.stop.is_set():
                 stream_ends[e.code().name] += 1
+                print(
+                    f"{aid}: SubscribeTasks ended: {e.code().name}: {e.details()}", file=sys.stderr
+                )
 
     tasks = [asyncio.ensure_future(agent(i, aid)) for i, aid in enumerate(ids)]
 

@@ -38,7 +38,11 @@ def run(ctx: Context) -> dict[str, Any]:
                     n_tasks=rate * duration,
                     mode="unary",
                     rate=rate,
-                    timeout_s=duration * 6 + 30,
+                    timeout_s=duration * 3 + 20,
+                    # An offered rate above what the server sustains is a result
+                    # (saturation), not a failure: the run ends at its time bound
+                    # and reports how many tasks were assigned by then.
+                    allow_incomplete=True,
                 )
             remove_db(srv.db)
             runs[rate].append(r)
@@ -55,6 +59,7 @@ def run(ctx: Context) -> dict[str, Any]:
             for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")
         }
         m["achieved_tasks_per_s"] = metric([r["tasks_per_s"] for r in rs], "tasks/s")
+        m["completed_fraction"] = metric([r["completed_fraction"] for r in rs], "of N")
         m["server_cores"] = metric([r["cpu"]["server_cores"] for r in rs], "cores", "lower")
         m["enqueue_call_p99_ms"] = metric([r["enqueue_call_p99_ms"] for r in rs], "ms", "lower")
         m["enqueuer_max_behind_ms"] = metric(
@@ -76,6 +81,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "notes": [
             f"{AGENTS} agents in 2 processes, one channel each, max_in_flight=1; "
             "1 open-loop enqueuer process (unary EnqueueTask).",
+            "When completed_fraction is below 1 the server did not keep up with the "
+            "offered rate within the run's time bound (duration x 3 + 20 s); the "
+            "percentiles then cover only the tasks that were assigned, so they are a "
+            "lower bound, and the calls still outstanding at the bound are cancelled.",
             "enqueuer_max_behind_ms: how late the enqueuer started its most delayed "
             "call; near 0 means the offered rate really was offered.",
         ],
