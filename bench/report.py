@@ -132,8 +132,8 @@ def plots(results: Path) -> list[Path]:
         bl = by.get("baselines")
         if bl and bl.get("configs"):
             for system, label, marker in (
-                ("bare", "bare grpc.aio (ceiling)", "s"),
-                ("celery", "Celery 5 + Redis", "^"),
+                ("bare", "bare grpc.aio, unary (ceiling)", "s"),
+                ("celery", "Celery 5 + Redis, apply_async", "^"),
             ):
                 pts = sorted(
                     (c["params"]["agents"], c["metrics"]["tasks_per_s"])

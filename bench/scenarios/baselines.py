@@ -253,15 +253,17 @@ def run(ctx: Context) -> dict[str, Any]:
                 runs.setdefault(key, []).append(r)
                 ctx.say(f"  {sysname}, {a} agents/workers: {r['tasks_per_s']:.0f} tasks/s")
     names = {
-        "opscore": "Ops-Core (durable, sync=full)",
-        "bare": "bare grpc.aio (no storage, no logic)",
+        "opscore": "Ops-Core (durable, sync=full), unary EnqueueTask",
+        "bare": "bare grpc.aio (no storage, no logic), unary EnqueueTask",
         "celery": "Celery 5 + Redis (acks_late, prefork)",
     }
     cfgs = []
     for (sysname, a), rs in runs.items():
         cfgs.append(
             {
-                "name": f"{names[sysname]}, {a} {'workers' if sysname == 'celery' else 'agents'}",
+                "name": f"{names[sysname]}, {a} "
+                + ("worker process" if sysname == "celery" else "agent")
+                + ("" if a == 1 else "s"),
                 "params": {"system": sysname, "agents": a, "n_tasks": n},
                 "metrics": {
                     "tasks_per_s": metric([r["tasks_per_s"] for r in rs], "tasks/s"),
@@ -291,7 +293,9 @@ def run(ctx: Context) -> dict[str, Any]:
                 {"name": f"{a} agents: Ops-Core / bare grpc.aio (tasks/s)", "value": o / b}
             )
         if o and c:
-            ratios.append({"name": f"{a} agents: Ops-Core / Celery (tasks/s)", "value": o / c})
+            ratios.append(
+                {"name": f"{a} agent(s), unary: Ops-Core / Celery (tasks/s)", "value": o / c}
+            )
     notes = [
         "Each repeat runs the systems back to back with the same N; ratios are of the "
         "medians of this run.",

@@ -33,7 +33,8 @@ def configs(quick: bool) -> list[dict[str, Any]]:
 
 def label(c: dict[str, Any]) -> str:
     enq = "EnqueueTask (unary)" if c["mode"] == "unary" else "EnqueueTasks (batch of 1,000)"
-    return f"{c['agents']} agents, {enq}, log {c['log_level']}"
+    agents = "1 agent" if c["agents"] == 1 else f"{c['agents']} agents"
+    return f"{agents}, {enq}, log {c['log_level']}"
 
 
 def run(ctx: Context) -> dict[str, Any]:
