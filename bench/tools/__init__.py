@@ -1,0 +1,1 @@
+"""Small investigations behind remarks in docs/benchmarks.md."""
