@@ -396,12 +396,11 @@ class DispatchEngine:
         # are sent again, same attempt: a restarted agent process picks them up at
         # once instead of leaving them to their lease deadline; one that is still
         # working on (task_id, attempt) ignores the repeat.
-        commit = self.store.batch()
         for task_id in sorted(self._assigned_by_agent.get(agent_id, ())):
             if task_id not in self._holder:
                 self._holder[task_id] = sub
                 sub.in_flight.add(task_id)
-                sub.push((commit, Assignment(self.snapshot(self.tasks[task_id]))))
+                sub.push((self.store.batch(), Assignment(self.snapshot(self.tasks[task_id]))))
         self.lifecycle.subscription_opened(agent)
         self._refresh(sub)
         self._fill(sub)

@@ -174,12 +174,13 @@ class LifecycleEngine:
     async def report_state(
         self,
         agent_id: str,
-        state: AgentState,
+        state: int,
         details: Payload,
         observe_time: datetime | None,
     ) -> tuple[Agent, StateTransition]:
+        """`state` is the raw enum number from the request; unknown values are refused."""
         agent = self.get(agent_id)
-        self._check_state(state, "state")
+        state = self._check_state(state, "state")
         if state == AgentState.OFFLINE:
             raise InvalidArgument(
                 "agents cannot report AGENT_STATE_OFFLINE; the server sets it when an agent "
@@ -286,7 +287,7 @@ class LifecycleEngine:
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
-    def _check_state(state: int, field: str, *, allow_unspecified: bool = False) -> None:
+    def _check_state(state: int, field: str, *, allow_unspecified: bool = False) -> AgentState:
         try:
             s = AgentState(state)
         except ValueError:
@@ -295,6 +296,7 @@ class LifecycleEngine:
             ) from None
         if s == AgentState.UNSPECIFIED and not allow_unspecified:
             raise InvalidArgument(f"{field} is required", field=field)
+        return s
 
     def _transition(
         self,

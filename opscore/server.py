@@ -148,10 +148,6 @@ class OpsCoreServer:
         await self.store.close()
         log.info("stopped")
 
-    async def wait(self) -> None:
-        assert self._server is not None
-        await self._server.wait_for_termination()
-
 
 async def serve(config: Config) -> int:
     server = OpsCoreServer(config)

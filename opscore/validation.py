@@ -26,10 +26,6 @@ def require_id(value: str, field: str, *, what: str = "id") -> str:
     return value
 
 
-def optional_id(value: str, field: str) -> str:
-    return require_id(value, field) if value else value
-
-
 def capability(value: str, field: str) -> str:
     if not _CAPABILITY.match(value):
         raise InvalidArgument(

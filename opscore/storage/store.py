@@ -774,10 +774,6 @@ class Store:
         token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
         return items, token
 
-    async def count_tasks(self) -> int:
-        rows = await self._fetchall("SELECT COUNT(*) FROM tasks")
-        return int(rows[0][0])
-
     # ---- workflow reads
 
     async def get_definition(

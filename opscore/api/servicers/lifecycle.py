@@ -9,7 +9,6 @@ from opscore_proto.v1 import lifecycle_pb2_grpc
 from opscore.api import convert as c
 from opscore.api.interceptors import stream_ready
 from opscore.lifecycle import LifecycleEngine
-from opscore.models import AgentState
 
 
 class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
@@ -53,10 +52,9 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
     async def ReportState(
         self, request: pb.ReportStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportStateResponse:
-        self.engine._check_state(request.state, "state")
         agent, transition = await self.engine.report_state(
             request.agent_id,
-            AgentState(request.state),
+            request.state,
             c.payload(request, "details"),
             c.from_ts(request, "observe_time"),
         )
