@@ -1,0 +1,72 @@
+"""Every limit the server enforces at its edge, in one place.
+
+The proto comments quote these numbers; validation and tests import them from
+here, so a limit changes in one line. Durations and times are bounded so that
+every deadline the server computes stays far inside what datetime and int64
+microseconds can hold, whatever a client sends.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+# ---- identifiers and strings
+MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 256
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+MAX_REASON_CHARS = 1024
+MAX_ERROR_MESSAGE_CHARS = 4096
+MAX_PAGE_TOKEN_CHARS = 512
+
+# ---- payloads (google.protobuf.Struct, measured serialized)
+MAX_PAYLOAD_BYTES = 1024 * 1024  # task input, output, session input
+MAX_DETAILS_BYTES = 64 * 1024  # state details, error details, progress
+# Nesting of Struct/ListValue levels inside one payload. protobuf's own decoder
+# stops at 100 message levels, which is about 33 Struct levels; this limit is
+# below that so every accepted payload can also be decoded by every client.
+MAX_PAYLOAD_DEPTH = 32
+# A workflow task's composed input (parameters + session input + upstream
+# outputs). Kept under gRPC's default 4 MiB receive limit so that an agent in
+# any language with default settings can receive the assignment.
+MAX_COMPOSED_INPUT_BYTES = 3 * 1024 * 1024
+
+# ---- messages (gRPC)
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# ---- durations
+MAX_TASK_TIMEOUT = timedelta(days=30)  # timeout, heartbeat_timeout
+MAX_DELAY = timedelta(days=365)  # delay, and how far ahead schedule_time may be
+MAX_BACKOFF = timedelta(days=1)  # initial_backoff, max_backoff
+MAX_BACKOFF_MULTIPLIER = 100.0
+MAX_ATTEMPTS = 100
+# How far ahead of the server clock an agent's observe_time may be (clock skew).
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+# ---- timestamps: google.protobuf.Timestamp's own valid range
+MIN_TIMESTAMP = datetime(1, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+# Duration fields accept at most this many seconds before the per-field bound
+# applies (the protobuf spec's own range is +-315,576,000,000 s).
+MAX_DURATION_SECONDS = 315_576_000_000
+
+# ---- batches and streams
+MAX_ENQUEUE_BATCH = 1000
+MAX_IN_FLIGHT = 1000
+MAX_CAPABILITIES = 64
+MAX_METADATA_ENTRIES = 64
+DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT = 16
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 1000
+# What one watcher (WatchAgents, WatchSession) may have queued before it is
+# ended with RESOURCE_EXHAUSTED: a client that does not read cannot hold more.
+WATCHER_MAX_EVENTS = 10_000
+WATCHER_MAX_BYTES = 8 * 1024 * 1024
+
+# ---- workflow definitions
+MAX_WORKFLOW_TASKS = 10_000
+MAX_DEFINITION_SOURCE_BYTES = 2 * 1024 * 1024
+# YAML/JSON documents: nesting depth and the number of nodes after alias
+# expansion (a "billion laughs" document is tiny but expands without bound).
+MAX_SOURCE_DEPTH = 64
+MAX_SOURCE_NODES = 500_000
