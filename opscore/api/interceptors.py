@@ -1,5 +1,16 @@
 """Every cross-cutting concern of an RPC, in one place: authentication, request ids,
-one structured log line per RPC, and the translation of domain errors to statuses."""
+one structured log line per RPC, request decoding, and the translation of domain
+errors to statuses.
+
+Two rules keep a hostile or vanishing client from hurting the server:
+
+- Authentication is decided from the call's metadata before its body is decoded,
+  so an unauthenticated client costs no parsing (and cannot reach the decoder).
+- Nothing touches a call's context after the call may have ended. gRPC core's
+  `context.peer()` reads memory owned by the transport, which a client that
+  cancels and disconnects frees (grpc/grpc#29069, #29927): the peer and every
+  other field the log line needs are read once, when the call starts.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -22,6 +33,8 @@ log = logging.getLogger("opscore.rpc")
 
 _request_id_var: ContextVar[str] = ContextVar("opscore_request_id", default="")
 
+Metadata = Sequence[tuple[str, str | bytes]]
+
 
 async def stream_ready(context: grpc.aio.ServicerContext) -> None:
     """Streaming servicers call this once their subscription or watch is registered:
@@ -34,10 +47,68 @@ async def stream_ready(context: grpc.aio.ServicerContext) -> None:
 _EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+class Undecodable:
+    """What the request deserializer returns for a body that is not a valid message
+    (garbage, invalid UTF-8, nesting beyond protobuf's limit). The call wrapper
+    answers it with INVALID_ARGUMENT; grpc itself would answer UNKNOWN and log a
+    traceback per request."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # any decode failure is the client's
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _encoder(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serializer is None:
+        return None
+
+    def encode(message: Any) -> bytes:
+        # Events fanned out to many watchers are serialized once, up front.
+        if type(message) is bytes:
+            return message
+        return serializer(message)
+
+    return encode
+
+
+def undecodable_error(method: str, item: Undecodable) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        f"the request body is not a valid message for {method}: {item.reason[:200]}",
+        reason="MALFORMED_REQUEST",
+    )
+
+
+class _Call:
+    """What the log line and error replies need, read once when the call starts."""
+
+    __slots__ = ("method", "peer", "request_id", "started")
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.request_id = _request_id(metadata)
+        self.peer = context.peer()
+
+
 class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_keys: frozenset[str]) -> None:
         self._keys = [k.encode() for k in api_keys]
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -45,34 +116,32 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method  # type: ignore[attr-defined]
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = wrapped
+        metadata: Metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        refusal = self._check_auth(method, metadata)
+        if refusal is not None:
+            return self._refusal(method, wrapped, refusal)
         return wrapped
 
     # ------------------------------------------------------------------ auth
 
-    def _check_auth(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def _check_auth(self, method: str, metadata: Metadata) -> errors.Unauthenticated | None:
         if not self._keys or method.startswith(_EXEMPT_PREFIXES):
-            return
-        header = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode()
-                break
+            return None
+        header = _metadata_value(metadata, "authorization")
         if not header:
-            raise errors.Unauthenticated(
+            return errors.Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>'",
                 reason="API_KEY_MISSING",
             )
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise errors.Unauthenticated(
+            return errors.Unauthenticated(
                 "malformed authorization metadata: expected 'Bearer <key>'",
                 reason="API_KEY_MALFORMED",
             )
@@ -82,52 +151,108 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         for k in self._keys:
             ok |= hmac.compare_digest(k, supplied)
         if not ok:
-            raise errors.Unauthenticated("API key not recognised", reason="API_KEY_INVALID")
+            return errors.Unauthenticated("API key not recognised", reason="API_KEY_INVALID")
+        return None
+
+    def _refusal(
+        self, method: str, like: grpc.RpcMethodHandler, error: errors.OpsCoreError
+    ) -> grpc.RpcMethodHandler:
+        """A handler of the same shape that never decodes the body and answers `error`."""
+        key = (method, error.reason)
+        cached = self._refusals.get(key)
+        if cached is not None:
+            return cached
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = context.invocation_metadata() or ()
+            call = _Call(method, context, metadata)
+            code, message, md = _classify(error, context, call)
+            try:
+                await context.abort(code, message or "", trailing_metadata=md)
+            finally:
+                _log(call, code, request)
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await refuse(request, context)
+
+        skip = _skip_body
+        if like.unary_unary is not None:
+            handler = grpc.unary_unary_rpc_method_handler(
+                refuse, request_deserializer=skip, response_serializer=like.response_serializer
+            )
+        elif like.unary_stream is not None:
+            handler = grpc.unary_stream_rpc_method_handler(
+                refuse_stream,
+                request_deserializer=skip,
+                response_serializer=like.response_serializer,
+            )
+        elif like.stream_stream is not None:
+            handler = grpc.stream_stream_rpc_method_handler(
+                refuse_stream,
+                request_deserializer=skip,
+                response_serializer=like.response_serializer,
+            )
+        else:
+            handler = grpc.stream_unary_rpc_method_handler(
+                refuse, request_deserializer=skip, response_serializer=like.response_serializer
+            )
+        self._refusals[key] = handler
+        return handler
 
     # ------------------------------------------------------------------ wrapping
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode = _decoder(handler.request_deserializer)
+        encode = _encoder(handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                request_deserializer=decode,
+                response_serializer=encode,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                request_deserializer=decode,
+                response_serializer=encode,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(method, handler.stream_stream, request_stream=True),
+                request_deserializer=decode,
+                response_serializer=encode,
             )
         return handler  # no client-streaming RPCs in the API
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            rid = _request_id(context)
-            context.set_trailing_metadata((("x-request-id", rid),))
+            info = _Call(method, context, context.invocation_metadata() or ())
+            context.set_trailing_metadata((("x-request-id", info.request_id),))
             code = grpc.StatusCode.OK
             try:
-                self._check_auth(method, context)
+                if isinstance(request, Undecodable):
+                    raise undecodable_error(method, request)
                 return await behavior(request, context)
             except BaseException as exc:
-                code, message, md = _classify(exc, context, method, rid)
+                code, message, md = _classify(exc, context, info)
                 if message is None:
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
-                _log(method, code, started, context, request, rid)
+                _log(info, code, request)
 
         return call
 
-    def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _stream(
+        self, method: str, behavior: Callable[..., Any], *, request_stream: bool = False
+    ) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            rid = _request_id(context)
+            info = _Call(method, context, context.invocation_metadata() or ())
             code = grpc.StatusCode.OK
-            _request_id_var.set(rid)
+            _request_id_var.set(info.request_id)
             try:
-                self._check_auth(method, context)
+                if not request_stream and isinstance(request, Undecodable):
+                    raise undecodable_error(method, request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     await result  # a handler that sends with context.write()
@@ -135,25 +260,33 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     async for response in result:
                         yield response
             except BaseException as exc:
-                code, message, md = _classify(exc, context, method, rid)
+                code, message, md = _classify(exc, context, info)
                 if message is None:
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
-                _log(method, code, started, context, request, rid)
+                _log(info, code, None if request_stream else request)
 
         return call
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return (value if isinstance(value, str) else value.decode())[:128]
-    return uuid.uuid4().hex
+def _skip_body(data: bytes) -> None:
+    return None
+
+
+def _metadata_value(metadata: Metadata, key: str) -> str:
+    for k, value in metadata:
+        if k == key and value:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
+
+
+def _request_id(metadata: Metadata) -> str:
+    return _metadata_value(metadata, "x-request-id")[:128] or uuid.uuid4().hex
 
 
 def _classify(
-    exc: BaseException, context: grpc.aio.ServicerContext, method: str, rid: str
+    exc: BaseException, context: grpc.aio.ServicerContext, call: _Call
 ) -> tuple[grpc.StatusCode, str | None, tuple[tuple[str, str | bytes], ...]]:
     """The status for `exc`. A None message means grpc already handles it
     (an abort the handler did itself, or a cancellation): re-raise it."""
@@ -161,39 +294,32 @@ def _classify(
         return context.code() or grpc.StatusCode.UNKNOWN, None, ()  # type: ignore[return-value]
     if not isinstance(exc, Exception):
         return grpc.StatusCode.CANCELLED, None, ()
-    md: tuple[tuple[str, str | bytes], ...] = (("x-request-id", rid),)
+    md: tuple[tuple[str, str | bytes], ...] = (("x-request-id", call.request_id),)
     if isinstance(exc, errors.OpsCoreError):
         code = status_code(exc)
         md += (("grpc-status-details-bin", rich_status(exc, code).SerializeToString()),)
         return code, exc.message, md
     log.error(
         "unhandled exception in %s",
-        method,
+        call.method,
         exc_info=exc,
-        extra={"method": method, "request_id": rid},
+        extra={"method": call.method, "request_id": call.request_id},
     )
-    message = f"internal error (request id {rid}); the server log has the details"
+    message = f"internal error (request id {call.request_id}); the server log has the details"
     return grpc.StatusCode.INTERNAL, message, md
 
 
-def _log(
-    method: str,
-    code: grpc.StatusCode,
-    started: float,
-    context: grpc.aio.ServicerContext,
-    request: Any,
-    rid: str,
-) -> None:
+def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     log.info(
         "rpc",
         extra={
-            "method": method,
+            "method": call.method,
             "code": code.name,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "peer": context.peer(),
+            "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+            "peer": call.peer,
             "agent_id": getattr(request, "agent_id", "") or None,
-            "request_id": rid,
+            "request_id": call.request_id,
         },
     )
