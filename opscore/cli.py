@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import click
 
@@ -33,49 +34,31 @@ main.add_command(tasks)
 main.add_command(health)
 
 
+def _serve_options(command: Any) -> Any:
+    """One option per server setting, from the table in opscore.config."""
+    from opscore.config import SETTINGS
+
+    for s in reversed(SETTINGS):
+        help_text = f"{s.help}  [env {s.env}]"
+        name = "--" + s.name.replace("_", "-")
+        if s.flag:
+            command = click.option(name, is_flag=True, default=None, help=help_text)(command)
+        elif s.choices:
+            command = click.option(
+                name, type=click.Choice(s.choices, case_sensitive=False), help=help_text
+            )(command)
+        else:
+            command = click.option(name, type=s.kind, help=help_text)(command)
+    return command
+
+
 @main.command()
-@click.option(
-    "--listen", help="HOST:PORT to listen on.  [env OPSCORE_LISTEN; default 127.0.0.1:50051]"
-)
-@click.option("--db", help="SQLite database file.  [env OPSCORE_DB; default ./opscore.db]")
-@click.option(
-    "--workflows-dir",
-    type=click.Path(file_okay=False),
-    help="Load every *.json, *.yaml, *.yml definition here at start.  [env OPSCORE_WORKFLOWS_DIR]",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="[env OPSCORE_LOG_LEVEL; default INFO]",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["json", "text"]),
-    help="One JSON object per line, or text for people.  [env OPSCORE_LOG_FORMAT; default json]",
-)
-@click.option(
-    "--sync",
-    type=click.Choice(["full", "normal"]),
-    help="full: commits survive power loss; normal: they survive a process crash only "
-    "(faster).  [env OPSCORE_SYNC; default full]",
-)
 @click.option(
     "--api-key-file",
     type=click.Path(dir_okay=False),
     help="File with one API key per line; adds to OPSCORE_API_KEYS (comma separated).",
 )
-@click.option(
-    "--agent-timeout",
-    type=float,
-    help="Seconds without a sign of life before an agent is marked OFFLINE.  "
-    "[env OPSCORE_AGENT_TIMEOUT; default 30]",
-)
-@click.option(
-    "--insecure",
-    is_flag=True,
-    default=None,
-    help="Allow listening on a non-loopback address without API keys.  [env OPSCORE_INSECURE]",
-)
+@_serve_options
 def serve(**options: object) -> None:
     """Serve Ops-Core until SIGTERM or SIGINT, then drain and exit 0."""
     from opscore import logs

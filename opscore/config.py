@@ -1,19 +1,22 @@
 """Server configuration: one frozen object, built from options and an environment mapping.
 
-Every setting has a default, an `OPSCORE_*` environment variable and a command-line
-option; the option wins over the variable. Tests build a `Config` directly.
+Every setting is declared once, in SETTINGS: its default, its `OPSCORE_*`
+environment variable, its command-line option and its help text. `opscore serve`
+builds its options from that table, so a new setting is one entry here. The
+option wins over the variable. Tests build a `Config` directly.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from opscore import limits
 from opscore.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -37,6 +40,14 @@ class Config:
     keepalive_time: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=10)
     min_client_ping_interval: timedelta = timedelta(seconds=10)
+    # The largest message the server receives or sends; every response is cut to fit.
+    max_message_bytes: int = limits.DEFAULT_MAX_MESSAGE_BYTES
+    # HTTP/2 streams one client connection may hold open at once.
+    max_streams_per_connection: int = limits.DEFAULT_MAX_STREAMS_PER_CONNECTION
+    max_subscriptions_per_agent: int = limits.DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT
+    # 0: no limit. Otherwise writes that would grow the database beyond it fail
+    # with RESOURCE_EXHAUSTED and nothing already stored is touched.
+    max_db_bytes: int = 0
 
     def validate(self) -> Config:
         host = listen_host(self.listen)
@@ -48,6 +59,21 @@ class Config:
             raise ConfigError(f"unknown log level {self.log_level!r}")
         if self.agent_timeout <= timedelta(0):
             raise ConfigError("agent timeout must be positive")
+        if self.agent_timeout > limits.MAX_TASK_TIMEOUT:
+            raise ConfigError(f"agent timeout must be at most {limits.MAX_TASK_TIMEOUT.days} days")
+        if not 64 * 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("max message bytes must be between 65536 and 67108864")
+        if self.max_message_bytes < limits.MAX_COMPOSED_INPUT_BYTES + 256 * 1024:
+            raise ConfigError(
+                f"max message bytes must leave room for a task's input: at least "
+                f"{limits.MAX_COMPOSED_INPUT_BYTES + 256 * 1024}"
+            )
+        if not 1 <= self.max_streams_per_connection <= 1_000_000:
+            raise ConfigError("max streams per connection must be between 1 and 1000000")
+        if not 1 <= self.max_subscriptions_per_agent <= 1000:
+            raise ConfigError("max subscriptions per agent must be between 1 and 1000")
+        if self.max_db_bytes < 0:
+            raise ConfigError("max db bytes must not be negative (0 for no limit)")
         if not self.api_keys and not self.insecure and not is_loopback(host):
             raise ConfigError(
                 f"refusing to listen on {self.listen} without authentication: set "
@@ -86,46 +112,140 @@ def read_api_key_file(path: str) -> frozenset[str]:
     return frozenset(k for k in keys if k and not k.startswith("#"))
 
 
+# --------------------------------------------------------------------------- settings
+
+
 def _seconds(value: str, name: str) -> timedelta:
     try:
-        return timedelta(seconds=float(value))
+        seconds = float(value)
     except ValueError as exc:
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from exc
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(str(value).replace("_", ""))
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from exc
+
+
+def _flag(value: Any, name: str) -> bool:
+    return value in (True, "1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One server setting: Config attribute, env var, option, how to parse, help."""
+
+    name: str
+    env: str
+    help: str
+    parse: Callable[[str, str], Any] | None = None  # None: keep the string
+    flag: bool = False
+    choices: tuple[str, ...] = ()
+    # Shown in --help, and the type click uses for the option.
+    kind: type = str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "OPSCORE_LISTEN", f"HOST:PORT to listen on.  [default {DEFAULT_LISTEN}]"),
+    Setting("db", "OPSCORE_DB", f"SQLite database file.  [default {DEFAULT_DB}]"),
+    Setting(
+        "workflows_dir",
+        "OPSCORE_WORKFLOWS_DIR",
+        "Load every *.json, *.yaml, *.yml definition in this directory at start.",
+    ),
+    Setting(
+        "log_level",
+        "OPSCORE_LOG_LEVEL",
+        "[default INFO]",
+        parse=lambda v, _n: v.upper(),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+    Setting(
+        "log_format",
+        "OPSCORE_LOG_FORMAT",
+        "One JSON object per line, or text for people.  [default json]",
+        choices=("json", "text"),
+    ),
+    Setting(
+        "sync",
+        "OPSCORE_SYNC",
+        "full: commits survive power loss; normal: they survive a process crash only "
+        "(faster).  [default full]",
+        choices=("full", "normal"),
+    ),
+    Setting(
+        "agent_timeout",
+        "OPSCORE_AGENT_TIMEOUT",
+        "Seconds without a sign of life before an agent is marked OFFLINE.  [default 30]",
+        parse=_seconds,
+        kind=float,
+    ),
+    Setting(
+        "max_message_bytes",
+        "OPSCORE_MAX_MESSAGE_BYTES",
+        "Largest gRPC message received or sent; larger requests get RESOURCE_EXHAUSTED and "
+        f"every response is cut to fit.  [default {limits.DEFAULT_MAX_MESSAGE_BYTES}]",
+        parse=_int,
+        kind=int,
+    ),
+    Setting(
+        "max_streams_per_connection",
+        "OPSCORE_MAX_STREAMS_PER_CONNECTION",
+        "Concurrent calls one client connection may hold open.  "
+        f"[default {limits.DEFAULT_MAX_STREAMS_PER_CONNECTION}]",
+        parse=_int,
+        kind=int,
+    ),
+    Setting(
+        "max_subscriptions_per_agent",
+        "OPSCORE_MAX_SUBSCRIPTIONS_PER_AGENT",
+        "Task streams one agent id may hold open at once.  "
+        f"[default {limits.DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT}]",
+        parse=_int,
+        kind=int,
+    ),
+    Setting(
+        "max_db_bytes",
+        "OPSCORE_MAX_DB_BYTES",
+        "Largest the database may grow; writes beyond it fail with RESOURCE_EXHAUSTED "
+        "and stored data is untouched.  [default 0: no limit]",
+        parse=_int,
+        kind=int,
+    ),
+    Setting(
+        "insecure",
+        "OPSCORE_INSECURE",
+        "Allow listening on a non-loopback address without API keys.",
+        parse=_flag,
+        flag=True,
+    ),
+)
 
 
 def from_sources(options: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a Config from command-line `options` (None = not given) over `env`."""
     env = os.environ if env is None else env
-
-    def pick(opt: str, var: str) -> Any:
-        value = options.get(opt)
-        return value if value is not None else env.get(var)
-
-    cfg = Config()
     changes: dict[str, Any] = {}
-    for opt, var in (
-        ("listen", "OPSCORE_LISTEN"),
-        ("db", "OPSCORE_DB"),
-        ("workflows_dir", "OPSCORE_WORKFLOWS_DIR"),
-        ("log_level", "OPSCORE_LOG_LEVEL"),
-        ("log_format", "OPSCORE_LOG_FORMAT"),
-        ("sync", "OPSCORE_SYNC"),
-    ):
-        value = pick(opt, var)
-        if value not in (None, ""):
-            changes[opt] = value
-    if "log_level" in changes:
-        changes["log_level"] = str(changes["log_level"]).upper()
-    timeout = pick("agent_timeout", "OPSCORE_AGENT_TIMEOUT")
-    if timeout not in (None, ""):
-        changes["agent_timeout"] = _seconds(str(timeout), "agent timeout")
+    for s in SETTINGS:
+        value = options.get(s.name)
+        if value is None:
+            value = env.get(s.env)
+        if value in (None, ""):
+            continue
+        label = s.name.replace("_", " ")
+        if s.parse is not None:
+            value = s.parse(value if isinstance(value, bool) else str(value), label)
+        changes[s.name] = value
     keys: set[str] = set()
     raw = env.get("OPSCORE_API_KEYS", "")
     keys.update(k.strip() for k in raw.split(",") if k.strip())
-    key_file = pick("api_key_file", "OPSCORE_API_KEY_FILE")
+    key_file = options.get("api_key_file") or env.get("OPSCORE_API_KEY_FILE")
     if key_file:
         keys.update(read_api_key_file(str(key_file)))
     changes["api_keys"] = frozenset(keys)
-    insecure = pick("insecure", "OPSCORE_INSECURE")
-    changes["insecure"] = insecure in (True, "1", "true", "yes")
-    return replace(cfg, **changes).validate()
+    return replace(Config(), **changes).validate()
