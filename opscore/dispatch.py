@@ -18,6 +18,7 @@ never receives a lease that a crash could forget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -28,9 +29,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from opscore import limits
 from opscore import validation as v
 from opscore.clock import utcnow
-from opscore.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from opscore.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OpsCoreError,
+    ResourceExhausted,
+    Unavailable,
+)
 from opscore.lifecycle import LifecycleEngine
 from opscore.models import (
     DEFAULT_TASK_TIMEOUT,
@@ -49,8 +58,8 @@ from opscore.storage import Store
 
 log = logging.getLogger("opscore.dispatch")
 
-MAX_IN_FLIGHT = 1000
-MAX_BATCH = 1000
+MAX_IN_FLIGHT = limits.MAX_IN_FLIGHT
+MAX_BATCH = limits.MAX_ENQUEUE_BATCH
 
 
 # --------------------------------------------------------------------------- specs
@@ -67,16 +76,19 @@ class RetryPolicySpec:
 
     def resolve(self, field: str = "retry_policy") -> RetryPolicy:
         d = RetryPolicy()
-        if not 0 <= self.max_attempts <= 100:
+        if not 0 <= self.max_attempts <= limits.MAX_ATTEMPTS:
             raise InvalidArgument(
-                f"{field}.max_attempts must be between 1 and 100 (0 for the default 3)",
+                f"{field}.max_attempts must be between 1 and {limits.MAX_ATTEMPTS} "
+                "(0 for the default 3)",
                 field=f"{field}.max_attempts",
             )
-        v.non_negative(self.initial_backoff, f"{field}.initial_backoff")
-        v.non_negative(self.max_backoff, f"{field}.max_backoff")
-        if self.backoff_multiplier and self.backoff_multiplier < 1.0:
+        v.duration(self.initial_backoff, f"{field}.initial_backoff", limits.MAX_BACKOFF)
+        v.duration(self.max_backoff, f"{field}.max_backoff", limits.MAX_BACKOFF)
+        m = self.backoff_multiplier
+        if m != 0.0 and not 1.0 <= m <= limits.MAX_BACKOFF_MULTIPLIER:  # NaN fails both
             raise InvalidArgument(
-                f"{field}.backoff_multiplier must be at least 1.0 (0 for the default 2.0)",
+                f"{field}.backoff_multiplier must be between 1.0 and "
+                f"{limits.MAX_BACKOFF_MULTIPLIER:g} (0 for the default 2.0), got {m!r}",
                 field=f"{field}.backoff_multiplier",
             )
         initial = d.initial_backoff if self.initial_backoff is None else self.initial_backoff
@@ -173,9 +185,24 @@ TaskListener = Callable[[str, Task], None]
 
 
 class DispatchEngine:
-    def __init__(self, store: Store, lifecycle: LifecycleEngine) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lifecycle: LifecycleEngine,
+        *,
+        max_subscriptions_per_agent: int = limits.DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT,
+        response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+    ) -> None:
         self.store = store
         self.lifecycle = lifecycle
+        self.max_subscriptions_per_agent = max_subscriptions_per_agent
+        self.response_budget = response_budget
+        self.listeners: list[TaskListener] = []
+        self.draining = False
+        self._clear()
+        lifecycle.listeners.append(self._on_agent_event)
+
+    def _clear(self) -> None:
         self.tasks: dict[str, Task] = {}
         self._ready: dict[str, list[tuple[int, int, str]]] = {}
         self._ready_pinned: dict[str, list[tuple[int, int, str]]] = {}
@@ -189,9 +216,6 @@ class DispatchEngine:
         self._keys: dict[str, str] = {}
         self._key_lookups = 0
         self._deferred_key_drops: list[str] = []
-        self.listeners: list[TaskListener] = []
-        self.draining = False
-        lifecycle.listeners.append(self._on_agent_event)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -224,6 +248,16 @@ class DispatchEngine:
             h.cancel()
         self._timers.clear()
 
+    def reset(self, error: OpsCoreError) -> None:
+        """Forget all in-memory state (it may be ahead of the database): end every
+        stream with `error`, cancel every timer. `start()` then reloads."""
+        for subs in list(self._subs_by_agent.values()):
+            for sub in list(subs):
+                sub.closed = True
+                self._end_stream(sub, error)
+        self.stop()
+        self._clear()
+
     # ------------------------------------------------------------------ enqueue
 
     def _validate(self, spec: TaskSpec, prefix: str = "") -> tuple[RetryPolicy, datetime | None]:
@@ -243,23 +277,38 @@ class DispatchEngine:
                     f"{prefix}agent_id {spec.agent_id!r} is not a registered agent",
                     reason="AGENT_NOT_FOUND",
                 )
-        v.max_len(spec.name, f"{prefix}name", 256)
-        v.max_len(spec.idempotency_key, f"{prefix}idempotency_key", 256)
+        v.max_len(spec.name, f"{prefix}name", limits.MAX_NAME_CHARS)
+        v.max_len(
+            spec.idempotency_key, f"{prefix}idempotency_key", limits.MAX_IDEMPOTENCY_KEY_CHARS
+        )
         v.payload_size(spec.input, f"{prefix}input")
         if not -(2**31) <= spec.priority < 2**31:
-            raise InvalidArgument(f"{prefix}priority out of range", field=f"{prefix}priority")
+            raise InvalidArgument(
+                f"{prefix}priority must fit in 32 bits", field=f"{prefix}priority"
+            )
         if spec.schedule_time is not None and spec.delay is not None:
             raise InvalidArgument(
                 f"set at most one of {prefix}schedule_time and {prefix}delay",
                 field=f"{prefix}delay",
             )
-        v.non_negative(spec.delay, f"{prefix}delay")
-        v.positive(spec.timeout, f"{prefix}timeout")
-        v.positive(spec.heartbeat_timeout, f"{prefix}heartbeat_timeout")
+        v.duration(spec.delay, f"{prefix}delay", limits.MAX_DELAY)
+        v.duration(spec.timeout, f"{prefix}timeout", limits.MAX_TASK_TIMEOUT, positive=True)
+        v.duration(
+            spec.heartbeat_timeout,
+            f"{prefix}heartbeat_timeout",
+            limits.MAX_TASK_TIMEOUT,
+            positive=True,
+        )
         policy = spec.retry_policy.resolve(f"{prefix}retry_policy")
+        now = utcnow()
         when = spec.schedule_time
+        if when is not None and when > now + limits.MAX_DELAY:
+            raise InvalidArgument(
+                f"{prefix}schedule_time is more than {limits.MAX_DELAY.days} days ahead",
+                field=f"{prefix}schedule_time",
+            )
         if spec.delay is not None:
-            when = utcnow() + spec.delay
+            when = now + spec.delay
         return policy, when
 
     async def enqueue(self, spec: TaskSpec) -> tuple[Task, bool]:
@@ -277,20 +326,22 @@ class DispatchEngine:
         single = len(specs) == 1
         checked = [self._validate(s, "" if single else f"tasks[{i}].") for i, s in enumerate(specs)]
         existing = await self._existing_by_key([s.idempotency_key for s in specs])
+        self._check_accepting()  # again: the lookup above awaited
         results: list[tuple[Task, bool]] = []
         batch_keys: dict[str, Task] = {}
-        for spec, (policy, when) in zip(specs, checked, strict=True):
-            key = spec.idempotency_key
-            if key:
-                prior = batch_keys.get(key) or self._task_for_key(key) or existing.get(key)
-                if prior is not None:
-                    results.append((prior, False))
-                    continue
-            task = self.create_task(spec, policy, when)
-            if key:
-                batch_keys[key] = task
-            results.append((task, True))
-        snaps = [(self.snapshot(t), created) for t, created in results]
+        with self.store.atomic():
+            for spec, (policy, when) in zip(specs, checked, strict=True):
+                key = spec.idempotency_key
+                if key:
+                    prior = batch_keys.get(key) or self._task_for_key(key) or existing.get(key)
+                    if prior is not None:
+                        results.append((prior, False))
+                        continue
+                task = self.create_task(spec, policy, when)
+                if key:
+                    batch_keys[key] = task
+                results.append((task, True))
+            snaps = [(self.snapshot(t), created) for t, created in results]
         await self.store.commit()
         return snaps
 
@@ -360,6 +411,32 @@ class DispatchEngine:
             self._make_ready(task)
         return task
 
+    def create_failed_task(self, spec: TaskSpec, policy: RetryPolicy, error: TaskError) -> Task:
+        """Record a task that can never be sent to an agent (its input cannot be
+        delivered) as FAILED at once, never looping. Caller commits and reacts."""
+        now = utcnow()
+        task = Task(
+            task_id=str(uuid.uuid4()),
+            name=spec.name,
+            capability=spec.capability,
+            agent_id=spec.agent_id,
+            input=None,
+            priority=spec.priority,
+            retry_policy=policy,
+            timeout=spec.timeout or DEFAULT_TASK_TIMEOUT,
+            heartbeat_timeout=spec.heartbeat_timeout,
+            idempotency_key="",
+            state=TaskState.FAILED,
+            create_time=now,
+            update_time=now,
+            finish_time=now,
+            last_error=error,
+            session_id=spec.session_id,
+            workflow_task_id=spec.workflow_task_id,
+        )
+        self.store.put_task(task)
+        return task
+
     # ------------------------------------------------------------------ subscribe
 
     async def subscribe(
@@ -385,6 +462,22 @@ class DispatchEngine:
                 "register them first or leave capabilities empty",
                 field="capabilities",
             )
+        if len(self._subs_by_agent.get(agent_id, ())) >= self.max_subscriptions_per_agent:
+            raise ResourceExhausted(
+                f"agent {agent_id!r} already holds {self.max_subscriptions_per_agent} open "
+                "task streams, the most one agent may (--max-subscriptions-per-agent); "
+                "close one first, or raise max_in_flight on one stream instead",
+                reason="TOO_MANY_SUBSCRIPTIONS",
+            )
+        with self.store.atomic():
+            sub = self._open_subscription(agent, requested, max_in_flight)
+        await self.store.commit()
+        return sub
+
+    def _open_subscription(
+        self, agent: Agent, requested: frozenset[str], max_in_flight: int
+    ) -> Subscription:
+        agent_id = agent.agent_id
         sub = Subscription(
             agent=agent,
             capabilities=requested or frozenset(agent.capabilities),
@@ -404,14 +497,18 @@ class DispatchEngine:
         self.lifecycle.subscription_opened(agent)
         self._refresh(sub)
         self._fill(sub)
-        await self.store.commit()
         return sub
 
     def unsubscribe(self, sub: Subscription, undelivered: list[StreamItem]) -> None:
         """The stream ended. Assignments that never left the process go back to the
         queue with their attempt number reused (no one can hold it)."""
         if sub.closed and sub not in self._subs_by_agent.get(sub.agent.agent_id, ()):
-            return
+            return  # ended by the engine (deregistered, drained, or state rebuilt)
+        with self.store.atomic():
+            self._close_subscription(sub, undelivered)
+        self.store.batch()
+
+    def _close_subscription(self, sub: Subscription, undelivered: list[StreamItem]) -> None:
         sub.closed = True
         self._subs_by_agent.get(sub.agent.agent_id, set()).discard(sub)
         self._refresh(sub)
@@ -434,7 +531,6 @@ class DispatchEngine:
         sub.in_flight.clear()
         if not self.draining:
             self.lifecycle.subscription_closed(sub.agent)
-        self.store.batch()
 
     def _end_stream(self, sub: Subscription, error: Exception | None) -> None:
         sub.push((None, StreamEnd(error)))
@@ -442,12 +538,14 @@ class DispatchEngine:
     # ------------------------------------------------------------------ results
 
     def _fenced(self, task_id: str, agent_id: str, attempt: int) -> Task:
+        """The task if (agent_id, attempt) holds its current lease. Changes nothing."""
         v.require_id(task_id, "task_id", what="task id")
         v.require_id(agent_id, "agent_id")
         if attempt <= 0:
             raise InvalidArgument(
                 "attempt must be the attempt number of the assignment (>= 1)", field="attempt"
             )
+        self._check_recovering()
         task = self.tasks.get(task_id)
         if task is None or task.is_final:
             raise _NeedStored()
@@ -463,10 +561,12 @@ class DispatchEngine:
                 f"{task.attempt}, not {agent_id!r} attempt {attempt}; the result is ignored",
                 reason="LEASE_LOST",
             )
+        return task
+
+    def _touch(self, agent_id: str) -> None:
         agent = self.lifecycle.agents.get(agent_id)
         if agent is not None:
             self.lifecycle.touch(agent)
-        return task
 
     async def _stored_final(self, task_id: str) -> Task:
         task = self.tasks.get(task_id) or await self.store.get_task(task_id)
@@ -488,11 +588,12 @@ class DispatchEngine:
             ):
                 return self.snapshot(task)
             raise self._final_error(task, agent_id, attempt) from None
-        now = utcnow()
-        task.output = output
-        self._finish(task, TaskState.COMPLETED, now)
-        self._emit("completed", task)
-        snap = self.snapshot(task)
+        with self.store.atomic():
+            self._touch(agent_id)
+            task.output = output
+            self._finish(task, TaskState.COMPLETED, utcnow())
+            self._emit("completed", task)
+            snap = self.snapshot(task)
         await self._commit_final(task)
         return snap
 
@@ -502,7 +603,11 @@ class DispatchEngine:
         if not error.message:
             raise InvalidArgument("error.message is required", field="error.message")
         v.payload_size(error.details, "error.details", v.MAX_DETAILS)
-        error = dataclasses.replace(error, message=error.message[:4096])
+        error = dataclasses.replace(
+            error,
+            message=error.message[: limits.MAX_ERROR_MESSAGE_CHARS],
+            type=error.type[: limits.MAX_NAME_CHARS],
+        )
         held = self.tasks.get(task_id)
         if (
             held is not None
@@ -524,8 +629,10 @@ class DispatchEngine:
             ):
                 return self.snapshot(task)
             raise self._final_error(task, agent_id, attempt) from None
-        self._end_attempt(task, error, retryable=not non_retryable)
-        snap = self.snapshot(task)
+        with self.store.atomic():
+            self._touch(agent_id)
+            self._end_attempt(task, error, retryable=not non_retryable)
+            snap = self.snapshot(task)
         await self._commit_final(task)
         return snap
 
@@ -544,14 +651,16 @@ class DispatchEngine:
             ):
                 return None, True
             raise self._final_error(task, agent_id, attempt) from None
-        now = utcnow()
-        if progress is not None:
-            task.progress = progress
-        if task.heartbeat_timeout is not None and task.attempt_deadline is not None:
-            task.lease_expire_time = min(task.attempt_deadline, now + task.heartbeat_timeout)
-        task.update_time = now
-        self.store.put_task(task)
-        lease = task.lease_expire_time
+        with self.store.atomic():
+            self._touch(agent_id)
+            now = utcnow()
+            if progress is not None:
+                task.progress = progress
+            if task.heartbeat_timeout is not None and task.attempt_deadline is not None:
+                task.lease_expire_time = min(task.attempt_deadline, now + task.heartbeat_timeout)
+            task.update_time = now
+            self.store.put_task(task)
+            lease = task.lease_expire_time
         await self.store.commit()
         return lease, task.cancel_requested
 
@@ -572,7 +681,7 @@ class DispatchEngine:
 
     async def cancel(self, task_id: str, reason: str = "") -> Task:
         v.require_id(task_id, "task_id", what="task id")
-        v.max_len(reason, "reason", 1024)
+        v.max_len(reason, "reason", limits.MAX_REASON_CHARS)
         task = self.tasks.get(task_id)
         if task is None or task.is_final:
             task = await self._stored_final(task_id)
@@ -582,8 +691,10 @@ class DispatchEngine:
                 f"task {task_id} already finished as {task.state.name}; nothing to cancel",
                 reason="TASK_FINISHED",
             )
-        self.cancel_open(task, reason or "cancelled by request")
-        snap = self.snapshot(task)
+        self._check_recovering()
+        with self.store.atomic():
+            self.cancel_open(task, reason or "cancelled by request")
+            snap = self.snapshot(task)
         await self._commit_final(task)
         return snap
 
@@ -614,7 +725,7 @@ class DispatchEngine:
             raise InvalidArgument(
                 f"state {flt.state} is not a known TaskState", field="state"
             ) from None
-        items, token = await self.store.list_tasks(flt, page_size, page_token)
+        items, token = await self.store.list_tasks(flt, page_size, page_token, self.response_budget)
         # Open tasks may be ahead of the last commit in memory.
         items = [
             self.snapshot(self.tasks[t.task_id]) if t.task_id in self.tasks else t for t in items
@@ -630,6 +741,10 @@ class DispatchEngine:
     def _check_accepting(self) -> None:
         if self.draining:
             raise Unavailable("server is shutting down; retry against the restarted server")
+        self._check_recovering()
+
+    def _check_recovering(self) -> None:
+        self.store.check_writable()
 
     def _make_ready(self, task: Task, keep_seq: bool = False) -> None:
         task.state = TaskState.QUEUED
@@ -828,6 +943,12 @@ class DispatchEngine:
             handle.cancel()
 
     def _due(self, task_id: str, attempt: int) -> None:
+        # A timer has no caller to tell: a failure half-way rebuilds state (atomic)
+        # and is logged there; the event loop must not see it.
+        with contextlib.suppress(Exception), self.store.atomic():
+            self._fire(task_id, attempt)
+
+    def _fire(self, task_id: str, attempt: int) -> None:
         self._timers.pop(task_id, None)
         task = self.tasks.get(task_id)
         if task is None or task.attempt != attempt:

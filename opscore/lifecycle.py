@@ -7,15 +7,18 @@ decision); every change is recorded in storage and acknowledged only after commi
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from opscore import limits
 from opscore import validation as v
 from opscore.clock import utcnow
-from opscore.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
 from opscore.events import Broadcast, Watcher
 from opscore.models import (
     Agent,
@@ -37,18 +40,39 @@ AgentListener = Callable[[AgentEventType, Agent], None]
 
 
 class LifecycleEngine:
-    def __init__(self, store: Store, *, agent_timeout: timedelta = timedelta(seconds=30)) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        agent_timeout: timedelta = timedelta(seconds=30),
+        encode_event: Callable[[AgentEvent], bytes] = lambda e: b"",
+        response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+    ) -> None:
         self.store = store
         self.agent_timeout = agent_timeout
-        self.agents: dict[str, Agent] = {}
-        self.events: Broadcast[AgentEvent] = Broadcast()
+        self.response_budget = response_budget
+        self.events: Broadcast[AgentEvent] = Broadcast(encode_event)
         self.listeners: list[AgentListener] = []
+        self._clear()
+
+    def _clear(self) -> None:
+        self.agents: dict[str, Agent] = {}
+        # Agent ids in order, so ListAgents pages by bisection instead of sorting.
+        self._ids: list[str] = []
         self._liveness: dict[str, asyncio.TimerHandle] = {}
-        self._background: set[asyncio.Task[None]] = set()
+
+    def reset(self, error: OpsCoreError) -> None:
+        """Forget every agent (memory may be ahead of the database) and end every
+        watch with `error`; `start()` then reloads."""
+        self.events.end_all(error)
+        self.stop()
+        self._clear()
 
     async def start(self) -> None:
         now = utcnow()
-        for agent in await self.store.load_agents():
+        agents = await self.store.load_agents()
+        self._ids = sorted(a.agent_id for a in agents)
+        for agent in agents:
             self.agents[agent.agent_id] = agent
             # Nobody could reach us while we were down: every agent gets a full
             # agent_timeout from now to reconnect before it is marked OFFLINE.
@@ -75,28 +99,33 @@ class LifecycleEngine:
     def list(
         self, state: AgentState, capability: str, page_size: int, page_token: str
     ) -> Page[Agent]:
+        """Ordered by id. Costs the agents it steps over, never a sort of all of them."""
         self._check_state(state, "state", allow_unspecified=True)
         limit = clamp_page_size(page_size)
-        after = decode_cursor(page_token, 1)[0] if page_token else ""
-        matches = sorted(
-            (
-                a
-                for a in self.agents.values()
-                if a.agent_id > after
-                and (not state or a.state == state)
-                and (not capability or capability in a.capabilities)
-            ),
-            key=lambda a: a.agent_id,
-        )
-        page = [self.snapshot(a) for a in matches[:limit]]
-        token = encode_cursor(page[-1].agent_id) if len(matches) > limit else ""
+        after = decode_cursor(page_token, str)[0] if page_token else ""
+        page: list[Agent] = []
+        used = 0
+        more = False
+        for agent_id in self._ids[bisect.bisect_right(self._ids, after) :]:
+            a = self.agents[agent_id]
+            if (state and a.state != state) or (capability and capability not in a.capabilities):
+                continue
+            size = _agent_size(a)
+            if len(page) >= limit or (page and used + size > self.response_budget):
+                more = True
+                break
+            used += size
+            page.append(self.snapshot(a))
+        token = encode_cursor(page[-1].agent_id) if more else ""
         return Page(page, token)
 
     async def list_transitions(
         self, agent_id: str, page_size: int, page_token: str
     ) -> Page[StateTransition]:
         self.get(agent_id)
-        items, token = await self.store.list_transitions(agent_id, page_size, page_token)
+        items, token = await self.store.list_transitions(
+            agent_id, page_size, page_token, self.response_budget
+        )
         return Page(items, token)
 
     # ------------------------------------------------------------------ commands
@@ -113,13 +142,30 @@ class LifecycleEngine:
     ) -> tuple[Agent, bool]:
         if agent_id:
             v.require_id(agent_id, "agent_id")
-        v.max_len(name, "name", 256)
+        v.max_len(name, "name", limits.MAX_NAME_CHARS)
         v.max_len(version, "version", 64)
         v.max_len(contact_endpoint, "contact_endpoint", 1024)
         caps = v.capabilities(list(capabilities), "capabilities")
         meta = v.metadata(dict(metadata or {}))
+        self.store.check_writable()
+        with self.store.atomic():
+            snap, created, event, transition, now = self._register(
+                agent_id or str(uuid.uuid4()), name, version, caps, contact_endpoint, meta
+            )
+        await self.store.commit()
+        self._publish(event, snap, transition, now)
+        return snap, created
+
+    def _register(
+        self,
+        agent_id: str,
+        name: str,
+        version: str,
+        caps: tuple[str, ...],
+        contact_endpoint: str,
+        meta: dict[str, str],
+    ) -> tuple[Agent, bool, AgentEventType, StateTransition | None, datetime]:
         now = utcnow()
-        agent_id = agent_id or str(uuid.uuid4())
         agent = self.agents.get(agent_id)
         created = agent is None
         if agent is None:
@@ -137,6 +183,7 @@ class LifecycleEngine:
                 last_seen_time=now,
             )
             self.agents[agent_id] = agent
+            bisect.insort(self._ids, agent_id)
             event = AgentEventType.REGISTERED
             transition = self._transition(agent, AgentState.INITIALIZING, None, now, "server")
         else:
@@ -151,22 +198,21 @@ class LifecycleEngine:
         self.store.put_agent(agent)
         self._notify(event, agent)
         self._arm_liveness(agent)
-        snap = self.snapshot(agent)
-        await self.store.commit()
-        self._publish(event, snap, transition, now)
-        return snap, created
+        return self.snapshot(agent), created, event, transition, now
 
     async def deregister(self, agent_id: str) -> Agent:
         agent = self.get(agent_id)
+        self.store.check_writable()
         now = utcnow()
         transition = None
-        if not agent.deregistered:
-            agent.deregistered = True
-            if agent.state != AgentState.FINISHED:
-                transition = self._transition(agent, AgentState.FINISHED, None, now, "server")
-            self.store.put_agent(agent)
-            self._notify(AgentEventType.DEREGISTERED, agent)
-        snap = self.snapshot(agent)
+        with self.store.atomic():
+            if not agent.deregistered:
+                agent.deregistered = True
+                if agent.state != AgentState.FINISHED:
+                    transition = self._transition(agent, AgentState.FINISHED, None, now, "server")
+                self.store.put_agent(agent)
+                self._notify(AgentEventType.DEREGISTERED, agent)
+            snap = self.snapshot(agent)
         await self.store.commit()
         self._publish(AgentEventType.DEREGISTERED, snap, transition, now)
         return snap
@@ -194,23 +240,36 @@ class LifecycleEngine:
                 reason="AGENT_DEREGISTERED",
             )
         now = utcnow()
+        if observe_time is not None and observe_time > now + limits.MAX_CLOCK_SKEW:
+            # A report from the future would freeze the state for good: every later
+            # report would look out of order.
+            raise InvalidArgument(
+                f"observe_time {observe_time.isoformat()} is more than "
+                f"{int(limits.MAX_CLOCK_SKEW.total_seconds())} s ahead of the server clock "
+                f"({now.isoformat()}); fix the agent's clock or leave observe_time unset",
+                field="observe_time",
+            )
+        self.store.check_writable()
         observed = observe_time or now
-        agent.last_seen_time = now
-        out_of_order = observed < agent.state_change_time
-        transition = self._transition(agent, state, details, observed, "agent", out_of_order)
-        self.store.put_agent(agent)
-        if not out_of_order:
-            self._notify(AgentEventType.STATE_CHANGED, agent)
-        self._arm_liveness(agent)
-        snap = self.snapshot(agent)
+        with self.store.atomic():
+            agent.last_seen_time = now
+            out_of_order = observed < agent.state_change_time
+            transition = self._transition(agent, state, details, observed, "agent", out_of_order)
+            self.store.put_agent(agent)
+            if not out_of_order:
+                self._notify(AgentEventType.STATE_CHANGED, agent)
+            self._arm_liveness(agent)
+            snap = self.snapshot(agent)
         await self.store.commit()
         self._publish(AgentEventType.STATE_CHANGED, snap, transition, now)
         return snap, transition
 
     async def heartbeat(self, agent_id: str) -> Agent:
         agent = self.get(agent_id)
-        self.touch(agent)
-        snap = self.snapshot(agent)
+        self.store.check_writable()
+        with self.store.atomic():
+            self.touch(agent)
+            snap = self.snapshot(agent)
         await self.store.commit()
         return snap
 
@@ -266,6 +325,12 @@ class LifecycleEngine:
         )
 
     def _liveness_due(self, agent_id: str) -> None:
+        # A timer has no caller: a failure half-way rebuilds state (atomic, which
+        # logs it); the event loop must not see it.
+        with contextlib.suppress(Exception), self.store.atomic():
+            self._mark_offline_if_silent(agent_id)
+
+    def _mark_offline_if_silent(self, agent_id: str) -> None:
         self._liveness.pop(agent_id, None)
         agent = self.agents.get(agent_id)
         if agent is None:
@@ -384,3 +449,17 @@ class LifecycleEngine:
             )
 
         return self.events.watch(accept)
+
+
+def _agent_size(a: Agent) -> int:
+    """About what an Agent message takes on the wire, to cut pages to fit."""
+    return (
+        200
+        + len(a.agent_id)
+        + len(a.name)
+        + len(a.version)
+        + len(a.contact_endpoint)
+        + sum(len(c) + 2 for c in a.capabilities)
+        + sum(len(k) + len(val) + 4 for k, val in a.metadata.items())
+        + len(a.state_details or b"")
+    )

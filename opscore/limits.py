@@ -66,7 +66,9 @@ WATCHER_MAX_BYTES = 8 * 1024 * 1024
 # ---- workflow definitions
 MAX_WORKFLOW_TASKS = 10_000
 MAX_DEFINITION_SOURCE_BYTES = 2 * 1024 * 1024
+# Serialized; so that GetWorkflowDefinition always fits in a default-size message.
+MAX_DEFINITION_BYTES = 3 * 1024 * 1024
 # YAML/JSON documents: nesting depth and the number of nodes after alias
 # expansion (a "billion laughs" document is tiny but expands without bound).
 MAX_SOURCE_DEPTH = 64
-MAX_SOURCE_NODES = 500_000
+MAX_SOURCE_NODES = 200_000

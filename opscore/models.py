@@ -99,11 +99,16 @@ class RetryPolicy:
     max_backoff: timedelta = timedelta(seconds=60)
 
     def backoff(self, failed_attempt: int) -> timedelta:
-        """Wait before the attempt after `failed_attempt` (1-based)."""
-        seconds = self.initial_backoff.total_seconds() * (
-            self.backoff_multiplier ** max(0, failed_attempt - 1)
-        )
-        return min(timedelta(seconds=seconds), self.max_backoff)
+        """Wait before the attempt after `failed_attempt` (1-based), never above
+        max_backoff. Computed in floats and capped before any timedelta exists, so
+        no multiplier or attempt number can overflow."""
+        cap = self.max_backoff.total_seconds()
+        seconds = self.initial_backoff.total_seconds()
+        try:
+            seconds *= self.backoff_multiplier ** max(0, failed_attempt - 1)
+        except OverflowError:
+            seconds = cap
+        return timedelta(seconds=min(seconds, cap))
 
 
 @dataclass(slots=True, frozen=True)

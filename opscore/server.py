@@ -1,5 +1,12 @@
 """Assembles the service: storage, engines, gRPC server, health, reflection; and
-runs it until SIGTERM/SIGINT with a graceful drain."""
+runs it until SIGTERM/SIGINT with a graceful drain.
+
+It also owns recovery. The engines keep their state in memory ahead of the
+database (group commit); when a commit fails, or a change fails half-way, that
+state can no longer be trusted. The server then refuses changes, ends every
+stream (clients reconnect), rebuilds the engines from the database, which holds
+exactly what was acknowledged, and serves again.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +29,17 @@ from opscore_proto.v1 import (
     workflow_pb2_grpc,
 )
 
-from opscore.api.health import SERVING, HealthServicer
+from opscore.api import convert
+from opscore.api.health import NOT_SERVING, SERVING, HealthServicer
 from opscore.api.interceptors import OpsCoreInterceptor
 from opscore.api.servicers.dispatch import DispatchServicer
 from opscore.api.servicers.lifecycle import LifecycleServicer
 from opscore.api.servicers.workflow import WorkflowServicer
 from opscore.config import Config, is_loopback, listen_host
 from opscore.dispatch import DispatchEngine
-from opscore.errors import ConfigError, Unavailable
+from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.lifecycle import LifecycleEngine
+from opscore.netcheck import check_port_free
 from opscore.storage import Store
 from opscore.workflow.engine import WorkflowEngine
 
@@ -42,6 +51,12 @@ SERVICE_NAMES = (
     workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
 )
 
+# Room in every response for what is not payload (ids, times, enums).
+_RESPONSE_MARGIN = 64 * 1024
+# Recovery after repeated storage failures waits longer each time (up to this),
+# so a full disk costs a reload now and then, not one per write.
+_MAX_RECOVERY_PAUSE = 5.0
+
 
 @dataclass
 class OpsCoreServer:
@@ -51,29 +66,36 @@ class OpsCoreServer:
     dispatch: DispatchEngine = field(init=False)
     workflow: WorkflowEngine = field(init=False)
     port: int = 0
+    recoveries: int = 0
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
     _stopped: bool = False
+    _recovery: asyncio.Task[None] | None = None
+    _fault_again: bool = False
+    _pause: float = 0.0
 
-    async def start(self) -> None:
+    def _build(self) -> grpc.aio.Server:
         cfg = self.config
-        self.store = Store(cfg.db, sync=cfg.sync)
-        await self.store.open()
-        self.lifecycle = LifecycleEngine(self.store, agent_timeout=cfg.agent_timeout)
-        self.dispatch = DispatchEngine(self.store, self.lifecycle)
-        self.workflow = WorkflowEngine(self.store, self.dispatch)
-        try:
-            await self.lifecycle.start()
-            await self.dispatch.start()
-            await self.workflow.start()
-            if cfg.workflows_dir:
-                await self.workflow.load_directory(cfg.workflows_dir)
-        except BaseException:
-            self.dispatch.stop()
-            self.lifecycle.stop()
-            await self.store.close()
-            raise
-
+        budget = cfg.max_message_bytes - _RESPONSE_MARGIN
+        self.store = Store(cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes)
+        self.lifecycle = LifecycleEngine(
+            self.store,
+            agent_timeout=cfg.agent_timeout,
+            encode_event=convert.agent_event_bytes,
+            response_budget=budget,
+        )
+        self.dispatch = DispatchEngine(
+            self.store,
+            self.lifecycle,
+            max_subscriptions_per_agent=cfg.max_subscriptions_per_agent,
+            response_budget=budget,
+        )
+        self.workflow = WorkflowEngine(
+            self.store,
+            self.dispatch,
+            encode_event=convert.session_event_bytes,
+            response_budget=budget,
+        )
         ms = lambda td: int(td.total_seconds() * 1000)  # noqa: E731
         server = grpc.aio.server(
             interceptors=[OpsCoreInterceptor(cfg.api_keys)],
@@ -83,7 +105,9 @@ class OpsCoreServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", ms(cfg.min_client_ping_interval)),
                 ("grpc.http2.max_ping_strikes", 2),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -101,15 +125,36 @@ class OpsCoreServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+        return server
+
+    async def start(self) -> None:
+        cfg = self.config
+        server = self._build()
+        # The address first, then the database: a port in the way must not leave a
+        # migrated (or locked) database behind.
+        check_port_free(cfg.listen)
         try:
             self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
-            await self.store.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
+        try:
+            await self.store.open()
+        except BaseException:
+            await server.stop(None)
+            raise
+        try:
+            await self._load()
+            if cfg.workflows_dir:
+                await self.workflow.load_directory(cfg.workflows_dir)
+        except BaseException:
+            self._stop_engines()
+            await self.store.close()
+            await server.stop(None)
+            raise
+        self.store.on_failure = self._on_storage_failure
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, SERVING)
+        await self._set_health(SERVING)
         host = listen_host(cfg.listen)
         if not cfg.auth_enabled:
             log.warning(
@@ -122,6 +167,21 @@ class OpsCoreServer:
             extra={"listen": cfg.listen, "port": self.port, "db": cfg.db, "sync": cfg.sync},
         )
 
+    async def _load(self) -> None:
+        await self.lifecycle.start()
+        await self.dispatch.start()
+        await self.workflow.start()
+
+    def _stop_engines(self) -> None:
+        self.dispatch.stop()
+        self.lifecycle.stop()
+        self.workflow.stop()
+
+    async def _set_health(self, status: int) -> None:
+        assert self._health is not None
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)  # type: ignore[arg-type]
+
     @property
     def target(self) -> str:
         host = listen_host(self.config.listen)
@@ -129,12 +189,75 @@ class OpsCoreServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
+    # ------------------------------------------------------------------ recovery
+
+    def _on_storage_failure(self, error: OpsCoreError) -> None:
+        # Refuse every change from now on: whatever is in memory may be ahead of
+        # the database until the engines are rebuilt.
+        if isinstance(error, ResourceExhausted):
+            self.store.refusing = error
+        else:
+            self.store.refusing = Unavailable(
+                "the server is rebuilding its state after a storage error; retry shortly",
+                reason="RECOVERING",
+            )
+        if self._stopped:
+            return
+        if self._recovery is not None and not self._recovery.done():
+            self._fault_again = True
+            return
+        self._recovery = asyncio.get_running_loop().create_task(
+            self._recover(), name="opscore-recovery"
+        )
+
+    async def _recover(self) -> None:
+        ended = Unavailable(
+            "the server rebuilt its state after a storage error; reconnect", reason="RECOVERING"
+        )
+        self._pause = min(_MAX_RECOVERY_PAUSE, max(0.05, self._pause * 2))
+        while True:
+            self._fault_again = False
+            self.recoveries += 1
+            log.warning(
+                "rebuilding in-memory state from the database",
+                extra={"recoveries": self.recoveries, "pause_s": self._pause},
+            )
+            await self._set_health(NOT_SERVING)
+            self.dispatch.reset(ended)
+            self.lifecycle.reset(ended)
+            self.workflow.reset(ended)
+            self.store.discard_pending(ended)
+            await asyncio.sleep(self._pause)
+            try:
+                await self._load()
+            except Exception:
+                log.exception("rebuilding state failed; trying again")
+                self._pause = min(_MAX_RECOVERY_PAUSE, self._pause * 2)
+                continue
+            if not self._fault_again:
+                break
+        self.store.refusing = None
+        await self._set_health(SERVING)
+        log.warning("state rebuilt from the database; serving again")
+        # A quiet spell after this recovery lets the next one start with a short pause.
+        asyncio.get_running_loop().call_later(30.0, self._calm)
+
+    def _calm(self) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._pause = 0.0
+
+    # ------------------------------------------------------------------ stop
+
     async def stop(self) -> None:
         """Drain: NOT_SERVING, end parked streams, let in-flight calls finish, close."""
         if self._stopped or self._server is None:
             return
         self._stopped = True
         log.info("draining")
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
         if self._health is not None:
             await self._health.drain()
         # Parked streams never finish on their own: end them first, or stop()
@@ -143,8 +266,7 @@ class OpsCoreServer:
         self.lifecycle.events.close(Unavailable("server is shutting down; reconnect"))
         self.workflow.close_watchers()
         await self._server.stop(self.config.drain_grace.total_seconds())
-        self.dispatch.stop()
-        self.lifecycle.stop()
+        self._stop_engines()
         await self.store.close()
         log.info("stopped")
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from opscore import limits
 from opscore.errors import InvalidArgument
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CAPABILITY = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
-MAX_PAYLOAD = 1024 * 1024
-MAX_DETAILS = 64 * 1024
+MAX_PAYLOAD = limits.MAX_PAYLOAD_BYTES
+MAX_DETAILS = limits.MAX_DETAILS_BYTES
 
 
 def require_id(value: str, field: str, *, what: str = "id") -> str:
@@ -72,11 +73,21 @@ def payload_size(data: bytes | None, field: str, limit: int = MAX_PAYLOAD) -> No
         )
 
 
-def non_negative(d: timedelta | None, field: str) -> None:
-    if d is not None and d < timedelta(0):
-        raise InvalidArgument(f"{field} must not be negative", field=field)
-
-
-def positive(d: timedelta | None, field: str) -> None:
-    if d is not None and d <= timedelta(0):
+def duration(d: timedelta | None, field: str, limit: timedelta, *, positive: bool = False) -> None:
+    """A duration that is set must be within 0 (exclusive if `positive`) and `limit`."""
+    if d is None:
+        return
+    if positive and d <= timedelta(0):
         raise InvalidArgument(f"{field} must be positive when set", field=field)
+    if d < timedelta(0):
+        raise InvalidArgument(f"{field} must not be negative", field=field)
+    if d > limit:
+        raise InvalidArgument(f"{field} must be at most {_human(limit)}", field=field)
+
+
+def _human(d: timedelta) -> str:
+    seconds = int(d.total_seconds())
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size} {unit} ({seconds} s)"
+    return f"{seconds} s"

@@ -3,76 +3,15 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime, timedelta
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_pb2
 
 from opscore.dispatch import RetryPolicySpec, TaskSpec
 from opscore.models import Agent, AgentEvent, RetryPolicy, StateTransition, Task, TaskError
-from opscore.workflow.models import Session, TaskRun
 
-# ---------------------------------------------------------------- scalars
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
-
-
-# ts() and dur() run several times per task on the hot path; protobuf's
-# FromDatetime/FromTimedelta are pure Python and several times slower than this.
-def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if dt is None:
-        return None
-    seconds, micros = divmod((dt - _EPOCH) // _MICRO, 1_000_000)
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
-
-
-def from_ts(msg: object, field: str) -> datetime | None:
-    if not msg.HasField(field):  # type: ignore[attr-defined]
-        return None
-    value: timestamp_pb2.Timestamp = getattr(msg, field)
-    return value.ToDatetime(tzinfo=UTC)
-
-
-def dur(td: timedelta | None) -> duration_pb2.Duration | None:
-    if td is None:
-        return None
-    return _dur(td)
-
-
-@functools.lru_cache(maxsize=1024)
-def _dur(td: timedelta) -> duration_pb2.Duration:
-    # Cached: a handful of distinct timeouts recur on every task. Callers only
-    # pass the message to constructors, which copy it.
-    micros = td // _MICRO
-    sign = -1 if micros < 0 else 1
-    seconds, rest = divmod(abs(micros), 1_000_000)
-    return duration_pb2.Duration(seconds=sign * seconds, nanos=sign * rest * 1000)
-
-
-def from_dur(msg: object, field: str) -> timedelta | None:
-    if not msg.HasField(field):  # type: ignore[attr-defined]
-        return None
-    value: duration_pb2.Duration = getattr(msg, field)
-    # FromTimedelta/ToTimedelta lose sign information for tiny negatives; compute
-    # from the raw fields so validation sees what the client sent.
-    return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
-
-
-def struct(payload: bytes | None) -> struct_pb2.Struct | None:
-    if payload is None:
-        return None
-    s = struct_pb2.Struct()
-    s.ParseFromString(payload)
-    return s
-
-
-def payload(msg: object, field: str) -> bytes | None:
-    if not msg.HasField(field):  # type: ignore[attr-defined]
-        return None
-    return getattr(msg, field).SerializeToString(deterministic=True)
-
+# Servicers reach the value helpers through this module: one import for all translation.
+from opscore.protovalues import dur, from_dur, from_ts, payload, struct, ts
+from opscore.workflow.models import Session, StoredEvent, TaskRun
 
 # ---------------------------------------------------------------- lifecycle
 
@@ -109,6 +48,27 @@ def transition(t: StateTransition) -> lifecycle_pb2.StateTransition:
     )
 
 
+def agent_event_bytes(e: AgentEvent) -> bytes:
+    return agent_event(e).SerializeToString()
+
+
+def session_event_bytes(event: StoredEvent) -> bytes:
+    """A WatchSessionResponse around a stored SessionEvent, without decoding it:
+    field 1 (`event`), length-delimited, is the stored bytes as they are."""
+    return b"\x0a" + _varint(len(event.body)) + event.body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
 def agent_event(e: AgentEvent) -> lifecycle_pb2.WatchAgentsResponse:
     return lifecycle_pb2.WatchAgentsResponse(
         event_type=int(e.event_type),  # type: ignore[arg-type]
@@ -131,15 +91,18 @@ def retry_policy(p: RetryPolicy) -> common_pb2.RetryPolicy:
     )
 
 
-def retry_policy_spec(msg: object, field: str = "retry_policy") -> RetryPolicySpec:
+def retry_policy_spec(
+    msg: object, field: str = "retry_policy", prefix: str = ""
+) -> RetryPolicySpec:
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return RetryPolicySpec()
     p: common_pb2.RetryPolicy = getattr(msg, field)
+    where = f"{prefix}{field}."
     return RetryPolicySpec(
         max_attempts=p.max_attempts,
-        initial_backoff=from_dur(p, "initial_backoff"),
+        initial_backoff=from_dur(p, "initial_backoff", where),
         backoff_multiplier=p.backoff_multiplier,
-        max_backoff=from_dur(p, "max_backoff"),
+        max_backoff=from_dur(p, "max_backoff", where),
     )
 
 
@@ -153,7 +116,7 @@ def from_task_error(msg: object, field: str = "error") -> TaskError:
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return TaskError("")
     e: common_pb2.TaskError = getattr(msg, field)
-    return TaskError(e.message, e.type, payload(e, "details"))
+    return TaskError(e.message, e.type, payload(e, "details", f"{field}."))
 
 
 def task(t: Task) -> dispatch_pb2.Task:
@@ -185,18 +148,18 @@ def task(t: Task) -> dispatch_pb2.Task:
     )
 
 
-def task_spec(r: dispatch_pb2.EnqueueTaskRequest) -> TaskSpec:
+def task_spec(r: dispatch_pb2.EnqueueTaskRequest, prefix: str = "") -> TaskSpec:
     return TaskSpec(
         name=r.name,
         capability=r.capability,
         agent_id=r.agent_id,
-        input=payload(r, "input"),
+        input=payload(r, "input", prefix),
         priority=r.priority,
-        schedule_time=from_ts(r, "schedule_time"),
-        delay=from_dur(r, "delay"),
-        retry_policy=retry_policy_spec(r),
-        timeout=from_dur(r, "timeout"),
-        heartbeat_timeout=from_dur(r, "heartbeat_timeout"),
+        schedule_time=from_ts(r, "schedule_time", prefix),
+        delay=from_dur(r, "delay", prefix),
+        retry_policy=retry_policy_spec(r, prefix=prefix),
+        timeout=from_dur(r, "timeout", prefix),
+        heartbeat_timeout=from_dur(r, "heartbeat_timeout", prefix),
         idempotency_key=r.idempotency_key,
     )
 

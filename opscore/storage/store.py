@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
@@ -27,8 +28,9 @@ from typing import Any
 
 import aiosqlite
 
+from opscore import limits
 from opscore.clock import from_micros, to_micros
-from opscore.errors import InvalidArgument, Unavailable
+from opscore.errors import InvalidArgument, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.models import (
     Agent,
     AgentState,
@@ -39,6 +41,7 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
+from opscore.storage.lock import DatabaseLock
 from opscore.workflow.models import RunState, Session, SessionState, TaskRun
 
 log = logging.getLogger("opscore.storage")
@@ -484,6 +487,17 @@ class _Batch:
         )
 
 
+def _resolve(batch: _Batch, error: OpsCoreError | None) -> None:
+    fut = batch.future
+    if fut is None or fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+        fut.exception()  # retrieved: its waiters may be gone
+
+
 # --------------------------------------------------------------------------- cursors
 
 
@@ -491,16 +505,32 @@ def encode_cursor(*values: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 
 
-def decode_cursor(token: str, arity: int) -> list[Any]:
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def decode_cursor(token: str, *types: type) -> list[Any]:
+    """The values of a page token this server issued, each of the type given.
+
+    Anything else (forged, truncated, from another list, absurdly large) is the
+    client's mistake and gets INVALID_ARGUMENT, never a crash in the query.
+    """
     try:
+        if len(token) > limits.MAX_PAGE_TOKEN_CHARS:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         values = json.loads(raw)
-        if not isinstance(values, list) or len(values) != arity:
-            raise ValueError
+        if not isinstance(values, list) or len(values) != len(types):
+            raise ValueError("wrong shape")
+        for value, kind in zip(values, types, strict=True):
+            if type(value) is not kind:
+                raise ValueError("wrong type")
+            if kind is int and not _INT64[0] <= value <= _INT64[1]:
+                raise ValueError("out of range")
         return values
-    except ValueError as exc:
+    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
         raise InvalidArgument(
-            "page_token is not one this server issued; pass next_page_token unchanged",
+            "page_token is not one this server issued for this list; pass "
+            "next_page_token unchanged, or leave it empty for the first page",
             field="page_token",
         ) from exc
 
@@ -511,13 +541,65 @@ def clamp_page_size(page_size: int) -> int:
     return 100 if page_size == 0 else min(page_size, 1000)
 
 
+def _fit(sizes: Iterable[int], budget: int) -> int:
+    """How many leading items fit in `budget` bytes (always at least one)."""
+    used = n = 0
+    for size in sizes:
+        used += size + 64  # the message's own fields, ids and times
+        if n and used > budget:
+            break
+        n += 1
+    return n
+
+
+def _nbytes(*values: bytes | str | None) -> int:
+    return sum(len(v) for v in values if v)
+
+
+def storage_error(exc: BaseException) -> OpsCoreError:
+    """The error the calls of a batch that could not commit are answered with."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "full" in text:
+        return ResourceExhausted(
+            "storage is full: the database reached its size limit (--max-db-bytes) or "
+            "the disk is full; nothing of this call was stored. Free space or raise "
+            "the limit, then retry",
+            reason="STORAGE_FULL",
+        )
+    return Unavailable(f"storage could not commit ({text}); nothing was stored, retry the call")
+
+
+class _Atomic:
+    """`with store.atomic():` around a change to in-memory state. If anything
+    raises half-way, memory may no longer match what will be committed: the
+    pending batch is dropped and the owner rebuilds its state from the database."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        if exc is not None:
+            log.error("a change failed half-way; rebuilding state from the database", exc_info=exc)
+            self._store.fault(Unavailable("the server hit an internal error; retry the call"))
+        return False
+
+
 # --------------------------------------------------------------------------- store
 
 
 class Store:
-    def __init__(self, path: str | Path, *, sync: str = "full") -> None:
+    def __init__(self, path: str | Path, *, sync: str = "full", max_db_bytes: int = 0) -> None:
         self.path = str(path)
         self.sync = sync
+        self.max_db_bytes = max_db_bytes
+        self._lock = DatabaseLock(self.path) if self.path != ":memory:" else None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending = _Batch()
@@ -525,19 +607,46 @@ class Store:
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
+        self.faults = 0
+        # Called when a batch could not be committed, or a change failed half-way:
+        # memory is then ahead of the database and its owner must rebuild it.
+        self.on_failure: Callable[[OpsCoreError], None] | None = None
+        # Set by the owner while it rebuilds: every change is refused with it.
+        self.refusing: OpsCoreError | None = None
+
+    def check_writable(self) -> None:
+        """Raise (a fresh copy of) the error changes are refused with, if any."""
+        err = self.refusing
+        if err is not None:
+            raise type(err)(err.message, reason=err.reason)
 
     # ---- open / close
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # Migrations run on a plain connection first: they are one-off and need
-        # per-statement control that is simplest without the thread hop.
-        await asyncio.to_thread(self._migrate)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._pragmas(self._writer)
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._pragmas(self._reader)
-        await self._reader.execute("PRAGMA query_only = ON")
+        if self._lock is not None:
+            self._lock.acquire()  # before anything touches the file
+        try:
+            # Migrations run on a plain connection first: they are one-off and need
+            # per-statement control that is simplest without the thread hop.
+            await asyncio.to_thread(self._migrate)
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._pragmas(self._writer)
+            if self.max_db_bytes:
+                page = (await (await self._writer.execute("PRAGMA page_size")).fetchone())[0]
+                pages = max(1, self.max_db_bytes // page)
+                await self._writer.execute(f"PRAGMA max_page_count = {pages}")
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._pragmas(self._reader)
+            await self._reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    await conn.close()
+            self._writer = self._reader = None
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="opscore-writer")
 
     def _migrate(self) -> None:
@@ -559,7 +668,7 @@ class Store:
         if self._writer_task is None:
             return
         self._closing = True
-        with contextlib.suppress(Unavailable):
+        with contextlib.suppress(OpsCoreError):
             await self.batch()
         self._writer_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -569,6 +678,8 @@ class Store:
             if conn is not None:
                 await conn.close()
         self._writer = self._reader = None
+        if self._lock is not None:
+            self._lock.release()
 
     # ---- group commit
 
@@ -591,36 +702,49 @@ class Store:
         return asyncio.shield(self.batch())
 
     async def _write_loop(self) -> None:
-        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, _Batch()
             if batch.empty():
-                if batch.future is not None and not batch.future.done():
-                    batch.future.set_result(None)
+                _resolve(batch, None)
                 continue
             try:
                 await self._apply(batch)
             except asyncio.CancelledError:
-                self._restore(batch)
+                _resolve(batch, Unavailable("server is shutting down; retry the call"))
                 raise
             except Exception as exc:
-                failures += 1
-                log.exception("commit failed; will retry", extra={"failures": failures})
-                self._restore(batch)
-                if batch.future is not None and not batch.future.done():
-                    batch.future.set_exception(
-                        Unavailable(f"storage could not commit ({exc}); retry the call")
-                    )
-                    batch.future.exception()  # retrieved: waiters may be gone
-                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
-                self._wake.set()
+                # Never retried: the rows may be the problem. The batch's callers
+                # hear that nothing was stored, and everything recorded on top of
+                # it is dropped too; the owner rebuilds memory from the database.
+                error = storage_error(exc)
+                log.error(
+                    "commit failed; the calls of the batch are refused and state is "
+                    "rebuilt from the database",
+                    exc_info=exc,
+                    extra={"error": str(exc)},
+                )
+                _resolve(batch, error)
+                self.fault(error)
                 continue
-            failures = 0
             self.commits += 1
-            if batch.future is not None and not batch.future.done():
-                batch.future.set_result(None)
+            _resolve(batch, None)
+
+    def atomic(self) -> _Atomic:
+        return _Atomic(self)
+
+    def fault(self, error: OpsCoreError) -> None:
+        """Memory is ahead of the database: drop what is pending, tell the owner."""
+        self.faults += 1
+        self.discard_pending(error)
+        if self.on_failure is not None:
+            self.on_failure(error)
+
+    def discard_pending(self, error: OpsCoreError) -> None:
+        """Forget every change recorded since the last commit; its waiters get `error`."""
+        batch, self._pending = self._pending, _Batch()
+        _resolve(batch, error)
 
     async def _apply(self, batch: _Batch) -> None:
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
@@ -641,20 +765,6 @@ class Store:
         # longer. `_execute` is the primitive all of aiosqlite's public methods use;
         # the version is pinned in pyproject.
         await conn._execute(_write_transaction, conn, work)
-
-    def _restore(self, failed: _Batch) -> None:
-        """Put a failed batch's rows back under anything recorded since."""
-        newer = self._pending
-        for table, rows in failed.upserts.items():
-            merged = dict(rows)
-            merged.update(newer.upserts[table])
-            newer.upserts[table] = merged
-        for table, rows in failed.appends.items():
-            newer.appends[table] = rows + newer.appends[table]
-        for table, keys in failed.deletes.items():
-            merged = dict(keys)
-            merged.update(newer.deletes[table])
-            newer.deletes[table] = merged
 
     # ---- write API (record now, durable after `await commit()`)
 
@@ -709,10 +819,10 @@ class Store:
         return [_agent_from_row(r) for r in rows]
 
     async def list_transitions(
-        self, agent_id: str, page_size: int, page_token: str
+        self, agent_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[StateTransition], str]:
         limit = clamp_page_size(page_size)
-        before = decode_cursor(page_token, 1)[0] if page_token else None
+        before = decode_cursor(page_token, int)[0] if page_token else None
         sql = f"SELECT {_TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ?"
         params: list[Any] = [agent_id]
         if before is not None:
@@ -721,8 +831,9 @@ class Store:
         sql += " ORDER BY sequence DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        items = [_transition_from_row(r) for r in rows[:limit]]
-        token = encode_cursor(items[-1].sequence) if len(rows) > limit else ""
+        n = _fit((_nbytes(r[4]) for r in rows[:limit]), budget)
+        items = [_transition_from_row(r) for r in rows[:n]]
+        token = encode_cursor(items[-1].sequence) if len(rows) > n else ""
         return items, token
 
     async def load_open_tasks(self) -> list[Task]:
@@ -744,14 +855,14 @@ class Store:
         return _task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
-        self, flt: TaskFilter, page_size: int, page_token: str
+        self, flt: TaskFilter, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Task], str]:
         """Newest first, by insertion order (rowid), which never changes for a task."""
         limit = clamp_page_size(page_size)
         where, params = [], []
         if page_token:
             where.append("rowid < ?")
-            params.append(int(decode_cursor(page_token, 1)[0]))
+            params.append(decode_cursor(page_token, int)[0])
         if flt.state:
             where.append("state = ?")
             params.append(int(flt.state))
@@ -770,8 +881,10 @@ class Store:
         sql += " ORDER BY rowid DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        items = [_task_from_row(r[1:]) for r in rows[:limit]]
-        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
+        # rowid, then _TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
+        n = _fit((_nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
+        items = [_task_from_row(r[1:]) for r in rows[:n]]
+        token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
         return items, token
 
     # ---- workflow reads
@@ -801,10 +914,12 @@ class Store:
         )
         return [r[0] for r in rows]
 
-    async def list_definitions(self, page_size: int, page_token: str) -> tuple[list[bytes], str]:
+    async def list_definitions(
+        self, page_size: int, page_token: str, budget: int
+    ) -> tuple[list[bytes], str]:
         """The latest version of each definition, ordered by id."""
         limit = clamp_page_size(page_size)
-        after = decode_cursor(page_token, 1)[0] if page_token else ""
+        after = decode_cursor(page_token, str)[0] if page_token else ""
         rows = await self._fetchall(
             "SELECT d.definition_id, d.body FROM workflow_definitions d "
             "JOIN (SELECT definition_id, MAX(version) AS v FROM workflow_definitions "
@@ -813,8 +928,9 @@ class Store:
             "ORDER BY d.definition_id LIMIT ?",
             [after, limit + 1],
         )
-        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
-        return [r[1] for r in rows[:limit]], token
+        n = _fit((len(r[1]) for r in rows[:limit]), budget)
+        token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
+        return [r[1] for r in rows[:n]], token
 
     async def load_open_sessions(self) -> list[tuple[Session, bytes, int]]:
         """Sessions still running, each with its definition and last event sequence."""
@@ -861,13 +977,13 @@ class Store:
         return session
 
     async def list_sessions(
-        self, state: int, definition_id: str, page_size: int, page_token: str
+        self, state: int, definition_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Session], str]:
         limit = clamp_page_size(page_size)
         where, params = [], []
         if page_token:
             where.append("rowid < ?")
-            params.append(int(decode_cursor(page_token, 1)[0]))
+            params.append(decode_cursor(page_token, int)[0])
         if state:
             where.append("state = ?")
             params.append(state)
@@ -880,13 +996,19 @@ class Store:
         sql += " ORDER BY rowid DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        token = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else ""
-        return [_session_from_row(r[1:]) for r in rows[:limit]], token
+        # rowid, then _SESSION_COLS: input 5, output 6, error message/details 7/9
+        n = _fit((_nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
+        token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
+        return [_session_from_row(r[1:]) for r in rows[:n]], token
 
-    async def list_session_events(self, session_id: str, after: int) -> list[tuple[int, bytes]]:
+    async def list_session_events(
+        self, session_id: str, after: int, budget: int
+    ) -> list[tuple[int, bytes]]:
+        """Events after `after`, in order, as many as fit in `budget` bytes (at least one)."""
         rows = await self._fetchall(
             "SELECT sequence, body FROM session_events WHERE session_id = ? AND sequence > ? "
-            "ORDER BY sequence",
+            "ORDER BY sequence LIMIT 1000",
             [session_id, after],
         )
-        return [(r[0], r[1]) for r in rows]
+        n = _fit((len(r[1]) for r in rows), budget)
+        return [(r[0], r[1]) for r in rows[:n]]

@@ -20,12 +20,14 @@ import yaml
 from google.protobuf import json_format
 from opscore_proto.v1 import workflow_pb2
 
+from opscore import limits
 from opscore import validation as v
 from opscore.dispatch import RetryPolicySpec
 from opscore.errors import FieldViolation, InvalidArgument
 from opscore.models import RetryPolicy
+from opscore.protovalues import from_dur, payload
 
-MAX_TASKS = 10_000
+MAX_TASKS = limits.MAX_WORKFLOW_TASKS
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 Definition = workflow_pb2.WorkflowDefinition
@@ -63,19 +65,41 @@ class Plan:
 # ---------------------------------------------------------------- reading
 
 
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
 def parse_source(source: str, *, origin: str = "source") -> Definition:
-    """JSON or YAML text (proto field names), or the earlier Ops-Core format."""
+    """JSON or YAML text (proto field names), or the earlier Ops-Core format.
+
+    Hostile text is bounded before it can cost much: nesting depth is checked on
+    the raw text (deep flow nesting would otherwise recurse in the parser), and
+    the parsed document's size is counted with aliases expanded (a few hundred
+    bytes of YAML anchors can stand for billions of nodes).
+    """
     if not source.strip():
         raise InvalidArgument(f"{origin} is empty", field="source")
+    _check_bracket_depth(source, origin)
     try:
         data = json.loads(source)
     except ValueError:
         try:
-            data = yaml.safe_load(source)
+            data = yaml.load(source, Loader=_YamlLoader)  # a SafeLoader: plain data only
         except yaml.YAMLError as exc:
             raise InvalidArgument(
                 f"{origin} is neither valid JSON nor valid YAML: {exc}", field="source"
             ) from None
+        except RecursionError:
+            raise InvalidArgument(
+                f"{origin} is nested too deeply (at most {limits.MAX_SOURCE_DEPTH} levels)",
+                field="source",
+            ) from None
+    except RecursionError:
+        raise InvalidArgument(
+            f"{origin} is nested too deeply (at most {limits.MAX_SOURCE_DEPTH} levels)",
+            field="source",
+        ) from None
+    _check_document_size(data, origin)
     if not isinstance(data, dict):
         raise InvalidArgument(
             f"{origin} must be a mapping with 'id' and 'tasks', not {type(data).__name__}",
@@ -89,7 +113,52 @@ def parse_source(source: str, *, origin: str = "source") -> Definition:
         json_format.ParseDict(data, msg)
     except json_format.ParseError as exc:
         raise InvalidArgument(f"{origin}: {exc}", field="source") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # json_format lets some conversion errors through unwrapped (huge ints,
+        # out-of-range timestamps); they are still the document's fault.
+        raise InvalidArgument(f"{origin}: {exc}", field="source") from None
     return msg
+
+
+def _check_bracket_depth(source: str, origin: str) -> None:
+    depth = deepest = 0
+    for ch in "".join(_BRACKETS.split(source)):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(0, depth - 1)
+    if deepest > limits.MAX_SOURCE_DEPTH:
+        raise InvalidArgument(
+            f"{origin} nests brackets {deepest} levels deep; at most {limits.MAX_SOURCE_DEPTH}",
+            field="source",
+        )
+
+
+def _check_document_size(data: Any, origin: str) -> None:
+    """Count nodes as a walk would meet them (a shared alias counts every time)."""
+    budget = limits.MAX_SOURCE_NODES
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise InvalidArgument(
+                f"{origin} expands to more than {limits.MAX_SOURCE_NODES} values (YAML "
+                "aliases included); a workflow definition is never that large",
+                field="source",
+            )
+        if depth > limits.MAX_SOURCE_DEPTH:
+            raise InvalidArgument(
+                f"{origin} is nested more than {limits.MAX_SOURCE_DEPTH} levels deep",
+                field="source",
+            )
+        if isinstance(node, dict):
+            for k, val in node.items():
+                stack.append((k, depth + 1))
+                stack.append((val, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
 
 
 def _is_legacy(data: dict[str, Any]) -> bool:
@@ -170,10 +239,8 @@ def content_hash(d: Definition) -> str:
 
 
 def _dur(msg: Any, field: str) -> timedelta | None:
-    if not msg.HasField(field):
-        return None
-    d = getattr(msg, field)
-    return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+    """A Duration field already checked by validate() (so it is in range)."""
+    return from_dur(msg, field)
 
 
 def validate(d: Definition, *, require_id: bool = True) -> Plan:
@@ -251,28 +318,36 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
             else:
                 fallback_of[t.fallback] = t.id
         for fname in ("timeout", "heartbeat_timeout"):
-            value = _dur(t, fname)
-            if value is not None and value <= timedelta(0):
-                bad(f"tasks[{i}].{fname}", f"{name}: {fname} must be positive")
+            try:
+                value = from_dur(t, fname, f"tasks[{i}].")
+                v.duration(value, fname, limits.MAX_TASK_TIMEOUT, positive=True)
+            except InvalidArgument as exc:
+                bad(f"tasks[{i}].{fname}", f"{name}: {exc.message}")
+        if not -(2**31) <= t.priority < 2**31:
+            bad(f"tasks[{i}].priority", f"{name}: priority must fit in 32 bits")
         if t.HasField("retry_policy"):
             rp = t.retry_policy
-            spec = RetryPolicySpec(
-                max_attempts=rp.max_attempts,
-                initial_backoff=_dur(rp, "initial_backoff"),
-                backoff_multiplier=rp.backoff_multiplier,
-                max_backoff=_dur(rp, "max_backoff"),
-            )
+            where = f"tasks[{i}].retry_policy"
             try:
-                policies[t.id] = spec.resolve(f"tasks[{i}].retry_policy")
+                spec = RetryPolicySpec(
+                    max_attempts=rp.max_attempts,
+                    initial_backoff=from_dur(rp, "initial_backoff", f"{where}."),
+                    backoff_multiplier=rp.backoff_multiplier,
+                    max_backoff=from_dur(rp, "max_backoff", f"{where}."),
+                )
+                policies[t.id] = spec.resolve(where)
             except InvalidArgument as exc:
                 bad(exc.violations[0].field, f"{name}: {exc.message}")
         try:
-            v.payload_size(
-                t.parameters.SerializeToString() if t.HasField("parameters") else None,
-                "parameters",
-            )
+            v.payload_size(payload(t, "parameters", f"tasks[{i}]."), "parameters")
         except InvalidArgument as exc:
             bad(f"tasks[{i}].parameters", f"{name}: {exc.message}")
+    size = d.ByteSize()
+    if size > limits.MAX_DEFINITION_BYTES:
+        bad(
+            "tasks",
+            f"the definition is {size} bytes serialized; at most {limits.MAX_DEFINITION_BYTES}",
+        )
     for fb, principal in fallback_of.items():
         i = ids[fb]
         if d.tasks[i].depends_on:

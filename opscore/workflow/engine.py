@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import hashlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
 from opscore_proto.v1 import common_pb2, workflow_pb2
 
+from opscore import limits
 from opscore import validation as v
 from opscore.clock import utcnow
 from opscore.dispatch import DispatchEngine, TaskSpec
@@ -34,7 +40,7 @@ from opscore.errors import (
     OpsCoreError,
     Unavailable,
 )
-from opscore.events import Broadcast
+from opscore.events import Broadcast, FellBehind
 from opscore.models import Page, Task, TaskError, TaskState
 from opscore.payload import Payload
 from opscore.storage import Store
@@ -51,6 +57,8 @@ from opscore.workflow.models import (
 
 log = logging.getLogger("opscore.workflow")
 
+T = TypeVar("T")
+
 INLINE_DEFINITION_ID = "inline"
 
 
@@ -66,24 +74,90 @@ class _Live:
     by_task: dict[str, str] = field(default_factory=dict)
 
 
+# Definitions this large are parsed and validated on a worker thread, so the event
+# loop keeps serving (a health check must answer while a 10,000-task YAML loads).
+_OFF_LOOP_TASKS = 200
+_OFF_LOOP_SOURCE_BYTES = 64 * 1024
+
+
 class WorkflowEngine:
-    def __init__(self, store: Store, dispatch: DispatchEngine) -> None:
+    def __init__(
+        self,
+        store: Store,
+        dispatch: DispatchEngine,
+        *,
+        encode_event: Callable[[StoredEvent], bytes] = lambda e: e.body,
+        response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+    ) -> None:
         self.store = store
         self.dispatch = dispatch
+        self.response_budget = response_budget
+        self._encode_event = encode_event
+        self._definition_lock = asyncio.Lock()
+        # One thread: big definitions queue behind each other instead of taking
+        # every core (and the GIL) at once.
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opscore-defs")
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._closed = False
+        self._clear()
+        dispatch.listeners.append(self._on_task_event)
+
+    def _clear(self) -> None:
         self.live: dict[str, _Live] = {}
         self._keys: dict[str, str] = {}
         self._watchers: dict[str, Broadcast[StoredEvent]] = {}
         self._unpublished: dict[asyncio.Future[None], list[StoredEvent]] = {}
-        self._definition_lock = asyncio.Lock()
-        self._closed = False
-        dispatch.listeners.append(self._on_task_event)
+
+    def reset(self, error: OpsCoreError) -> None:
+        """Forget running sessions (memory may be ahead of the database) and end
+        every watch with `error`; `start()` then reloads."""
+        for b in list(self._watchers.values()):
+            b.close(error)
+        self._clear()
+
+    def stop(self) -> None:
+        self._parser.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ plans
+
+    async def _off_loop(self, big: bool, fn: Callable[..., T], *args: Any) -> T:
+        if not big:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._parser, fn, *args)
+
+    async def plan_for(self, definition: Definition, digest: str = "") -> Plan:
+        """The validated plan of a definition, cached by content (definitions are
+        immutable, so a digest names one plan for good)."""
+        if digest:
+            plan = self._plans.get(digest)
+            if plan is not None:
+                self._plans.move_to_end(digest)
+                return plan
+        plan = await self._off_loop(len(definition.tasks) > _OFF_LOOP_TASKS, validate, definition)
+        if digest:
+            self._plans[digest] = plan
+            while len(self._plans) > 64:
+                self._plans.popitem(last=False)
+        return plan
+
+    async def parse(self, source: str, origin: str = "source") -> Definition:
+        """A definition from JSON/YAML source text (off the loop when it is large)."""
+        if len(source) > limits.MAX_DEFINITION_SOURCE_BYTES:
+            raise InvalidArgument(
+                f"source is {len(source)} characters; at most {limits.MAX_DEFINITION_SOURCE_BYTES}",
+                field="source",
+            )
+        parse = functools.partial(parse_source, origin=origin)
+        # Anchors can make a short text expand to the node limit: parse those off the loop.
+        big = len(source) > _OFF_LOOP_SOURCE_BYTES or "&" in source
+        return await self._off_loop(big, parse, source)
 
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
         for session, body, last_seq in await self.store.load_open_sessions():
             definition = Definition.FromString(body)
-            plan = validate(definition, require_id=False)
+            plan = await self.plan_for(definition, hashlib.sha256(body).hexdigest())
             live = _Live(session, plan, {}, 0, last_seq)
             for tid, pt in plan.tasks.items():
                 run = session.runs[tid]
@@ -104,7 +178,7 @@ class WorkflowEngine:
         files = await asyncio.to_thread(_read_definition_files, directory)
         for name, text in files:
             try:
-                await self.create_definition(parse_source(text, origin=name))
+                await self.create_definition(await self.parse(text, origin=name))
             except OpsCoreError as exc:
                 raise ConfigError(f"workflow file {name}: {exc.message}") from None
         log.info("workflow definitions loaded", extra={"dir": directory, "files": len(files)})
@@ -118,7 +192,8 @@ class WorkflowEngine:
     # ------------------------------------------------------------------ definitions
 
     async def create_definition(self, definition: Definition) -> tuple[Definition, bool]:
-        validate(definition)
+        self._check_accepting()
+        await self._off_loop(len(definition.tasks) > _OFF_LOOP_TASKS, validate, definition)
         async with self._definition_lock:
             digest = content_hash(definition)
             if definition.version:
@@ -158,6 +233,10 @@ class WorkflowEngine:
         return stored, True
 
     async def get_definition(self, definition_id: str, version: int = 0) -> Definition:
+        return (await self._stored_definition(definition_id, version))[0]
+
+    async def _stored_definition(self, definition_id: str, version: int) -> tuple[Definition, str]:
+        """A stored definition and its content hash."""
         v.require_id(definition_id, "definition_id", what="definition id")
         if version < 0:
             raise InvalidArgument("version must not be negative", field="version")
@@ -168,10 +247,17 @@ class WorkflowEngine:
                 f"workflow definition {definition_id!r}{which} does not exist",
                 reason="DEFINITION_NOT_FOUND",
             )
-        return Definition.FromString(found[0])
+        return Definition.FromString(found[0]), found[1]
+
+    def _check_accepting(self) -> None:
+        if self.dispatch.draining:
+            raise Unavailable("server is shutting down; retry against the restarted server")
+        self.dispatch._check_recovering()
 
     async def list_definitions(self, page_size: int, page_token: str) -> Page[Definition]:
-        bodies, token = await self.store.list_definitions(page_size, page_token)
+        bodies, token = await self.store.list_definitions(
+            page_size, page_token, self.response_budget
+        )
         return Page([Definition.FromString(b) for b in bodies], token)
 
     async def delete_definition(self, definition_id: str, version: int = 0) -> int:
@@ -202,14 +288,13 @@ class WorkflowEngine:
         agent_id: str = "",
         idempotency_key: str = "",
     ) -> tuple[Session, bool]:
-        if self.dispatch.draining:
-            raise Unavailable("server is shutting down; retry against the restarted server")
+        self._check_accepting()
         if bool(definition_id) == (inline is not None):
             raise InvalidArgument(
                 "set exactly one of definition_id and definition", field="definition_id"
             )
         v.payload_size(input, "input")
-        v.max_len(idempotency_key, "idempotency_key", 256)
+        v.max_len(idempotency_key, "idempotency_key", limits.MAX_IDEMPOTENCY_KEY_CHARS)
         if agent_id:
             v.require_id(agent_id, "agent_id")
             agent = self.dispatch.lifecycle.agents.get(agent_id)
@@ -222,14 +307,28 @@ class WorkflowEngine:
             definition.CopyFrom(inline)
             if not definition.id:
                 definition.id = INLINE_DEFINITION_ID
-            plan = validate(definition)
+            plan = await self.plan_for(definition)
         else:
-            definition = await self.get_definition(definition_id, version)
-            plan = validate(definition)
+            definition, digest = await self._stored_definition(definition_id, version)
+            plan = await self.plan_for(definition, digest)
         if idempotency_key:
             prior = await self._session_for_key(idempotency_key)
             if prior is not None:
                 return prior, False
+        self._check_accepting()  # again: the reads above awaited
+        with self.store.atomic():
+            snap = self._start_session(definition, plan, input, agent_id, idempotency_key)
+        await self.store.commit()
+        return snap, True
+
+    def _start_session(
+        self,
+        definition: Definition,
+        plan: Plan,
+        input: Payload,
+        agent_id: str,
+        idempotency_key: str,
+    ) -> Session:
         now = utcnow()
         session = Session(
             session_id=str(uuid.uuid4()),
@@ -262,9 +361,7 @@ class WorkflowEngine:
         self._event(live, EventType.SESSION_STARTED)
         for tid in plan.roots:
             self._start_task(live, tid)
-        snap = self._snapshot(session)
-        await self.store.commit()
-        return snap, True
+        return self._snapshot(session)
 
     async def _session_for_key(self, key: str) -> Session | None:
         sid = self._keys.get(key)
@@ -298,7 +395,9 @@ class WorkflowEngine:
             raise InvalidArgument(
                 f"state {state} is not a known SessionState", field="state"
             ) from None
-        items, token = await self.store.list_sessions(state, definition_id, page_size, page_token)
+        items, token = await self.store.list_sessions(
+            state, definition_id, page_size, page_token, self.response_budget
+        )
         out = []
         for s in items:
             live = self.live.get(s.session_id)
@@ -309,7 +408,7 @@ class WorkflowEngine:
 
     async def cancel_session(self, session_id: str, reason: str = "") -> Session:
         v.require_id(session_id, "session_id", what="session id")
-        v.max_len(reason, "reason", 1024)
+        v.max_len(reason, "reason", limits.MAX_REASON_CHARS)
         live = self.live.get(session_id)
         if live is None:
             stored = await self.get_session(session_id)
@@ -320,8 +419,10 @@ class WorkflowEngine:
                 reason="SESSION_FINISHED",
             )
         why = reason or "session cancelled"
-        self._finish_session(live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why)
-        snap = self._snapshot(live.session)
+        self._check_accepting()
+        with self.store.atomic():
+            self._finish_session(live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why)
+            snap = self._snapshot(live.session)
         await self.store.commit()
         return snap
 
@@ -332,35 +433,44 @@ class WorkflowEngine:
         session_id: str,
         after: int = 0,
         on_ready: Callable[[], Awaitable[None]] | None = None,
-    ) -> AsyncIterator[StoredEvent]:
-        """Every event after `after`, then live ones, ending after the terminal one.
-        `on_ready` is awaited once the live subscription is in place."""
+    ) -> AsyncIterator[bytes]:
+        """Every event after `after`, then live ones, ending after the terminal one,
+        each encoded for the wire. `on_ready` is awaited once the live subscription
+        is in place."""
         await self.get_session(session_id)  # NOT_FOUND before anything streams
         if after < 0:
             raise InvalidArgument("after_sequence must not be negative", field="after_sequence")
         broadcast = self._watchers.get(session_id)
         if broadcast is None:
-            broadcast = self._watchers[session_id] = Broadcast()
+            broadcast = self._watchers[session_id] = Broadcast(self._encode_event)
             if self._closed:
                 broadcast.close(Unavailable("server is shutting down"))
         watcher = broadcast.watch()  # subscribe before reading, so nothing falls between
+        last = after
         try:
             if on_ready is not None:
                 await on_ready()
-            last = after
-            for seq, body in await self.store.list_session_events(session_id, after):
-                event = _stored(session_id, seq, body)
-                yield event
-                last = seq
-                if event.terminal:
-                    return
-            async for event in watcher:
+            while True:  # the stored history, a bounded slice at a time
+                rows = await self.store.list_session_events(session_id, last, self.response_budget)
+                if not rows:
+                    break
+                for seq, body in rows:
+                    event = _stored(session_id, seq, body)
+                    yield self._encode_event(event)
+                    last = seq
+                    if event.terminal:
+                        return
+            async for event, data in watcher:
                 if event.sequence <= last:
                     continue
-                yield event
+                yield data
                 last = event.sequence
                 if event.terminal:
                     return
+        except FellBehind as exc:
+            raise FellBehind(
+                f"{exc.message}; watch again with after_sequence={last} to resume"
+            ) from None
         finally:
             watcher.close()
             if not len(broadcast) and self._watchers.get(session_id) is broadcast:
@@ -379,20 +489,32 @@ class WorkflowEngine:
             while live.plan.tasks[principal].replaces:
                 principal = live.plan.tasks[principal].replaces
             deps = live.plan.tasks[principal].depends_on
+        composed = self._task_input(live, pt.parameters, deps)
         spec = TaskSpec(
             name=f"{s.definition_id}/{tid}",
             # Routing uses agent_id when set; the capability stays on pinned tasks as
             # information, so an agent with several handlers knows which to run.
             capability=pt.capability,
             agent_id=s.agent_id or pt.agent_id,
-            input=self._task_input(live, pt.parameters, deps),
+            input=composed,
             priority=pt.priority,
             timeout=pt.timeout,
             heartbeat_timeout=pt.heartbeat_timeout,
             session_id=s.session_id,
             workflow_task_id=tid,
         )
-        task = self.dispatch.create_task(spec, pt.retry_policy, None)
+        if len(composed) > limits.MAX_COMPOSED_INPUT_BYTES:
+            # No agent could receive it: fail it for good now rather than send it
+            # into a reject-and-resend loop.
+            error = TaskError(
+                f"task {tid!r}: its input (parameters, session input and upstream outputs) "
+                f"is {len(composed)} bytes, more than the {limits.MAX_COMPOSED_INPUT_BYTES} "
+                "an assignment may carry; make the upstream outputs smaller",
+                "InputTooLarge",
+            )
+            task = self.dispatch.create_failed_task(spec, pt.retry_policy, error)
+        else:
+            task = self.dispatch.create_task(spec, pt.retry_policy, None)
         run = s.runs[tid]
         run.task_id = task.task_id
         run.state = RunState.RUNNING
@@ -401,6 +523,9 @@ class WorkflowEngine:
         self.store.put_run(s.session_id, run)
         kind = EventType.FALLBACK_STARTED if replacing else EventType.TASK_QUEUED
         self._event(live, kind, tid, task_id=task.task_id)
+        if task.state == TaskState.FAILED:
+            self._on_task_event("failed", task)
+            return
         # The assignment may already have happened inside create_task; its event
         # was recorded then, before TASK_QUEUED. Keep the story in order.
         if task.state == TaskState.ASSIGNED and run.attempt == 0:
@@ -546,7 +671,20 @@ class WorkflowEngine:
                     slot.struct_value.MergeFromString(value)
                 else:
                     slot.struct_value.SetInParent()
-            live.session.output = out.SerializeToString(deterministic=True)
+            output = out.SerializeToString(deterministic=True)
+            if len(output) > limits.MAX_COMPOSED_INPUT_BYTES:
+                live.session.error = TaskError(
+                    f"the session's output (the outputs of its final tasks "
+                    f"{list(live.plan.sinks)[:5]}) is {len(output)} bytes, more than the "
+                    f"{limits.MAX_COMPOSED_INPUT_BYTES} a session may return; make those "
+                    "outputs smaller",
+                    "OutputTooLarge",
+                )
+                self._finish_session(
+                    live, SessionState.FAILED, EventType.SESSION_FAILED, "session output too large"
+                )
+                return
+            live.session.output = output
             self._finish_session(live, SessionState.COMPLETED, EventType.SESSION_COMPLETED)
 
     def _fail_session(self, live: _Live, tid: str, err: TaskError) -> None:

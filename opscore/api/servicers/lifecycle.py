@@ -8,6 +8,7 @@ from opscore_proto.v1 import lifecycle_pb2_grpc
 
 from opscore.api import convert as c
 from opscore.api.interceptors import stream_ready
+from opscore.events import FellBehind
 from opscore.lifecycle import LifecycleEngine
 
 
@@ -83,5 +84,10 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
             list(request.agent_ids), request.capability, list(request.event_types)
         )
         await stream_ready(context)
-        async for event in watcher:
-            yield c.agent_event(event)
+        try:
+            async for _event, data in watcher:
+                yield data  # encoded once for every watcher (c.agent_event_bytes)
+        except FellBehind as exc:
+            raise FellBehind(
+                f"{exc.message}; list the agents again (ListAgents) to catch up, then watch again"
+            ) from None

@@ -8,7 +8,6 @@ from opscore_proto.v1 import workflow_pb2_grpc
 
 from opscore.api import convert as c
 from opscore.api.interceptors import stream_ready
-from opscore.workflow.definitions import parse_source
 from opscore.workflow.engine import WorkflowEngine
 
 
@@ -20,7 +19,10 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         self, request: pb.CreateWorkflowDefinitionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateWorkflowDefinitionResponse:
         which = request.WhichOneof("definition_source")
-        definition = parse_source(request.source) if which == "source" else request.definition
+        if which == "source":
+            definition = await self.engine.parse(request.source)
+        else:
+            definition = request.definition
         stored, created = await self.engine.create_definition(definition)
         return pb.CreateWorkflowDefinitionResponse(definition=stored, created=created)
 
@@ -87,5 +89,5 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         events = self.engine.watch(
             request.session_id, request.after_sequence, on_ready=lambda: stream_ready(context)
         )
-        async for event in events:
-            yield pb.WatchSessionResponse(event=pb.SessionEvent.FromString(event.body))
+        async for data in events:
+            yield data
