@@ -21,10 +21,11 @@ MAX_PAGE_TOKEN_CHARS = 512
 # ---- payloads (google.protobuf.Struct, measured serialized)
 MAX_PAYLOAD_BYTES = 1024 * 1024  # task input, output, session input
 MAX_DETAILS_BYTES = 64 * 1024  # state details, error details, progress
-# Nesting of Struct/ListValue levels inside one payload. protobuf's own decoder
-# stops at 100 message levels, which is about 33 Struct levels; this limit is
-# below that so every accepted payload can also be decoded by every client.
-MAX_PAYLOAD_DEPTH = 32
+# Nesting of Struct/ListValue levels inside one payload. protobuf's decoders stop
+# at 100 message levels and each Struct level costs three (Struct, map entry,
+# Value); a workflow nests outputs two levels further down inside an assignment.
+# 24 keeps every accepted payload decodable by every client in every message.
+MAX_PAYLOAD_DEPTH = 24
 # A workflow task's composed input (parameters + session input + upstream
 # outputs). Kept under gRPC's default 4 MiB receive limit so that an agent in
 # any language with default settings can receive the assignment.

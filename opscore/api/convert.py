@@ -167,7 +167,22 @@ def task_spec(r: dispatch_pb2.EnqueueTaskRequest, prefix: str = "") -> TaskSpec:
 # ---------------------------------------------------------------- workflow
 
 
-def session(s: Session, *, with_runs: bool = True) -> workflow_pb2.Session:
+def session(
+    s: Session, *, with_runs: bool = True, budget: int | None = None
+) -> workflow_pb2.Session:
+    """With `budget`, the runs' outputs (and error details) stop being included once
+    they would take more than that many bytes; those runs say `output_omitted`."""
+    left = budget if budget is not None else -1
+    if left >= 0:
+        left -= _size(s.input, s.output, s.error.details if s.error else None)
+    runs = []
+    if with_runs:
+        for r in s.runs.values():
+            heavy = _size(r.output, r.error.details if r.error else None)
+            keep = budget is None or heavy <= left
+            if keep and budget is not None:
+                left -= heavy
+            runs.append(task_run(r, with_output=keep))
     return workflow_pb2.Session(
         session_id=s.session_id,
         definition_id=s.definition_id,
@@ -176,7 +191,7 @@ def session(s: Session, *, with_runs: bool = True) -> workflow_pb2.Session:
         input=struct(s.input),
         output=struct(s.output),
         error=task_error(s.error),
-        task_runs=[task_run(r) for r in s.runs.values()] if with_runs else [],
+        task_runs=runs,
         agent_id=s.agent_id,
         idempotency_key=s.idempotency_key,
         create_time=ts(s.create_time),
@@ -185,14 +200,22 @@ def session(s: Session, *, with_runs: bool = True) -> workflow_pb2.Session:
     )
 
 
-def task_run(r: TaskRun) -> workflow_pb2.TaskRun:
+def _size(*payloads: bytes | None) -> int:
+    return sum(len(p) for p in payloads if p) + 128
+
+
+def task_run(r: TaskRun, *, with_output: bool = True) -> workflow_pb2.TaskRun:
+    error = r.error
+    if error is not None and not with_output:
+        error = TaskError(error.message, error.type)
     return workflow_pb2.TaskRun(
         workflow_task_id=r.workflow_task_id,
         task_id=r.task_id,
         state=int(r.state),  # type: ignore[arg-type]
         attempt=r.attempt,
-        output=struct(r.output),
-        error=task_error(r.error),
+        output=struct(r.output) if with_output else None,
+        error=task_error(error),
         start_time=ts(r.start_time),
         finish_time=ts(r.finish_time),
+        output_omitted=not with_output and bool(r.output or (r.error and r.error.details)),
     )

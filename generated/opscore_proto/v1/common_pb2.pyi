@@ -20,7 +20,28 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RetryPolicy(_message.Message):
-    """How a task is retried when an attempt ends without success.
+    """Limits that apply to every request of every Ops-Core service. Each one is
+    enforced at the edge, before anything is changed, and a value outside it is
+    refused with INVALID_ARGUMENT naming the field (BadRequest details):
+
+    - google.protobuf.Struct payloads (task input and output, details, progress,
+      parameters) must be JSON-like: no NaN or infinite numbers, and at most 24
+      levels of nested Struct/ListValue. Their size limit is on each field.
+    - google.protobuf.Timestamp fields must be valid by the protobuf spec:
+      seconds within years 0001-9999, nanos within 0..999,999,999.
+    - google.protobuf.Duration fields must be valid by the protobuf spec (at
+      most 315,576,000,000 s, nanos of the same sign as seconds); each field
+      states its own, smaller bound.
+    - page_token must be a next_page_token this server returned for the same
+      list (at most 512 characters).
+    - A request message may be at most 4 MiB (the server's --max-message-bytes);
+      a larger one is refused by gRPC with RESOURCE_EXHAUSTED. Responses respect
+      the same limit: a page of a List call holds fewer items than page_size when
+      more would not fit, and says so with next_page_token.
+    - A body that is not a valid message at all (garbage, invalid UTF-8) gets
+      INVALID_ARGUMENT with reason MALFORMED_REQUEST.
+
+    How a task is retried when an attempt ends without success.
 
     An attempt ends without success when the agent calls FailTask without
     `non_retryable`, when its lease passes (no CompleteTask before `timeout`, or
@@ -41,16 +62,16 @@ class RetryPolicy(_message.Message):
     """
     backoff_multiplier: _builtins.float
     """Factor applied to the wait after each further failure. 0 means the default,
-    2.0. Must be >= 1.0 when set.
+    2.0. When set, a finite number from 1.0 to 100.0.
     """
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
-        """Wait before the second attempt. Unset means 1 s. Must not be negative."""
+        """Wait before the second attempt. Unset means 1 s. From 0 to 1 day."""
 
     @_builtins.property
     def max_backoff(self) -> _duration_pb2.Duration:
-        """Upper bound on the wait between attempts. Unset means 60 s. Must not be
-        negative and not smaller than `initial_backoff`.
+        """Upper bound on the wait between attempts. Unset means 60 s. From 0 to 1 day,
+        and not smaller than `initial_backoff`.
         """
 
     def __init__(
@@ -79,7 +100,9 @@ class TaskError(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     message: _builtins.str
-    """Human-readable message. Required on FailTask; at most 4 KiB are kept."""
+    """Human-readable message. Required on FailTask; the first 4096 characters
+    are kept.
+    """
     type: _builtins.str
     """Machine-readable kind of error, e.g. the exception class name
     ("TimeoutError"), or one of the server's own: "LeaseExpired",
@@ -87,7 +110,9 @@ class TaskError(_message.Message):
     """
     @_builtins.property
     def details(self) -> _struct_pb2.Struct:
-        """Free-form structured details (stack trace, offending input...). Optional."""
+        """Free-form structured details (stack trace, offending input...). Optional,
+        at most 64 KiB serialized.
+        """
 
     def __init__(
         self,

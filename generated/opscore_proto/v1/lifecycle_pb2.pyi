@@ -527,7 +527,9 @@ class ReportStateRequest(_message.Message):
     @_builtins.property
     def observe_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent observed the state. Unset: the server's receive time. Used to
-        detect out-of-order reports.
+        detect out-of-order reports. At most 5 minutes ahead of the server's clock
+        (INVALID_ARGUMENT otherwise: a report from the future would make every later
+        one look out of order).
         """
 
     def __init__(
@@ -626,7 +628,9 @@ class ListStateTransitionsRequest(_message.Message):
     agent_id: _builtins.str
     """Required."""
     page_size: _builtins.int
-    """0 means 100; at most 1000."""
+    """0 means 100; at most 1000. A page holds fewer when more would exceed the
+    message size limit.
+    """
     page_token: _builtins.str
     """From a previous response. Empty: the newest entries."""
     def __init__(

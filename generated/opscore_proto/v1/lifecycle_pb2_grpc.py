@@ -179,7 +179,10 @@ class LifecycleServiceServicer:
         """Streams agent events as they happen (registered, state changed, offline,
         deregistered), optionally filtered. The stream carries only events that
         happen after it opened; use ListAgents first for a snapshot. The server
-        ends the stream with UNAVAILABLE when it drains: reconnect.
+        ends the stream with UNAVAILABLE when it drains or rebuilds its state:
+        reconnect. A watcher that does not read is not waited for: once 10,000
+        events or 8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+        WATCHER_FELL_BEHIND); list again and watch again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,7 +95,10 @@ class LifecycleServiceStub:
     """Streams agent events as they happen (registered, state changed, offline,
     deregistered), optionally filtered. The stream carries only events that
     happen after it opened; use ListAgents first for a snapshot. The server
-    ends the stream with UNAVAILABLE when it drains: reconnect.
+    ends the stream with UNAVAILABLE when it drains or rebuilds its state:
+    reconnect. A watcher that does not read is not waited for: once 10,000
+    events or 8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+    WATCHER_FELL_BEHIND); list again and watch again.
     """
 
 @_typing.type_check_only
@@ -165,7 +168,10 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """Streams agent events as they happen (registered, state changed, offline,
     deregistered), optionally filtered. The stream carries only events that
     happen after it opened; use ListAgents first for a snapshot. The server
-    ends the stream with UNAVAILABLE when it drains: reconnect.
+    ends the stream with UNAVAILABLE when it drains or rebuilds its state:
+    reconnect. A watcher that does not read is not waited for: once 10,000
+    events or 8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+    WATCHER_FELL_BEHIND); list again and watch again.
     """
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -280,7 +286,10 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams agent events as they happen (registered, state changed, offline,
         deregistered), optionally filtered. The stream carries only events that
         happen after it opened; use ListAgents first for a snapshot. The server
-        ends the stream with UNAVAILABLE when it drains: reconnect.
+        ends the stream with UNAVAILABLE when it drains or rebuilds its state:
+        reconnect. A watcher that does not read is not waited for: once 10,000
+        events or 8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+        WATCHER_FELL_BEHIND); list again and watch again.
         """
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

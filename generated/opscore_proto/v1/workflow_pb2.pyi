@@ -184,7 +184,11 @@ class WorkflowTask(_message.Message):
     """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Static input, passed to the handler as `input.parameters`."""
+        """Static input, passed to the handler as `input.parameters`. At most 1 MiB.
+        A task's whole input (parameters, session input and the outputs of its
+        dependencies) is at most 3 MiB: a task whose input would be larger fails
+        permanently (error type "InputTooLarge") without being sent to an agent.
+        """
 
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -196,11 +200,11 @@ class WorkflowTask(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """As in EnqueueTaskRequest. Unset: 300 s."""
+        """As in EnqueueTaskRequest. Unset: 300 s. Positive, at most 30 days."""
 
     @_builtins.property
     def heartbeat_timeout(self) -> _duration_pb2.Duration:
-        """As in EnqueueTaskRequest. Unset: none."""
+        """As in EnqueueTaskRequest. Unset: none. Positive, at most 30 days."""
 
     def __init__(
         self,
@@ -376,7 +380,9 @@ class ListWorkflowDefinitionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """0 means 100; at most 1000."""
+    """0 means 100; at most 1000. A page holds fewer when more would exceed the
+    message size limit.
+    """
     page_token: _builtins.str
     """From a previous response. Empty: the first page."""
     def __init__(
@@ -475,6 +481,7 @@ class TaskRun(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    OUTPUT_OMITTED_FIELD_NUMBER: _builtins.int
     workflow_task_id: _builtins.str
     """The task's id in the definition."""
     task_id: _builtins.str
@@ -482,9 +489,13 @@ class TaskRun(_message.Message):
     state: Global___TaskRunState.ValueType
     attempt: _builtins.int
     """Attempt number of the dispatch task."""
+    output_omitted: _builtins.bool
+    """True when `output` and `error.details` were left out of this response to
+    keep it within the message size limit; GetTask(task_id) returns them.
+    """
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:
-        """Output, once completed."""
+        """Output, once completed (unless `output_omitted`)."""
 
     @_builtins.property
     def error(self) -> _common_pb2.TaskError:
@@ -505,10 +516,11 @@ class TaskRun(_message.Message):
         error: _common_pb2.TaskError | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        output_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_time", b"finish_time", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finish_time", b"finish_time", "output", b"output", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "workflow_task_id", b"workflow_task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finish_time", b"finish_time", "output", b"output", "output_omitted", b"output_omitted", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "workflow_task_id", b"workflow_task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -711,7 +723,9 @@ class ListSessionsRequest(_message.Message):
     definition_id: _builtins.str
     """Only sessions of this definition."""
     page_size: _builtins.int
-    """0 means 100; at most 1000."""
+    """0 means 100; at most 1000. A page holds fewer when more would exceed the
+    message size limit.
+    """
     page_token: _builtins.str
     """From a previous response with the same filters."""
     def __init__(

@@ -107,9 +107,13 @@ class WorkflowServiceServicer:
         1 for a new id, otherwise the latest version + 1, unless the content is the
         same as the latest version, which is then returned.
 
+        Source text is at most 2 MiB, nested at most 64 levels, and at most 200,000
+        values once YAML aliases are expanded; the definition at most 3 MiB
+        serialized with at most 10,000 tasks.
+
         Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-        unknown dependency or fallback, cycle, no capability nor agent, negative
-        duration, unparsable source); ALREADY_EXISTS.
+        unknown dependency or fallback, cycle, no capability nor agent, a duration
+        out of bounds, unparsable or oversized source); ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +159,10 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Returns one session with its task runs. Errors: NOT_FOUND.
+        """Returns one session with its task runs. When the runs' outputs together
+        would exceed the message size limit, the later ones are left out and marked
+        `output_omitted`: GetTask(task_run.task_id) returns each.
+        Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +189,12 @@ class WorkflowServiceServicer:
         """Streams a session's events: first every event so far, then live ones. The
         stream ends (OK) after the terminal event, so a watcher that connects
         after the session ended still gets the whole story.
+
+        A watcher that does not read is not waited for: once 10,000 events or
+        8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+        WATCHER_FELL_BEHIND); watch again with `after_sequence` set to the last
+        event received to resume with nothing lost. The server also ends the stream
+        with UNAVAILABLE when it drains or rebuilds its state: resume the same way.
         Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -49,9 +49,13 @@ class WorkflowServiceStub:
     1 for a new id, otherwise the latest version + 1, unless the content is the
     same as the latest version, which is then returned.
 
+    Source text is at most 2 MiB, nested at most 64 levels, and at most 200,000
+    values once YAML aliases are expanded; the definition at most 3 MiB
+    serialized with at most 10,000 tasks.
+
     Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, negative
-    duration, unparsable source); ALREADY_EXISTS.
+    unknown dependency or fallback, cycle, no capability nor agent, a duration
+    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]
     """Returns a definition: the latest version unless `version` is set.
@@ -76,7 +80,11 @@ class WorkflowServiceStub:
     `definition_id` and `definition`.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetSessionRequest, _workflow_pb2.GetSessionResponse]
-    """Returns one session with its task runs. Errors: NOT_FOUND."""
+    """Returns one session with its task runs. When the runs' outputs together
+    would exceed the message size limit, the later ones are left out and marked
+    `output_omitted`: GetTask(task_run.task_id) returns each.
+    Errors: NOT_FOUND.
+    """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListSessionsRequest, _workflow_pb2.ListSessionsResponse]
     """Lists sessions, newest first, without their task runs, in pages."""
     CancelSession: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]
@@ -89,6 +97,12 @@ class WorkflowServiceStub:
     """Streams a session's events: first every event so far, then live ones. The
     stream ends (OK) after the terminal event, so a watcher that connects
     after the session ended still gets the whole story.
+
+    A watcher that does not read is not waited for: once 10,000 events or
+    8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+    WATCHER_FELL_BEHIND); watch again with `after_sequence` set to the last
+    event received to resume with nothing lost. The server also ends the stream
+    with UNAVAILABLE when it drains or rebuilds its state: resume the same way.
     Errors: NOT_FOUND.
     """
 
@@ -113,9 +127,13 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     1 for a new id, otherwise the latest version + 1, unless the content is the
     same as the latest version, which is then returned.
 
+    Source text is at most 2 MiB, nested at most 64 levels, and at most 200,000
+    values once YAML aliases are expanded; the definition at most 3 MiB
+    serialized with at most 10,000 tasks.
+
     Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, negative
-    duration, unparsable source); ALREADY_EXISTS.
+    unknown dependency or fallback, cycle, no capability nor agent, a duration
+    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Returns a definition: the latest version unless `version` is set.
@@ -140,7 +158,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     `definition_id` and `definition`.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetSessionRequest, _workflow_pb2.GetSessionResponse]  # type: ignore[assignment]
-    """Returns one session with its task runs. Errors: NOT_FOUND."""
+    """Returns one session with its task runs. When the runs' outputs together
+    would exceed the message size limit, the later ones are left out and marked
+    `output_omitted`: GetTask(task_run.task_id) returns each.
+    Errors: NOT_FOUND.
+    """
     ListSessions: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListSessionsRequest, _workflow_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists sessions, newest first, without their task runs, in pages."""
     CancelSession: _aio.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]  # type: ignore[assignment]
@@ -153,6 +175,12 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """Streams a session's events: first every event so far, then live ones. The
     stream ends (OK) after the terminal event, so a watcher that connects
     after the session ended still gets the whole story.
+
+    A watcher that does not read is not waited for: once 10,000 events or
+    8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+    WATCHER_FELL_BEHIND); watch again with `after_sequence` set to the last
+    event received to resume with nothing lost. The server also ends the stream
+    with UNAVAILABLE when it drains or rebuilds its state: resume the same way.
     Errors: NOT_FOUND.
     """
 
@@ -180,9 +208,13 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         1 for a new id, otherwise the latest version + 1, unless the content is the
         same as the latest version, which is then returned.
 
+        Source text is at most 2 MiB, nested at most 64 levels, and at most 200,000
+        values once YAML aliases are expanded; the definition at most 3 MiB
+        serialized with at most 10,000 tasks.
+
         Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-        unknown dependency or fallback, cycle, no capability nor agent, negative
-        duration, unparsable source); ALREADY_EXISTS.
+        unknown dependency or fallback, cycle, no capability nor agent, a duration
+        out of bounds, unparsable or oversized source); ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -237,7 +269,11 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.GetSessionResponse, _abc.Awaitable[_workflow_pb2.GetSessionResponse]]:
-        """Returns one session with its task runs. Errors: NOT_FOUND."""
+        """Returns one session with its task runs. When the runs' outputs together
+        would exceed the message size limit, the later ones are left out and marked
+        `output_omitted`: GetTask(task_run.task_id) returns each.
+        Errors: NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListSessions(
@@ -268,6 +304,12 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a session's events: first every event so far, then live ones. The
         stream ends (OK) after the terminal event, so a watcher that connects
         after the session ended still gets the whole story.
+
+        A watcher that does not read is not waited for: once 10,000 events or
+        8 MiB wait for it, the stream ends with RESOURCE_EXHAUSTED (reason
+        WATCHER_FELL_BEHIND); watch again with `after_sequence` set to the last
+        event received to resume with nothing lost. The server also ends the stream
+        with UNAVAILABLE when it drains or rebuilds its state: resume the same way.
         Errors: NOT_FOUND.
         """
 

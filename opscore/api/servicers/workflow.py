@@ -57,14 +57,15 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
             agent_id=request.agent_id,
             idempotency_key=request.idempotency_key,
         )
-        return pb.StartWorkflowResponse(session=c.session(session), created=created)
+        return pb.StartWorkflowResponse(
+            session=c.session(session, budget=self.engine.response_budget), created=created
+        )
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSessionResponse:
-        return pb.GetSessionResponse(
-            session=c.session(await self.engine.get_session(request.session_id))
-        )
+        session = await self.engine.get_session(request.session_id)
+        return pb.GetSessionResponse(session=c.session(session, budget=self.engine.response_budget))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
@@ -81,7 +82,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         self, request: pb.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelSessionResponse:
         s = await self.engine.cancel_session(request.session_id, request.reason)
-        return pb.CancelSessionResponse(session=c.session(s))
+        return pb.CancelSessionResponse(session=c.session(s, budget=self.engine.response_budget))
 
     async def WatchSession(
         self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext
