@@ -147,7 +147,19 @@ class StreamEnd:
     error: Exception | None
 
 
-StreamItem = tuple["asyncio.Future[None] | None", Assignment | Cancellation | StreamEnd]
+@dataclass(slots=True, frozen=True)
+class Ack:
+    """The answer to one item an agent sent on its work stream (opscore.workstream)."""
+
+    id: int
+    error: OpsCoreError | None = None
+    task_state: TaskState = TaskState.UNSPECIFIED
+    lease_expire_time: datetime | None = None
+    cancel_requested: bool = False
+
+
+StreamMessage = Assignment | Cancellation | StreamEnd | Ack
+StreamItem = tuple["asyncio.Future[None] | None", StreamMessage]
 
 _sub_ids = itertools.count(1)
 
@@ -168,15 +180,38 @@ class Subscription:
     def has_room(self) -> bool:
         return len(self.in_flight) < self.max_in_flight
 
+    # Set whenever the outbox is short: a work stream stops reading its client
+    # while the client is not reading what it is sent.
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
     def push(self, item: StreamItem) -> None:
         self.outbox.append(item)
         self.wakeup.set()
+        if len(self.outbox) > _OUTBOX_HIGH_WATER:
+            self.drained.clear()
 
     async def next(self) -> StreamItem:
         while not self.outbox:
             self.wakeup.clear()
             await self.wakeup.wait()
-        return self.outbox.popleft()
+        item = self.outbox.popleft()
+        if len(self.outbox) <= _OUTBOX_LOW_WATER:
+            self.drained.set()
+        return item
+
+    async def take(self) -> list[StreamItem]:
+        """Everything queued now, waiting for at least one item (never for more)."""
+        while not self.outbox:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        items = list(self.outbox)
+        self.outbox.clear()
+        self.drained.set()
+        return items
+
+
+_OUTBOX_HIGH_WATER = 2000
+_OUTBOX_LOW_WATER = 500
 
 
 # Task events for listeners (the workflow engine), called synchronously so their
@@ -484,6 +519,7 @@ class DispatchEngine:
             requested=requested,
             max_in_flight=max_in_flight or 1,
         )
+        sub.drained.set()
         self._subs_by_agent.setdefault(agent_id, set()).add(sub)
         # Leases the agent kept across a reconnect count against the new stream and
         # are sent again, same attempt: a restarted agent process picks them up at
@@ -532,6 +568,19 @@ class DispatchEngine:
         if not self.draining:
             self.lifecycle.subscription_closed(sub.agent)
 
+    def set_capacity(self, sub: Subscription, max_in_flight: int) -> None:
+        """How many tasks `sub` may hold from now on; 0 pauses it."""
+        if not 0 <= max_in_flight <= MAX_IN_FLIGHT:
+            raise InvalidArgument(
+                f"max_in_flight must be between 0 and {MAX_IN_FLIGHT}",
+                field="capacity.max_in_flight",
+            )
+        self._check_recovering()
+        with self.store.atomic():
+            sub.max_in_flight = max_in_flight
+            self._refresh(sub)
+            self._fill(sub)
+
     def _end_stream(self, sub: Subscription, error: Exception | None) -> None:
         sub.push((None, StreamEnd(error)))
 
@@ -574,7 +623,14 @@ class DispatchEngine:
             raise NotFound(f"task {task_id} does not exist", reason="TASK_NOT_FOUND")
         return task
 
-    async def complete(self, task_id: str, agent_id: str, attempt: int, output: Payload) -> Task:
+    # The result calls below serve both shapes of the contract: a unary RPC awaits
+    # the commit (`wait`); the work stream passes wait=False for every item of a
+    # message and answers them all after one commit (acknowledgements are queued
+    # behind the same batch future).
+
+    async def complete(
+        self, task_id: str, agent_id: str, attempt: int, output: Payload, *, wait: bool = True
+    ) -> Task:
         v.payload_size(output, "output")
         try:
             task = self._fenced(task_id, agent_id, attempt)
@@ -594,11 +650,18 @@ class DispatchEngine:
             self._finish(task, TaskState.COMPLETED, utcnow())
             self._emit("completed", task)
             snap = self.snapshot(task)
-        await self._commit_final(task)
+        await self._commit_final(task, wait)
         return snap
 
     async def fail(
-        self, task_id: str, agent_id: str, attempt: int, error: TaskError, non_retryable: bool
+        self,
+        task_id: str,
+        agent_id: str,
+        attempt: int,
+        error: TaskError,
+        non_retryable: bool,
+        *,
+        wait: bool = True,
     ) -> Task:
         if not error.message:
             raise InvalidArgument("error.message is required", field="error.message")
@@ -633,11 +696,11 @@ class DispatchEngine:
             self._touch(agent_id)
             self._end_attempt(task, error, retryable=not non_retryable)
             snap = self.snapshot(task)
-        await self._commit_final(task)
+        await self._commit_final(task, wait)
         return snap
 
     async def heartbeat(
-        self, task_id: str, agent_id: str, attempt: int, progress: Payload
+        self, task_id: str, agent_id: str, attempt: int, progress: Payload, *, wait: bool = True
     ) -> tuple[datetime | None, bool]:
         v.payload_size(progress, "progress", v.MAX_DETAILS)
         try:
@@ -661,7 +724,8 @@ class DispatchEngine:
             task.update_time = now
             self.store.put_task(task)
             lease = task.lease_expire_time
-        await self.store.commit()
+        if wait:
+            await self.store.commit()
         return lease, task.cancel_requested
 
     def _final_error(self, task: Task, agent_id: str, attempt: int) -> Exception:
@@ -846,9 +910,14 @@ class DispatchEngine:
             self._finish(task, TaskState.FAILED, now)
             self._emit("failed", task)
 
-    async def _commit_final(self, task: Task) -> None:
-        await self.store.commit()
-        self.evict_finished([task])
+    async def _commit_final(self, task: Task, wait: bool = True) -> None:
+        if wait:
+            await self.store.commit()
+            self.evict_finished([task])
+        else:
+            self.store.batch().add_done_callback(
+                lambda f, t=task: f.cancelled() or f.exception() or self.evict_finished([t])
+            )
 
     def evict_finished(self, tasks: Iterable[Task]) -> None:
         """Forget finished tasks once durable: storage answers for them from then on."""

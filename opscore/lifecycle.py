@@ -223,6 +223,8 @@ class LifecycleEngine:
         state: int,
         details: Payload,
         observe_time: datetime | None,
+        *,
+        wait: bool = True,
     ) -> tuple[Agent, StateTransition]:
         """`state` is the raw enum number from the request; unknown values are refused."""
         agent = self.get(agent_id)
@@ -260,8 +262,11 @@ class LifecycleEngine:
                 self._notify(AgentEventType.STATE_CHANGED, agent)
             self._arm_liveness(agent)
             snap = self.snapshot(agent)
-        await self.store.commit()
-        self._publish(AgentEventType.STATE_CHANGED, snap, transition, now)
+        if wait:
+            await self.store.commit()
+            self._publish(AgentEventType.STATE_CHANGED, snap, transition, now)
+        else:
+            self._publish_after_commit(AgentEventType.STATE_CHANGED, snap, transition, now)
         return snap, transition
 
     async def heartbeat(self, agent_id: str) -> Agent:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_pb2
 
-from opscore.dispatch import RetryPolicySpec, TaskSpec
+from opscore import workstream as ws
+from opscore.api.errors import status_code
+from opscore.dispatch import Ack, RetryPolicySpec, TaskSpec
+from opscore.errors import InvalidArgument
 from opscore.models import Agent, AgentEvent, RetryPolicy, StateTransition, Task, TaskError
 
 # Servicers reach the value helpers through this module: one import for all translation.
@@ -112,11 +116,11 @@ def task_error(e: TaskError | None) -> common_pb2.TaskError | None:
     return common_pb2.TaskError(message=e.message, type=e.type, details=struct(e.details))
 
 
-def from_task_error(msg: object, field: str = "error") -> TaskError:
+def from_task_error(msg: object, field: str = "error", prefix: str = "") -> TaskError:
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return TaskError("")
     e: common_pb2.TaskError = getattr(msg, field)
-    return TaskError(e.message, e.type, payload(e, "details", f"{field}."))
+    return TaskError(e.message, e.type, payload(e, "details", f"{prefix}{field}."))
 
 
 def task(t: Task) -> dispatch_pb2.Task:
@@ -219,3 +223,64 @@ def task_run(r: TaskRun, *, with_output: bool = True) -> workflow_pb2.TaskRun:
         finish_time=ts(r.finish_time),
         output_omitted=not with_output and bool(r.output or (r.error and r.error.details)),
     )
+
+
+# ---------------------------------------------------------------- work stream
+
+
+def connect_items(messages: Iterable[dispatch_pb2.AgentMessage]) -> list[ws.Item]:
+    """The items of a ConnectRequest. An item whose fields are invalid becomes
+    `Refused` in its place, so it is answered in order and the stream goes on."""
+    items: list[ws.Item] = []
+    for m in messages:
+        kind = m.WhichOneof("message")
+        try:
+            items.append(_connect_item(m, kind))
+        except InvalidArgument as exc:
+            items.append(ws.Refused(m.id, exc))
+    return items
+
+
+def _connect_item(m: dispatch_pb2.AgentMessage, kind: str | None) -> ws.Item:
+    if kind == "completion":
+        x = m.completion
+        return ws.Completion(m.id, x.task_id, x.attempt, payload(x, "output", "completion."))
+    if kind == "failure":
+        f = m.failure
+        return ws.Failure(
+            m.id, f.task_id, f.attempt, from_task_error(f, prefix="failure."), f.non_retryable
+        )
+    if kind == "heartbeat":
+        h = m.heartbeat
+        return ws.Heartbeat(m.id, h.task_id, h.attempt, payload(h, "progress", "heartbeat."))
+    if kind == "state_report":
+        r = m.state_report
+        return ws.StateReport(
+            m.id,
+            r.state,
+            payload(r, "details", "state_report."),
+            from_ts(r, "observe_time", "state_report."),
+        )
+    if kind == "capacity":
+        return ws.Capacity(m.id, m.capacity.max_in_flight)
+    raise InvalidArgument(
+        "the message sets none of completion, failure, heartbeat, state_report, capacity",
+        field="message",
+    )
+
+
+def ack(a: Ack) -> dispatch_pb2.AgentMessageResult:
+    out = dispatch_pb2.AgentMessageResult(
+        id=a.id,
+        task_state=int(a.task_state),  # type: ignore[arg-type]
+        lease_expire_time=ts(a.lease_expire_time),
+        cancel_requested=a.cancel_requested,
+    )
+    err = a.error
+    if err is not None:
+        out.code = status_code(err).value[0]
+        out.message = err.message
+        out.reason = err.reason
+        if isinstance(err, InvalidArgument) and err.violations:
+            out.field = err.violations[0].field
+    return out

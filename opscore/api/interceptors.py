@@ -14,6 +14,7 @@ Two rules keep a hostile or vanishing client from hurting the server:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
@@ -246,7 +247,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
     def _stream(
         self, method: str, behavior: Callable[..., Any], *, request_stream: bool = False
     ) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
             info = _Call(method, context, context.invocation_metadata() or ())
             code = grpc.StatusCode.OK
             _request_id_var.set(info.request_id)
@@ -255,10 +256,9 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     raise undecodable_error(method, request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
-                    await result  # a handler that sends with context.write()
-                else:
-                    async for response in result:
-                        yield response
+                    await result  # a handler that sends with context.write() itself
+                elif not await _write_all(result, context):
+                    code = grpc.StatusCode.CANCELLED
             except BaseException as exc:
                 code, message, md = _classify(exc, context, info)
                 if message is None:
@@ -272,6 +272,27 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
 
 def _skip_body(data: bytes) -> None:
     return None
+
+
+async def _write_all(responses: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> bool:
+    """Send every response; False if the call went away under a write.
+
+    We write rather than let grpc drive the generator: a write that races the
+    client's cancellation fails inside grpc, which logs it as an error with a
+    traceback. Here it is what it is, a client that left. The generator is
+    closed explicitly so the servicer's cleanup (unsubscribe) runs at once.
+    """
+    try:
+        async for response in responses:
+            try:
+                await context.write(response)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                return False
+        return True
+    finally:
+        await responses.aclose()  # type: ignore[attr-defined]
 
 
 def _metadata_value(metadata: Metadata, key: str) -> str:

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from opscore_proto.v1 import common_pb2 as _common_pb2
+from opscore_proto.v1 import lifecycle_pb2 as _lifecycle_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -783,3 +784,435 @@ class CancelTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
+
+@_typing.final
+class ConnectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELLO_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hello(self) -> Global___ConnectHello:
+        """The first message of a stream carries `hello` and nothing else; later
+        messages must not carry it.
+        """
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentMessage]:
+        """Any number of items, in any mix of kinds, after the first message.
+        Handled in order.
+        """
+
+    def __init__(
+        self,
+        *,
+        hello: Global___ConnectHello | None = ...,
+        messages: _abc.Iterable[Global___AgentMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConnectHello(_message.Message):
+    """Opens the work stream for one agent; as SubscribeTasksRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent. Required; must be registered."""
+    max_in_flight: _builtins.int
+    """Most tasks this stream holds at once. 0 means 1; at most 1000. Change it
+    later with an AgentMessage `capacity`.
+    """
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Narrows the agent's registered capabilities for this stream. Empty: all of
+        them. Each must be one the agent registered.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        max_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectHello: _TypeAlias = ConnectHello  # noqa: Y015
+
+@_typing.final
+class AgentMessage(_message.Message):
+    """One item from the agent. Results and heartbeats name the task and attempt;
+    the agent is the stream's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    COMPLETION_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    STATE_REPORT_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the agent to match the AgentMessageResult; the server does not
+    interpret it (unique per stream is the agent's business).
+    """
+    @_builtins.property
+    def completion(self) -> Global___TaskCompletion:
+        """As CompleteTask."""
+
+    @_builtins.property
+    def failure(self) -> Global___TaskFailure:
+        """As FailTask."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___TaskHeartbeat:
+        """As HeartbeatTask."""
+
+    @_builtins.property
+    def state_report(self) -> Global___AgentStateReport:
+        """As LifecycleService.ReportState for the stream's agent."""
+
+    @_builtins.property
+    def capacity(self) -> Global___StreamCapacity:
+        """Changes how many tasks this stream may hold."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        completion: Global___TaskCompletion | None = ...,
+        failure: Global___TaskFailure | None = ...,
+        heartbeat: Global___TaskHeartbeat | None = ...,
+        state_report: Global___AgentStateReport | None = ...,
+        capacity: Global___StreamCapacity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "completion", b"completion", "failure", b"failure", "heartbeat", b"heartbeat", "message", b"message", "state_report", b"state_report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "completion", b"completion", "failure", b"failure", "heartbeat", b"heartbeat", "id", b"id", "message", b"message", "state_report", b"state_report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["completion", "failure", "heartbeat", "state_report", "capacity"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class TaskCompletion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Required."""
+    attempt: _builtins.int
+    """Must be the current attempt, held by this stream's agent."""
+    @_builtins.property
+    def output(self) -> _struct_pb2.Struct:
+        """Result. At most 1 MiB serialized."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        output: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "output", b"output", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskCompletion: _TypeAlias = TaskCompletion  # noqa: Y015
+
+@_typing.final
+class TaskFailure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Required."""
+    attempt: _builtins.int
+    """Must be the current attempt, held by this stream's agent."""
+    non_retryable: _builtins.bool
+    """True: do not retry, the task becomes FAILED."""
+    @_builtins.property
+    def error(self) -> _common_pb2.TaskError:
+        """What went wrong. `error.message` is required."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        error: _common_pb2.TaskError | None = ...,
+        non_retryable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "non_retryable", b"non_retryable", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskFailure: _TypeAlias = TaskFailure  # noqa: Y015
+
+@_typing.final
+class TaskHeartbeat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Required."""
+    attempt: _builtins.int
+    """Must be the current attempt, held by this stream's agent."""
+    @_builtins.property
+    def progress(self) -> _struct_pb2.Struct:
+        """Optional progress report, stored on the task. At most 64 KiB."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        progress: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "progress", b"progress", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskHeartbeat: _TypeAlias = TaskHeartbeat  # noqa: Y015
+
+@_typing.final
+class AgentStateReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    OBSERVE_TIME_FIELD_NUMBER: _builtins.int
+    state: _lifecycle_pb2.AgentState.ValueType
+    """Required. Any state but UNSPECIFIED and OFFLINE."""
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Optional. At most 64 KiB serialized."""
+
+    @_builtins.property
+    def observe_time(self) -> _timestamp_pb2.Timestamp:
+        """As ReportStateRequest.observe_time."""
+
+    def __init__(
+        self,
+        *,
+        state: _lifecycle_pb2.AgentState.ValueType = ...,
+        details: _struct_pb2.Struct | None = ...,
+        observe_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "observe_time", b"observe_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "observe_time", b"observe_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStateReport: _TypeAlias = AgentStateReport  # noqa: Y015
+
+@_typing.final
+class StreamCapacity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    max_in_flight: _builtins.int
+    """New most tasks this stream holds at once, 0 to 1000. 0 pauses the stream:
+    no new assignments (the ones held are not affected), e.g. while an agent
+    finishes its work before it leaves.
+    """
+    def __init__(
+        self,
+        *,
+        max_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamCapacity: _TypeAlias = StreamCapacity  # noqa: Y015
+
+@_typing.final
+class ConnectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def accepted(self) -> Global___ConnectAccepted:
+        """Only in the first message of the stream."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerMessage]:
+        """Apply in order."""
+
+    def __init__(
+        self,
+        *,
+        accepted: Global___ConnectAccepted | None = ...,
+        messages: _abc.Iterable[Global___ServerMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ConnectAccepted(_message.Message):
+    """The stream is open: from now on everything described in Connect applies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    AGENT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    max_in_flight: _builtins.int
+    """The `max_in_flight` in effect (0 in the hello means 1)."""
+    @_builtins.property
+    def agent(self) -> _lifecycle_pb2.Agent:
+        """The agent as it is now (its state is IDLE if it was INITIALIZING or OFFLINE)."""
+
+    @_builtins.property
+    def agent_timeout(self) -> _duration_pb2.Duration:
+        """The server's agent timeout: an agent without an open stream that is silent
+        this long is marked OFFLINE and loses its leases.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent: _lifecycle_pb2.Agent | None = ...,
+        agent_timeout: _duration_pb2.Duration | None = ...,
+        max_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_timeout", b"agent_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_timeout", b"agent_timeout", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectAccepted: _TypeAlias = ConnectAccepted  # noqa: Y015
+
+@_typing.final
+class ServerMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    CANCELLATION_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignment(self) -> Global___TaskAssignment:
+        """The agent now holds this task's lease."""
+
+    @_builtins.property
+    def cancellation(self) -> Global___TaskCancellation:
+        """Stop working on this task; results for it will be refused."""
+
+    @_builtins.property
+    def result(self) -> Global___AgentMessageResult:
+        """The answer to one AgentMessage."""
+
+    def __init__(
+        self,
+        *,
+        assignment: Global___TaskAssignment | None = ...,
+        cancellation: Global___TaskCancellation | None = ...,
+        result: Global___AgentMessageResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancellation", b"cancellation", "message", b"message", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancellation", b"cancellation", "message", b"message", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["assignment", "cancellation", "result"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class AgentMessageResult(_message.Message):
+    """The answer to one AgentMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    TASK_STATE_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The AgentMessage's `id`."""
+    code: _builtins.int
+    """0 (OK) when accepted; otherwise the google.rpc.Code a unary call would
+    have returned, e.g. 9 FAILED_PRECONDITION for a result whose lease was
+    lost, 3 INVALID_ARGUMENT for a bad item.
+    """
+    message: _builtins.str
+    """Why it was refused, for people. Empty when accepted."""
+    reason: _builtins.str
+    """Stable machine-readable reason (as ErrorInfo.reason), e.g. "LEASE_LOST"."""
+    field: _builtins.str
+    """The offending field for INVALID_ARGUMENT, e.g. "completion.output"."""
+    task_state: Global___TaskState.ValueType
+    """For a completion or failure: the task's state after it (COMPLETED, or
+    SCHEDULED for a retry, or FAILED).
+    """
+    cancel_requested: _builtins.bool
+    """For a heartbeat: true when the task was cancelled; stop working on it."""
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """For an accepted heartbeat: the new end of the lease."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        field: _builtins.str = ...,
+        task_state: Global___TaskState.ValueType = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        cancel_requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "code", b"code", "field", b"field", "id", b"id", "lease_expire_time", b"lease_expire_time", "message", b"message", "reason", b"reason", "task_state", b"task_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentMessageResult: _TypeAlias = AgentMessageResult  # noqa: Y015

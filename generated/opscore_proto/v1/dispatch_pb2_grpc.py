@@ -28,11 +28,18 @@ if _version_not_supported:
 class DispatchServiceStub:
     """DispatchService queues tasks and hands them to agents.
 
-    Agents hold a SubscribeTasks stream open and receive assignments the moment
-    a task fits them; they answer with CompleteTask or FailTask and keep long
-    tasks alive with HeartbeatTask. Delivery is at-least-once: the `attempt`
-    number in each assignment is the fencing token that decides which result
-    counts.
+    An agent works in one of two shapes, which interoperate (a task assigned on
+    one may be completed with the other):
+
+    - Connect, one bidirectional stream per agent that carries assignments and
+    cancellations to the agent and its results, heartbeats and state reports
+    back, many per message. This is the fast shape and what the Python `Agent`
+    uses.
+    - SubscribeTasks, a server stream of assignments, answered with the unary
+    CompleteTask, FailTask and HeartbeatTask calls. Simplest to implement.
+
+    Delivery is at-least-once: the `attempt` number in each assignment is the
+    fencing token that decides which result counts.
 
     A task goes to an agent only if the agent is registered, holds an open
     subscription, is IDLE or ACTIVE, has the task's capability (or the task is
@@ -61,6 +68,11 @@ class DispatchServiceStub:
                 '/opscore.v1.DispatchService/SubscribeTasks',
                 request_serializer=opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksRequest.SerializeToString,
                 response_deserializer=opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksResponse.FromString,
+                _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/opscore.v1.DispatchService/Connect',
+                request_serializer=opscore_dot_v1_dot_dispatch__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=opscore_dot_v1_dot_dispatch__pb2.ConnectResponse.FromString,
                 _registered_method=True)
         self.CompleteTask = channel.unary_unary(
                 '/opscore.v1.DispatchService/CompleteTask',
@@ -97,11 +109,18 @@ class DispatchServiceStub:
 class DispatchServiceServicer:
     """DispatchService queues tasks and hands them to agents.
 
-    Agents hold a SubscribeTasks stream open and receive assignments the moment
-    a task fits them; they answer with CompleteTask or FailTask and keep long
-    tasks alive with HeartbeatTask. Delivery is at-least-once: the `attempt`
-    number in each assignment is the fencing token that decides which result
-    counts.
+    An agent works in one of two shapes, which interoperate (a task assigned on
+    one may be completed with the other):
+
+    - Connect, one bidirectional stream per agent that carries assignments and
+    cancellations to the agent and its results, heartbeats and state reports
+    back, many per message. This is the fast shape and what the Python `Agent`
+    uses.
+    - SubscribeTasks, a server stream of assignments, answered with the unary
+    CompleteTask, FailTask and HeartbeatTask calls. Simplest to implement.
+
+    Delivery is at-least-once: the `attempt` number in each assignment is the
+    fencing token that decides which result counts.
 
     A task goes to an agent only if the agent is registered, holds an open
     subscription, is IDLE or ACTIVE, has the task's capability (or the task is
@@ -149,6 +168,57 @@ class DispatchServiceServicer:
         Errors: NOT_FOUND for an unknown agent; INVALID_ARGUMENT for a bad
         `max_in_flight` or a capability the agent did not register;
         FAILED_PRECONDITION for a deregistered agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """Opens an agent's work stream: one bidirectional stream for everything an
+        agent and the server exchange about work.
+
+        The agent's first message carries `hello` (and nothing else): which agent,
+        which of its capabilities, how many tasks at once. The server answers with
+        a message carrying `accepted`, and from then on sends assignments and
+        cancellations as they happen. The agent sends results (completions,
+        failures), heartbeats, state reports and capacity changes, each an
+        AgentMessage with an `id` of its choosing; for every one the server sends
+        an AgentMessageResult with the same `id`: accepted (code 0) or refused with
+        the status a unary call would have got (code, message, reason). The same
+        rules as the unary calls apply item by item (fencing by attempt, idempotent
+        repeats, validation); a refused item never ends the stream.
+
+        Ordering and batching, so that an agent in any language can implement it:
+        - Several messages may be in flight in each direction; neither side waits
+        for an answer before sending more.
+        - The server handles an agent's items in the order they were sent, and
+        sends their results in that order. An assignment or cancellation that an
+        item caused (a retry that takes the slot a failure freed) may come before
+        that item's result.
+        - One ConnectResponse may carry several ServerMessages (assignments,
+        cancellations, results) when more than one is ready; the server never
+        waits to fill a batch, so a lone task goes out at once. Apply a message's
+        ServerMessages in order: a cancellation always precedes an assignment
+        that takes the cancelled task's slot.
+        - Every result and assignment is sent only after its effect is committed:
+        an accepted completion is durable, and an assignment's lease survives a
+        server crash.
+        - A message is at most the server's --max-message-bytes (default 4 MiB):
+        the server splits its own batches to fit.
+
+        The stream counts as a subscription (SubscribeTasks) for liveness, state
+        gating and `max_in_flight`. Leases the agent kept across a reconnect within
+        the agent timeout are sent again (same attempt) right after `accepted`.
+        When the agent half-closes, the server answers what it received and ends
+        the stream with OK; the tasks it holds stay leased to it.
+
+        The stream ends with: OK when the agent half-closes or is deregistered;
+        UNAVAILABLE when the server drains or rebuilds its state (reconnect);
+        INVALID_ARGUMENT (reason MALFORMED_REQUEST) for a first message without
+        `hello`, a later one with it, or bytes that are not a ConnectRequest;
+        RESOURCE_EXHAUSTED (TOO_MANY_SUBSCRIPTIONS) when the agent already holds
+        the most streams it may; and before `accepted`, the errors SubscribeTasks
+        gives for a bad hello (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,6 +308,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     request_deserializer=opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksRequest.FromString,
                     response_serializer=opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksResponse.SerializeToString,
             ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=opscore_dot_v1_dot_dispatch__pb2.ConnectRequest.FromString,
+                    response_serializer=opscore_dot_v1_dot_dispatch__pb2.ConnectResponse.SerializeToString,
+            ),
             'CompleteTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CompleteTask,
                     request_deserializer=opscore_dot_v1_dot_dispatch__pb2.CompleteTaskRequest.FromString,
@@ -279,11 +354,18 @@ def add_DispatchServiceServicer_to_server(servicer, server):
 class DispatchService:
     """DispatchService queues tasks and hands them to agents.
 
-    Agents hold a SubscribeTasks stream open and receive assignments the moment
-    a task fits them; they answer with CompleteTask or FailTask and keep long
-    tasks alive with HeartbeatTask. Delivery is at-least-once: the `attempt`
-    number in each assignment is the fencing token that decides which result
-    counts.
+    An agent works in one of two shapes, which interoperate (a task assigned on
+    one may be completed with the other):
+
+    - Connect, one bidirectional stream per agent that carries assignments and
+    cancellations to the agent and its results, heartbeats and state reports
+    back, many per message. This is the fast shape and what the Python `Agent`
+    uses.
+    - SubscribeTasks, a server stream of assignments, answered with the unary
+    CompleteTask, FailTask and HeartbeatTask calls. Simplest to implement.
+
+    Delivery is at-least-once: the `attempt` number in each assignment is the
+    fencing token that decides which result counts.
 
     A task goes to an agent only if the agent is registered, holds an open
     subscription, is IDLE or ACTIVE, has the task's capability (or the task is
@@ -363,6 +445,33 @@ class DispatchService:
             '/opscore.v1.DispatchService/SubscribeTasks',
             opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksRequest.SerializeToString,
             opscore_dot_v1_dot_dispatch__pb2.SubscribeTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/opscore.v1.DispatchService/Connect',
+            opscore_dot_v1_dot_dispatch__pb2.ConnectRequest.SerializeToString,
+            opscore_dot_v1_dot_dispatch__pb2.ConnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

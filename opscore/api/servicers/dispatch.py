@@ -8,15 +8,18 @@ from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import dispatch_pb2_grpc
 
 from opscore.api import convert as c
-from opscore.api.interceptors import stream_ready
+from opscore.api.interceptors import Undecodable, stream_ready, undecodable_error
 from opscore.dispatch import (
+    Ack,
     Assignment,
     Cancellation,
     DispatchEngine,
     StreamEnd,
     StreamItem,
 )
+from opscore.errors import InvalidArgument, OpsCoreError, Unavailable
 from opscore.models import TaskFilter
+from opscore.workstream import WorkStream
 
 
 class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
@@ -64,6 +67,66 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
                 in_hand.clear()
                 yield response
         finally:
+            self.engine.unsubscribe(sub, in_hand)
+
+    async def Connect(
+        self, requests: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ConnectResponse]:
+        stream = requests.__aiter__()
+        first = await anext(stream, None)
+        if first is None:
+            return  # the client half-closed before saying hello
+        if isinstance(first, Undecodable):
+            raise undecodable_error("/opscore.v1.DispatchService/Connect", first)
+        if not first.HasField("hello") or first.messages:
+            raise InvalidArgument(
+                "the first message of a work stream must carry hello, and only hello",
+                field="hello",
+                reason="MALFORMED_REQUEST",
+            )
+        hello = first.hello
+        sub = await self.engine.subscribe(
+            hello.agent_id, list(hello.capabilities), hello.max_in_flight
+        )
+        work = WorkStream(self.engine, sub)
+        reader = asyncio.create_task(_read(stream, work), name="opscore-connect-reader")
+        in_hand: list[StreamItem] = []
+        try:
+            await stream_ready(context)
+            yield pb.ConnectResponse(
+                accepted=pb.ConnectAccepted(
+                    agent=c.agent(self.engine.lifecycle.snapshot(sub.agent)),
+                    agent_timeout=c.dur(self.engine.lifecycle.agent_timeout),
+                    max_in_flight=sub.max_in_flight,
+                )
+            )
+            budget = self.engine.response_budget
+            while True:
+                in_hand = await sub.take()
+                waited: asyncio.Future[None] | None = None
+                out: list[pb.ServerMessage] = []
+                size = 0
+                for commit, message in in_hand:
+                    if commit is not None and commit is not waited:
+                        await asyncio.shield(commit)
+                        waited = commit
+                    if isinstance(message, StreamEnd):
+                        if out:
+                            yield pb.ConnectResponse(messages=out)
+                        in_hand = []
+                        if message.error is not None:
+                            raise message.error
+                        return
+                    item, cost = _server_message(message)
+                    if out and size + cost > budget:
+                        yield pb.ConnectResponse(messages=out)
+                        out, size = [], 0
+                    out.append(item)
+                    size += cost
+                yield pb.ConnectResponse(messages=out)
+                in_hand = []
+        finally:
+            reader.cancel()
             self.engine.unsubscribe(sub, in_hand)
 
     async def CompleteTask(
@@ -118,6 +181,56 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
     ) -> pb.CancelTaskResponse:
         task = await self.engine.cancel(request.task_id, request.reason)
         return pb.CancelTaskResponse(task=c.task(task))
+
+
+async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> None:
+    """The agent's side of a work stream: handle each message's items in order.
+    Reading pauses while the agent does not read what it is sent, so a client
+    that floods without reading holds back only itself."""
+    sub = work.sub
+    try:
+        async for request in stream:
+            if isinstance(request, Undecodable):
+                raise undecodable_error("/opscore.v1.DispatchService/Connect", request)
+            if request.HasField("hello"):
+                raise InvalidArgument(
+                    "hello may only be sent in the first message of a work stream",
+                    field="hello",
+                    reason="MALFORMED_REQUEST",
+                )
+            await work.handle(c.connect_items(request.messages))
+            if not sub.drained.is_set():
+                await sub.drained.wait()
+        end: StreamEnd = StreamEnd(None)  # half-closed: answer what came, then OK
+    except asyncio.CancelledError:
+        raise
+    except OpsCoreError as exc:
+        end = StreamEnd(exc)
+    except Exception as exc:  # the call broke under us (client gone, transport error)
+        end = StreamEnd(Unavailable(f"work stream read failed: {exc}"))
+    sub.push((work.engine.store.batch(), end))
+
+
+def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.ServerMessage, int]:
+    """The message and about what it costs on the wire, to split batches to fit."""
+    if isinstance(message, Assignment):
+        task = message.task
+        return (
+            pb.ServerMessage(assignment=pb.TaskAssignment(task=c.task(task))),
+            512 + len(task.input or b""),
+        )
+    if isinstance(message, Cancellation):
+        return (
+            pb.ServerMessage(
+                cancellation=pb.TaskCancellation(
+                    task_id=message.task_id, attempt=message.attempt, reason=message.reason
+                )
+            ),
+            128 + len(message.reason),
+        )
+    return pb.ServerMessage(result=c.ack(message)), 128 + (
+        len(message.error.message) if message.error else 0
+    )
 
 
 def _stream_message(message: Assignment | Cancellation) -> pb.SubscribeTasksResponse:
