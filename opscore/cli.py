@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
@@ -64,7 +63,7 @@ def serve(**options: object) -> None:
     from opscore import logs
     from opscore.config import from_sources
     from opscore.errors import ConfigError
-    from opscore.server import serve as run
+    from opscore.server import run
 
     try:
         config = from_sources(options)
@@ -73,7 +72,7 @@ def serve(**options: object) -> None:
         sys.exit(2)
     logs.setup(config.log_level, config.log_format)
     try:
-        code = asyncio.run(run(config))
+        code = run(config)
     except ConfigError as exc:
         click.echo(f"opscore serve: {exc}", err=True)
         sys.exit(2)

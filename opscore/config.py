@@ -45,9 +45,15 @@ class Config:
     # HTTP/2 streams one client connection may hold open at once.
     max_streams_per_connection: int = limits.DEFAULT_MAX_STREAMS_PER_CONNECTION
     max_subscriptions_per_agent: int = limits.DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT
+    # New calls gRPC core holds while the server is busy accepting earlier ones
+    # (grpc.server.max_pending_requests). Core's default (1,000 soft, 3,000 hard)
+    # cancels most of a fleet of agents that reconnect at once.
+    max_pending_calls: int = limits.DEFAULT_MAX_PENDING_CALLS
     # 0: no limit. Otherwise writes that would grow the database beyond it fail
     # with RESOURCE_EXHAUSTED and nothing already stored is touched.
     max_db_bytes: int = 0
+    # "uvloop" (the default when it is installed) or "asyncio".
+    event_loop: str = "auto"
 
     def validate(self) -> Config:
         host = listen_host(self.listen)
@@ -70,8 +76,14 @@ class Config:
             )
         if not 1 <= self.max_streams_per_connection <= 1_000_000:
             raise ConfigError("max streams per connection must be between 1 and 1000000")
+        if not 100 <= self.max_pending_calls <= 1_000_000:
+            raise ConfigError("max pending calls must be between 100 and 1000000")
         if not 1 <= self.max_subscriptions_per_agent <= 1000:
             raise ConfigError("max subscriptions per agent must be between 1 and 1000")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(
+                f"event loop must be auto, uvloop or asyncio, not {self.event_loop!r}"
+            )
         if self.max_db_bytes < 0:
             raise ConfigError("max db bytes must not be negative (0 for no limit)")
         if not self.api_keys and not self.insecure and not is_loopback(host):
@@ -210,12 +222,26 @@ SETTINGS: tuple[Setting, ...] = (
         kind=int,
     ),
     Setting(
+        "max_pending_calls",
+        "OPSCORE_MAX_PENDING_CALLS",
+        "New calls held while the server accepts earlier ones (e.g. a fleet reconnecting "
+        f"at once); beyond it they are cancelled.  [default {limits.DEFAULT_MAX_PENDING_CALLS}]",
+        parse=_int,
+        kind=int,
+    ),
+    Setting(
         "max_db_bytes",
         "OPSCORE_MAX_DB_BYTES",
         "Largest the database may grow; writes beyond it fail with RESOURCE_EXHAUSTED "
         "and stored data is untouched.  [default 0: no limit]",
         parse=_int,
         kind=int,
+    ),
+    Setting(
+        "event_loop",
+        "OPSCORE_EVENT_LOOP",
+        "uvloop is faster for gRPC streams; auto uses it when installed.  [default auto]",
+        choices=("auto", "uvloop", "asyncio"),
     ),
     Setting(
         "insecure",

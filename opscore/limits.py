@@ -59,6 +59,7 @@ MAX_CAPABILITIES = 64
 MAX_METADATA_ENTRIES = 64
 DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT = 16
 DEFAULT_MAX_STREAMS_PER_CONNECTION = 1000
+DEFAULT_MAX_PENDING_CALLS = 20_000
 # What one watcher (WatchAgents, WatchSession) may have queued before it is
 # ended with RESOURCE_EXHAUSTED: a client that does not read cannot hold more.
 WATCHER_MAX_EVENTS = 10_000

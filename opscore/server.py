@@ -108,6 +108,8 @@ class OpsCoreServer:
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+                ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_calls),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -269,6 +271,23 @@ class OpsCoreServer:
         self._stop_engines()
         await self.store.close()
         log.info("stopped")
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT on the configured event loop; the exit code."""
+    factory = None
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if config.event_loop == "uvloop":
+                raise ConfigError(
+                    "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+                ) from None
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config))
 
 
 async def serve(config: Config) -> int:

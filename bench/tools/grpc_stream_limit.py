@@ -37,9 +37,17 @@ class Parked(health_pb2_grpc.HealthServicer):
             self.open -= 1
 
 
-async def main(n: int, per_channel: int, stagger: int) -> None:
+async def main(n: int, per_channel: int, stagger: int, pending: int) -> None:
     servicer = Parked()
-    server = grpc.aio.server()
+    options = (
+        [
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending),
+        ]
+        if pending
+        else []
+    )
+    server = grpc.aio.server(options=options)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -80,5 +88,11 @@ if __name__ == "__main__":
     p.add_argument("n", type=int)
     p.add_argument("per_channel", type=int, nargs="?", default=10)
     p.add_argument("--stagger", type=int, default=0)
+    p.add_argument(
+        "--pending",
+        type=int,
+        default=0,
+        help="grpc.server.max_pending_requests (soft and hard); 0: grpc's defaults 1000/3000",
+    )
     a = p.parse_args()
-    asyncio.run(main(a.n, a.per_channel, a.stagger))
+    asyncio.run(main(a.n, a.per_channel, a.stagger, a.pending))
