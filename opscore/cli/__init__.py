@@ -1,100 +1,87 @@
-"""The `opscore` command line."""
+"""The `opscore` command line: one module per command group.
+
+common.py     connection options, running a command, errors, output
+ids.py        short ids in tables, unique id prefixes accepted as ids
+coverage.py   "no connected agent has capability X"
+serve.py      opscore serve
+health.py     opscore health
+agents.py     opscore agents ...
+tasks.py      opscore tasks ...
+workflows.py  opscore workflows ...
+sessions.py   opscore sessions ...
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from opscore import __version__
-from opscore.cli_agents import agents, health
-from opscore.cli_sessions import sessions
-from opscore.cli_tasks import tasks
-from opscore.cli_workflows import workflows
+from opscore.cli.agents import agents
+from opscore.cli.common import GLOBAL_HELP, Globals, global_options, wants_json
+from opscore.cli.health import health
+from opscore.cli.serve import serve
+from opscore.cli.sessions import sessions
+from opscore.cli.tasks import tasks
+from opscore.cli.workflows import workflows
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="opscore")
-def main() -> None:
-    """Ops-Core: the control plane for fleets of AI agents.
+class OpsCoreGroup(click.Group):
+    """Click's group, except that with --json a usage error is a JSON object on
+    stderr too (same exit code 2), so a script never has to parse prose."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode or not wants_json(argv):
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            error: dict[str, Any] = {"message": exc.format_message(), "code": "USAGE"}
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                error["usage"] = ctx.get_usage()
+            click.echo(json.dumps({"error": error}), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(json.dumps({"error": {"message": "aborted", "code": "ABORTED"}}), err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=OpsCoreGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=f"""Ops-Core: the control plane for fleets of AI agents.
 
     Run `opscore serve` to start the server; the other commands talk to a
-    running server (--target, default 127.0.0.1:50051, or OPSCORE_TARGET; API
-    key from --api-key or OPSCORE_API_KEY). They print tables, or JSON with
-    --json, and exit 1 when the request fails.
-    """
+    running server. {GLOBAL_HELP}
+    """,
+)
+@click.version_option(__version__, prog_name="opscore")
+@global_options
+@click.pass_context
+def main(ctx: click.Context, **options: Any) -> None:
+    ctx.obj = Globals.from_options(options)
 
 
+main.add_command(serve)
+main.add_command(health)
 main.add_command(agents)
 main.add_command(workflows)
 main.add_command(sessions)
 main.add_command(tasks)
-main.add_command(health)
-
-
-@main.command()
-@click.option(
-    "--listen", help="HOST:PORT to listen on.  [env OPSCORE_LISTEN; default 127.0.0.1:50051]"
-)
-@click.option("--db", help="SQLite database file.  [env OPSCORE_DB; default ./opscore.db]")
-@click.option(
-    "--workflows-dir",
-    type=click.Path(file_okay=False),
-    help="Load every *.json, *.yaml, *.yml definition here at start.  [env OPSCORE_WORKFLOWS_DIR]",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="[env OPSCORE_LOG_LEVEL; default INFO]",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["json", "text"]),
-    help="One JSON object per line, or text for people.  [env OPSCORE_LOG_FORMAT; default json]",
-)
-@click.option(
-    "--sync",
-    type=click.Choice(["full", "normal"]),
-    help="full: commits survive power loss; normal: they survive a process crash only "
-    "(faster).  [env OPSCORE_SYNC; default full]",
-)
-@click.option(
-    "--api-key-file",
-    type=click.Path(dir_okay=False),
-    help="File with one API key per line; adds to OPSCORE_API_KEYS (comma separated).",
-)
-@click.option(
-    "--agent-timeout",
-    type=float,
-    help="Seconds without a sign of life before an agent is marked OFFLINE.  "
-    "[env OPSCORE_AGENT_TIMEOUT; default 30]",
-)
-@click.option(
-    "--insecure",
-    is_flag=True,
-    default=None,
-    help="Allow listening on a non-loopback address without API keys.  [env OPSCORE_INSECURE]",
-)
-def serve(**options: object) -> None:
-    """Serve Ops-Core until SIGTERM or SIGINT, then drain and exit 0."""
-    from opscore import logs
-    from opscore.config import from_sources
-    from opscore.errors import ConfigError
-    from opscore.server import serve as run
-
-    try:
-        config = from_sources(options)
-    except ConfigError as exc:
-        click.echo(f"opscore serve: {exc}", err=True)
-        sys.exit(2)
-    logs.setup(config.log_level, config.log_format)
-    try:
-        code = asyncio.run(run(config))
-    except ConfigError as exc:
-        click.echo(f"opscore serve: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,15 @@
-"""`opscore agents ...` and `opscore health`."""
+"""`opscore agents ...`: list, inspect, watch and deregister agents."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 import click
 from opscore_proto.v1 import lifecycle_pb2
 
-from opscore.cli_common import (
-    EXIT_FAILED,
+from opscore.cli import ids
+from opscore.cli.common import (
     Cli,
     age,
     client_command,
@@ -21,18 +22,14 @@ from opscore.cli_common import (
     state_choice,
     styled,
     table,
+    take,
     timestamp,
+    watch_notes,
 )
 from opscore.client import to_datetime, to_dict
-from opscore.client.errors import NotFoundError, OpsCoreError, UnavailableError
 
 AgentState = lifecycle_pb2.AgentState
 EventType = lifecycle_pb2.AgentEventType
-SERVICES = (
-    "opscore.v1.LifecycleService",
-    "opscore.v1.DispatchService",
-    "opscore.v1.WorkflowService",
-)
 
 
 def _state(value: int) -> str:
@@ -41,7 +38,7 @@ def _state(value: int) -> str:
 
 @click.group()
 def agents() -> None:
-    """Inspect and watch agents."""
+    """Inspect, watch and deregister agents."""
 
 
 @agents.command("list")
@@ -51,41 +48,37 @@ def agents() -> None:
 @client_command
 async def list_agents(cli: Cli, state: str | None, capability: str, limit: int) -> None:
     """List agents, ordered by id."""
-    found = [
-        a
-        async for a in cli.client.iter_agents(
-            state=state, capability=capability, limit=limit or None
-        )
-    ]
+    found, more = await take(cli.client.iter_agents(state=state, capability=capability), limit)
     if cli.as_json:
         cli.print_json([message_json(a) for a in found])
-        return
-    if not found:
+    elif not found:
         cli.print("No agents.")
-        return
-    t = table("AGENT ID", "NAME", "STATE", "CAPABILITIES", "STREAMS", "LAST SEEN")
-    now = datetime.now(UTC)
-    for a in found:
-        state_text = styled(_state(a.state))
-        if a.deregistered:
-            state_text.append(" (deregistered)", style="dim")
-        t.add_row(
-            a.agent_id,
-            a.name or "-",
-            state_text,
-            ", ".join(a.capabilities) or "-",
-            str(a.open_subscriptions),
-            "live" if a.open_subscriptions else age(a, "last_seen_time", now),
-        )
-    cli.print(t)
+    else:
+        t = table("AGENT ID", "NAME", "STATE", "CAPABILITIES", "STREAMS", "LAST SEEN")
+        now = datetime.now(UTC)
+        for a in found:
+            state_text = styled(_state(a.state))
+            if a.deregistered:
+                state_text.append(" (deregistered)", style="dim")
+            t.add_row(
+                a.agent_id,
+                a.name or "-",
+                state_text,
+                ", ".join(a.capabilities) or "-",
+                str(a.open_subscriptions),
+                "live" if a.open_subscriptions else age(a, "last_seen_time", now),
+            )
+        cli.print(t)
+    if more:
+        cli.more_results(len(found), "agents")
 
 
 @agents.command("get")
 @click.argument("agent_id")
 @client_command
 async def get_agent(cli: Cli, agent_id: str) -> None:
-    """Show one agent."""
-    a = await cli.client.get_agent(agent_id)
+    """Show one agent (AGENT_ID or a unique start of it)."""
+    a = await ids.agent(cli.client, agent_id)
     if cli.as_json:
         cli.print_json(message_json(a))
         return
@@ -116,24 +109,42 @@ async def get_agent(cli: Cli, agent_id: str) -> None:
 @client_command
 async def history(cli: Cli, agent_id: str, limit: int) -> None:
     """Show an agent's state transitions, newest first."""
-    found = [t async for t in cli.client.iter_state_transitions(agent_id, limit=limit or None)]
+    agent_id = (await ids.agent(cli.client, agent_id)).agent_id
+    found, more = await take(cli.client.iter_state_transitions(agent_id), limit)
     if cli.as_json:
         cli.print_json([message_json(t) for t in found])
-        return
-    t = table("#", "OBSERVED", "FROM", "TO", "BY", "DETAILS")
-    for tr in found:
-        to_state = styled(_state(tr.to_state))
-        if tr.out_of_order:
-            to_state.append(" (out of order)", style="dim")
-        t.add_row(
-            str(tr.sequence),
-            timestamp(tr, "observe_time"),
-            _state(tr.from_state) if tr.from_state else "-",
-            to_state,
-            tr.source,
-            compact_json(to_dict(tr.details)) if tr.HasField("details") else "",
-        )
-    cli.print(t)
+    else:
+        t = table("#", "OBSERVED", "FROM", "TO", "BY", "DETAILS")
+        for tr in found:
+            to_state = styled(_state(tr.to_state))
+            if tr.out_of_order:
+                to_state.append(" (out of order)", style="dim")
+            t.add_row(
+                str(tr.sequence),
+                timestamp(tr, "observe_time"),
+                _state(tr.from_state) if tr.from_state else "-",
+                to_state,
+                tr.source,
+                compact_json(to_dict(tr.details)) if tr.HasField("details") else "",
+            )
+        cli.print(t)
+    if more:
+        cli.more_results(len(found), "transitions")
+
+
+@agents.command("deregister")
+@click.argument("agent_id")
+@client_command
+async def deregister(cli: Cli, agent_id: str) -> None:
+    """Remove an agent from dispatch: its task streams end, the tasks it holds are
+    retried elsewhere, its record and history are kept (FINISHED, deregistered).
+    Registering again with the same id brings it back."""
+    agent_id = (await ids.agent(cli.client, agent_id)).agent_id
+    a = await cli.client.deregister_agent(agent_id)
+    if cli.as_json:
+        cli.print_json(message_json(a))
+    else:
+        cli.print(f"deregistered agent {a.agent_id} ({_state(a.state)})")
 
 
 @agents.command("watch")
@@ -150,60 +161,30 @@ async def history(cli: Cli, agent_id: str, limit: int) -> None:
 async def watch(
     cli: Cli, agent_ids: tuple[str, ...], capability: str, events: tuple[str, ...]
 ) -> None:
-    """Print agent events as they happen, until Ctrl-C. Reconnects if the server
-    restarts (events in the gap are missed)."""
+    """Print agent events as they happen, until Ctrl-C.
+
+    When the server restarts or the connection drops, it reconnects with
+    backoff for as long as it runs, then replays the state changes it missed
+    from the agents' histories (no event is shown twice).
+    """
     if not cli.as_json:
         cli.err.print(f"watching agent events on {cli.target} (Ctrl-C to stop)", style="dim")
-    async for e in cli.client.watch_agents(
-        agent_ids=agent_ids, capability=capability, event_types=events, reconnect=True
-    ):
-        if cli.as_json:
-            cli.print_json(message_json(e), compact=True)
-            continue
-        when = to_datetime(e, "event_time")
-        kind = short_name(EventType, e.event_type, "AGENT_EVENT_TYPE_")
-        line = f"{when:%H:%M:%S} " if when else ""
-        change = ""
-        if e.HasField("transition"):
-            tr = e.transition
-            change = f" {_state(tr.from_state) if tr.from_state else '-'} → {_state(tr.to_state)}"
-            if tr.out_of_order:
-                change += " (out of order)"
-        cli.print(f"{line}{kind:<14} {e.agent.agent_id}{change}")
-
-
-@click.command()
-@client_command
-async def health(cli: Cli) -> int:
-    """Check that the server answers and serves each service (exit 1 if not)."""
-    rows: list[tuple[str, str]] = []
-    try:
-        for service in ("", *SERVICES):
-            try:
-                status = await cli.client.check_health(service)
-            except NotFoundError:
-                status = "SERVICE_UNKNOWN"
-            rows.append((service or "(server)", status))
-    except UnavailableError as exc:
-        if cli.as_json:
-            cli.print_json({"target": cli.target, "status": "UNREACHABLE", "error": exc.message})
-        else:
-            cli.error(f"cannot reach an Ops-Core server at {cli.target}: {exc.message}")
-        return EXIT_FAILED
-    except OpsCoreError:
-        raise
-    healthy = all(status == "SERVING" for _, status in rows)
-    if cli.as_json:
-        cli.print_json(
-            {
-                "target": cli.target,
-                "status": "SERVING" if healthy else "NOT_SERVING",
-                "services": dict(rows),
-            }
-        )
-    else:
-        t = table("SERVICE", "STATUS", title=f"Ops-Core at {cli.target}")
-        for name, status in rows:
-            t.add_row(name, styled(status))
-        cli.print(t)
-    return 0 if healthy else EXIT_FAILED
+    with watch_notes(cli, logging.getLogger("opscore.client")):
+        async for e in cli.client.watch_agents(
+            agent_ids=agent_ids, capability=capability, event_types=events, reconnect=True
+        ):
+            if cli.as_json:
+                cli.print_json(message_json(e), compact=True)
+                continue
+            when = to_datetime(e, "event_time")
+            kind = short_name(EventType, e.event_type, "AGENT_EVENT_TYPE_")
+            line = f"{when:%H:%M:%S} " if when else ""
+            change = ""
+            if e.HasField("transition"):
+                tr = e.transition
+                change = (
+                    f" {_state(tr.from_state) if tr.from_state else '-'} → {_state(tr.to_state)}"
+                )
+                if tr.out_of_order:
+                    change += " (out of order)"
+            cli.print(f"{line}{kind:<14} {e.agent.agent_id}{change}")

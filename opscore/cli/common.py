@@ -2,6 +2,11 @@
 running a command on the asyncio client, errors and exit codes, and output (Rich
 tables for people, JSON for scripts).
 
+The connection options (--target, --api-key, --json) are accepted both before
+the command (`opscore --json tasks list`, options of the group) and after it
+(`opscore tasks list --json`); the one after wins, then the environment
+(OPSCORE_TARGET, OPSCORE_API_KEY), then the default.
+
 Exit codes: 0 success; 1 the server refused or failed the request, could not be
 reached, or (with --wait/--watch) the task or session ended FAILED or
 CANCELLED; 2 bad usage (click's own); 130 interrupted (Ctrl-C).
@@ -10,28 +15,33 @@ CANCELLED; 2 bad usage (click's own); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from opscore.client import DEFAULT_TARGET, OpsCoreClient
-from opscore.client.convert import to_datetime
-from opscore.client.errors import OpsCoreError, UnavailableError
+from opscore.client.convert import json_like_problem, to_datetime
+from opscore.client.errors import OpsCoreError, connection_problem
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,8 +67,83 @@ STATE_STYLES = {
 }
 
 
+TARGET_ENV = "OPSCORE_TARGET"
+API_KEY_ENV = "OPSCORE_API_KEY"
+TARGET_SETTING = f"--target or {TARGET_ENV}"
+API_KEY_SETTING = f"--api-key or {API_KEY_ENV}"
+GLOBAL_HELP = (
+    f"Every client command takes --target HOST:PORT (env {TARGET_ENV}, default "
+    f"{DEFAULT_TARGET}), --api-key KEY (env {API_KEY_ENV}) and --json (JSON for "
+    "scripts, errors included), before or after the command name. They exit 1 "
+    "when the request fails, 2 on bad usage."
+)
+
+
 class CommandFailed(Exception):
     """Raised inside a command to end it with a message and exit code 1."""
+
+
+@dataclass(frozen=True)
+class Globals:
+    """The connection options given before the command name (None: not given)."""
+
+    target: str | None = None
+    api_key: str | None = None
+    as_json: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Globals:
+        return cls(options.get("target"), options.get("api_key"), bool(options.get("as_json")))
+
+
+def wants_json(argv: Iterable[str]) -> bool:
+    """Whether --json is among the options (before a `--`), so that even a usage
+    error found before any command runs can be reported as JSON."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--json, --target and --api-key, for the group and for every client command."""
+    fn = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        default=None,
+        help="Print JSON for scripts (one object per line when watching); errors too.",
+    )(fn)
+    fn = click.option(
+        "--api-key",
+        metavar="KEY",
+        help=f"API key, sent as 'authorization: Bearer KEY'.  [env {API_KEY_ENV}]",
+    )(fn)
+    fn = click.option(
+        "--target",
+        metavar="HOST:PORT",
+        help=f"Server address.  [env {TARGET_ENV}; default {DEFAULT_TARGET}]",
+    )(fn)
+    return fn
+
+
+_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
+
+
+def check_target(target: str) -> str:
+    """HOST:PORT; a URL gets a hint instead of a connection error."""
+    lowered = target.strip().lower()
+    for scheme in _URL_SCHEMES:
+        if lowered.startswith(scheme):
+            bare = target.strip()[len(scheme) :].rstrip("/")
+            raise click.BadParameter(
+                f"{target!r} is a URL; give HOST:PORT without a scheme, e.g. "
+                f"--target {bare or DEFAULT_TARGET}",
+                param_hint="--target",
+            )
+    return target
 
 
 @dataclass
@@ -111,12 +196,20 @@ class Cli:
             click.echo(f"Error: {message}", err=True)
 
     def fail_rpc(self, exc: OpsCoreError) -> NoReturn:
-        message = f"{exc.code.name}: {exc.message}"
-        if isinstance(exc, UnavailableError):
-            message += (
-                f"\n  cannot reach an Ops-Core server at {self.target}: is it running? "
-                "(set --target or OPSCORE_TARGET)"
+        problem = connection_problem(
+            exc, self.target, target_setting=TARGET_SETTING, api_key_setting=API_KEY_SETTING
+        )
+        if problem is not None:
+            # One line: what is wrong and which setting fixes it.
+            self.error(
+                f"{exc.code.name}: {problem}" if not self.as_json else problem,
+                code=exc.code.name,
+                reason=exc.reason,
+                request_id=exc.request_id,
+                field_violations=[],
             )
+            sys.exit(EXIT_FAILED)
+        message = f"{exc.code.name}: {exc.message}"
         for violation in exc.field_violations:
             message += f"\n  {violation.field}: {violation.description}"
         if exc.request_id and not self.as_json:
@@ -132,12 +225,50 @@ class Cli:
         )
         sys.exit(EXIT_FAILED)
 
+    def warn(self, message: str) -> None:
+        """A note on stderr that does not fail the command."""
+        if self.as_json:
+            click.echo(json.dumps({"warning": {"message": message}}), err=True)
+        else:
+            self.err.print(Text(f"note: {message}", style="yellow"))
+
+    def more_results(self, shown: int, what: str) -> None:
+        """Say that --limit cut the list short."""
+        self.warn(f"showing the first {shown} {what}; more exist (--limit 0 shows all)")
+
     def print_json(self, value: Any, *, compact: bool = False) -> None:
         text = json.dumps(value, indent=None if compact else 2, sort_keys=False)
         click.echo(text)
 
     def print(self, *renderables: Any) -> None:
         self.out.print(*renderables)
+
+
+class _WatchNotes(logging.Handler):
+    """Shows the client's reconnect messages of a watch as notes on stderr."""
+
+    def __init__(self, cli: Cli) -> None:
+        super().__init__(logging.INFO)
+        self.cli = cli
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "watch broken" in record.getMessage():
+            self.cli.warn(record.getMessage())
+
+
+@contextlib.contextmanager
+def watch_notes(cli: Cli, logger: logging.Logger) -> Iterator[None]:
+    """While watching: tell the user when the stream broke and is being resumed."""
+    handler = _WatchNotes(cli)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def _pipe_width() -> int:
@@ -151,34 +282,28 @@ def client_command(
     fn: Callable[..., Coroutine[Any, Any, int | None]],
 ) -> Callable[..., NoReturn]:
     """Make an `async def command(cli, **options)` a click callback with the
-    connection options --target, --api-key and --json."""
+    connection options --target, --api-key and --json (also taken before the
+    command name, see `Globals`)."""
 
     @functools.wraps(fn)
-    def callback(*, target: str, api_key: str | None, as_json: bool, **kwargs: Any) -> NoReturn:
-        cli = Cli(target=target, api_key=api_key, as_json=as_json)
+    def callback(
+        *, target: str | None, api_key: str | None, as_json: bool | None, **kwargs: Any
+    ) -> NoReturn:
+        ctx = click.get_current_context()
+        given = ctx.find_object(Globals) or Globals()
+        resolved_target = target or given.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+        key = next(
+            (k for k in (api_key, given.api_key, os.environ.get(API_KEY_ENV)) if k is not None),
+            None,
+        )
+        cli = Cli(
+            target=check_target(resolved_target),
+            api_key=key,
+            as_json=bool(as_json) or given.as_json,
+        )
         cli.run(fn(cli, **kwargs))
 
-    callback = click.option(
-        "--json",
-        "as_json",
-        is_flag=True,
-        help="Print JSON for scripts (one JSON object per line when watching).",
-    )(callback)
-    callback = click.option(
-        "--api-key",
-        envvar="OPSCORE_API_KEY",
-        show_envvar=True,
-        help="API key, sent as 'authorization: Bearer <key>'.",
-    )(callback)
-    callback = click.option(
-        "--target",
-        envvar="OPSCORE_TARGET",
-        show_envvar=True,
-        default=DEFAULT_TARGET,
-        show_default=True,
-        help="Server address HOST:PORT.",
-    )(callback)
-    return callback
+    return global_options(callback)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -202,14 +327,22 @@ def parse_payload(value: str | None, what: str = "--input") -> dict[str, Any] | 
             raise click.BadParameter(f"{path} is not valid: {exc}", param_hint=what) from None
     else:
         try:
-            data = json.loads(value)
+            data = json.loads(value, parse_constant=_not_json)
         except ValueError as exc:
             raise click.BadParameter(
                 f"not valid JSON ({exc}); pass a JSON object or @FILE", param_hint=what
             ) from None
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object ({...})", param_hint=what)
+    problem = json_like_problem(data, "")
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint=what)
     return data
+
+
+def _not_json(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (and every other client) does not.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -238,10 +371,25 @@ def parse_duration(value: str | None, what: str) -> timedelta | None:
 
 
 def limit_option(default: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The --limit option of list commands."""
+    """The --limit option of list commands: 0 for all, never negative."""
     return click.option(
-        "--limit", type=int, default=default, show_default=True, help="At most this many (0: all)."
+        "--limit",
+        type=click.IntRange(min=0),
+        default=default,
+        show_default=True,
+        help="At most this many (0: all); says so when more exist.",
     )
+
+
+async def take(items: AsyncIterator[T], limit: int) -> tuple[list[T], bool]:
+    """At most `limit` items (0: all), and whether more exist: one more is read
+    to find out."""
+    found: list[T] = []
+    async for item in items:
+        if limit and len(found) == limit:
+            return found, True
+        found.append(item)
+    return found, False
 
 
 def state_choice(enum: Any, prefix: str) -> click.Choice[str]:
@@ -296,14 +444,56 @@ def compact_json(value: Any, limit: int = 80) -> str:
 
 
 def message_json(message: Message) -> dict[str, Any]:
-    """A message as JSON-ready data: proto field names, every field present,
-    enums by name, integral numbers as ints."""
+    """A message as JSON-ready data: proto field names, every field present
+    (unset message fields as null), enums by name, 64-bit integers and
+    integral numbers as JSON numbers (not strings)."""
     data = json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+    _complete(message, data)
     return _integral(data)  # type: ignore[no-any-return]
+
+
+# Messages MessageToDict renders as JSON values of their own: not walked into.
+_JSON_VALUED = {
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+    "google.protobuf.ListValue",
+    "google.protobuf.Timestamp",
+    "google.protobuf.Duration",
+    "google.protobuf.Any",
+    "google.protobuf.FieldMask",
+}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _complete(message: Message, data: dict[str, Any]) -> None:
+    for fd in message.DESCRIPTOR.fields:
+        name = fd.name
+        sub = fd.message_type
+        if sub is not None and sub.GetOptions().map_entry:
+            continue
+        if sub is not None:
+            walk = sub.full_name not in _JSON_VALUED
+            if fd.is_repeated:
+                if walk:
+                    for item, out in zip(getattr(message, name), data.get(name, []), strict=False):
+                        _complete(item, out)
+            elif not message.HasField(name):
+                data[name] = None
+            elif walk:
+                _complete(getattr(message, name), data[name])
+        elif fd.type in _INT64 and name in data:
+            value = data[name]
+            data[name] = [int(v) for v in value] if fd.is_repeated else int(value)
 
 
 def _integral(value: Any) -> Any:
@@ -316,10 +506,16 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def table(*columns: str, title: str | None = None) -> Table:
+def table(*columns: str, title: str | None = None, wrap: Iterable[str] = ()) -> Table:
+    """A table that keeps one line per row: cells that do not fit the terminal
+    (80 columns is enough) are cut with an ellipsis, except the `wrap` columns."""
     t = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
+    wrapped = set(wrap)
     for column in columns:
-        t.add_column(column, overflow="fold")
+        if column in wrapped:
+            t.add_column(column, overflow="fold")
+        else:
+            t.add_column(column, no_wrap=True, overflow="ellipsis")
     return t
 
 
