@@ -5,69 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 from opscore_proto.v1 import lifecycle_pb2
 
 from opscore.client import OpsCoreClient
 from tests.conftest import eventually
+from tests.support.cli import OPSCORE, REPO_ROOT, clean_env, opscore
 from tests.support.procserver import free_port
 from tests.support.sdk import client_for
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-_SCRIPT = Path(sys.executable).with_name("opscore")
-OPSCORE = [str(_SCRIPT)] if _SCRIPT.exists() else [shutil.which("opscore") or "opscore"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSCORE_")}
-    env.update(PYTHONUNBUFFERED="1", COLUMNS="200", **extra)
-    return env
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def lines(self) -> list[Any]:
-        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
-
-    def __str__(self) -> str:
-        return f"exit {self.code}\n--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
-
-
-async def opscore(
-    *args: str, target: str | None = None, env: Mapping[str, str] | None = None
-) -> Result:
-    """Run `opscore ARGS` (with --target unless None) and collect its output."""
-    argv = [*OPSCORE, *args]
-    if target is not None:
-        argv += ["--target", target]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(env) if env is not None else clean_env(),
-        cwd=REPO_ROOT,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture

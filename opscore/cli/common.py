@@ -334,7 +334,7 @@ def parse_payload(value: str | None, what: str = "--input") -> dict[str, Any] | 
             ) from None
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object ({...})", param_hint=what)
-    problem = json_like_problem(data, "")
+    problem = json_like_problem(data, what.lstrip("-"))
     if problem is not None:
         raise click.BadParameter(problem, param_hint=what)
     return data

@@ -195,6 +195,10 @@ def enqueue_request(
     )
 
 
+#: What `_stream(announce_ready=True)` yields once the stream is registered.
+STREAM_READY = object()
+
+
 def _now_micros() -> int:
     return int(time.time() * 1_000_000)
 
@@ -344,19 +348,20 @@ class OpsCoreClient:
         method: str,
         request: Any,
         *,
-        on_ready: Callable[[], Awaitable[None]] | None = None,
+        announce_ready: bool = False,
     ) -> AsyncGenerator[Any, None]:
         """Iterate a server stream; translate errors; cancel the call when the
-        consumer stops early. `on_ready` runs once the server has registered
-        the stream (its initial metadata arrived), before the first message."""
+        consumer stops early. With `announce_ready`, `STREAM_READY` comes first,
+        once the server has registered the stream (its initial metadata
+        arrived): everything that happens from then on reaches this stream."""
         self._ensure_channel()
         request_id = uuid.uuid4().hex
         call = getattr(getattr(self, service), method)(request, metadata=self._metadata(request_id))
         try:
-            if on_ready is not None:
+            if announce_ready:
                 await call.initial_metadata()
                 if not call.done():
-                    await on_ready()
+                    yield STREAM_READY
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
@@ -586,42 +591,28 @@ class OpsCoreClient:
             ],
         )
         seen = AgentWatchState(set(request.agent_ids), request.capability, set(request.event_types))
-        missed: list[lifecycle_pb2.WatchAgentsResponse] = []
         first = True
-
-        async def ready() -> None:
-            nonlocal first
-            if first:
-                first = False
-                seen.watching_since(_now_micros())
-            else:
-                missed.extend(await seen.replay(self, _now_micros))
-
         delays = self.retry.delays(forever=True)
         while True:
             try:
                 async with contextlib.aclosing(
-                    self._stream(
-                        "_lifecycle",
-                        "WatchAgents",
-                        request,
-                        on_ready=ready if reconnect else None,
-                    )
+                    self._stream("_lifecycle", "WatchAgents", request, announce_ready=reconnect)
                 ) as stream:
                     async for event in stream:
-                        delays = self.retry.delays(forever=True)
-                        while missed:
-                            yield missed.pop(0)
-                        if seen.accept(event):
+                        if event is STREAM_READY:
+                            delays = self.retry.delays(forever=True)
+                            if first:
+                                seen.watching_since(_now_micros())
+                            else:
+                                for missed in await seen.replay(self, _now_micros):
+                                    yield missed
+                            first = False
+                        elif seen.accept(event):
                             yield event
-                while missed:
-                    yield missed.pop(0)
                 return
             except (UnavailableError, ResourceExhaustedError) as exc:
                 if not reconnect:
                     raise
-                while missed:
-                    yield missed.pop(0)
                 delay = next(delays)
                 log.info(
                     "agent watch broken (%s); reconnecting in %.1fs",
