@@ -34,7 +34,7 @@ class OpsCoreGroup(click.Group):
     """Click's group, except that with --json a usage error is a JSON object on
     stderr too (same exit code 2), so a script never has to parse prose."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -72,7 +72,7 @@ class OpsCoreGroup(click.Group):
 @click.version_option(__version__, prog_name="opscore")
 @global_options
 @click.pass_context
-def main(ctx: click.Context, **options: Any) -> None:
+def main(ctx: click.Context, /, **options: Any) -> None:
     ctx.obj = Globals.from_options(options)
 
 

@@ -33,6 +33,7 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -241,6 +242,9 @@ class Cli:
         click.echo(text)
 
     def print(self, *renderables: Any) -> None:
+        for r in renderables:
+            if isinstance(r, Table) and r.show_header:
+                fit(r, self.out.width)
         self.out.print(*renderables)
 
 
@@ -506,17 +510,45 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def table(*columns: str, title: str | None = None, wrap: Iterable[str] = ()) -> Table:
-    """A table that keeps one line per row: cells that do not fit the terminal
-    (80 columns is enough) are cut with an ellipsis, except the `wrap` columns."""
+#: Columns of free text: the ones shortened (with an ellipsis) when a table is
+#: wider than the terminal, so that ids, states and numbers stay whole.
+FLEX_COLUMNS = frozenset(
+    {"NAME", "FOR", "CAPABILITIES", "NOTE", "RESULT", "DETAILS", "WORKFLOW", "PARAMETERS"}
+)
+_MIN_FLEX = 6
+_COLUMN_GAP = 2
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A table that keeps one line per row (see `fit`)."""
     t = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
-    wrapped = set(wrap)
     for column in columns:
-        if column in wrapped:
-            t.add_column(column, overflow="fold")
-        else:
-            t.add_column(column, no_wrap=True, overflow="ellipsis")
+        t.add_column(column, no_wrap=True, overflow="ellipsis")
     return t
+
+
+def fit(t: Table, width: int) -> None:
+    """Shorten the free-text columns of `t` (FLEX_COLUMNS) so that its rows fit
+    `width` characters; the other columns keep their full width."""
+    need = [
+        max([cell_len(str(column.header)), *(cell_len(_plain(c)) for c in column._cells)])
+        for column in t.columns
+    ]
+    total = sum(need) + _COLUMN_GAP * (len(need) - 1)
+    flex = [i for i, column in enumerate(t.columns) if str(column.header) in FLEX_COLUMNS]
+    if total <= width or not flex:
+        return
+    room = width - (total - sum(need[i] for i in flex))
+    # Largest first: each flexible column gets an equal share of what is left,
+    # or less if it needs less.
+    for n, i in enumerate(sorted(flex, key=lambda i: need[i])):
+        share = max(_MIN_FLEX, room // (len(flex) - n))
+        t.columns[i].max_width = min(need[i], share)
+        room -= t.columns[i].max_width
+
+
+def _plain(cell: Any) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
 
 
 def details_table(rows: Iterable[tuple[str, Any]]) -> Table:
