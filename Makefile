@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed-stamp
 .PHONY: help install run test lint protos protos-check bench clean
 
 help:
-	@echo "make run          serve on 127.0.0.1:50051 (db ./opscore.db); installs first"
+	@echo "make run          serve on 127.0.0.1:50051 (db ./opscore.db, text logs); installs first"
 	@echo "make test         lint + full test suite; installs first"
 	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
 	@echo "make protos       regenerate generated/ from protos/"
@@ -28,8 +28,10 @@ $(NODE_STAMP): package.json
 
 install: $(STAMP)
 
+# Development: text logs for people. `opscore serve` itself logs JSON (production);
+# OPSCORE_LOG_FORMAT=json make run, or make run ARGS='--log-format json', for that.
 run: $(STAMP)
-	$(VENV)/bin/opscore serve $(ARGS)
+	OPSCORE_LOG_FORMAT=$${OPSCORE_LOG_FORMAT:-text} $(VENV)/bin/opscore serve $(ARGS)
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -15,7 +15,9 @@ input (`{"text": ...}`) and a workflow task's input (`parameters`, the session
 translates the summary.
 
 Stop it with Ctrl-C or SIGTERM: it finishes the tasks it holds, reports FINISHED
-and exits 0.
+and exits 0. A rejected API key, or a server it cannot reach at start (after a
+few seconds of retries, or --wait-for-server SECONDS), ends it with one line
+saying which option to fix, and exit code 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from typing import Any
 
 from opscore.agent import Agent, NonRetryableError, TaskContext
+from opscore.client.errors import UnauthenticatedError, UnavailableError, connection_problem
 
 log = logging.getLogger("example-agent")
 
@@ -128,19 +131,41 @@ def main(argv: list[str] | None = None) -> int:
         "--agent-id", default=None, help="stable id [env OPSCORE_AGENT_ID; default example-text-1]"
     )
     parser.add_argument("--max-in-flight", type=int, default=2)
+    parser.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long to wait for an unreachable server at start (default: a few "
+        "seconds of retries; -1: forever)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The client's notes on each retry are noise here; its final error is not.
+    logging.getLogger("opscore.client").setLevel(logging.WARNING)
     agent_id = args.agent_id or os.environ.get("OPSCORE_AGENT_ID") or "example-text-1"
     agent = build_agent(
         agent_id=agent_id,
         target=args.target,
         api_key=args.api_key,
         max_in_flight=args.max_in_flight,
+        startup_timeout=None if args.wait_for_server < 0 else args.wait_for_server,
     )
     log.info("connecting to %s as %s", agent.client.target, agent_id)
-    agent.run_sync()
+    try:
+        asyncio.run(agent.run())
+    except (UnauthenticatedError, UnavailableError) as exc:
+        # One line that says what to fix, not a traceback.
+        problem = connection_problem(
+            exc,
+            agent.client.target,
+            target_setting="--target or OPSCORE_TARGET",
+            api_key_setting="--api-key or OPSCORE_API_KEY",
+        )
+        print(f"example agent: {problem or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

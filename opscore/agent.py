@@ -26,7 +26,10 @@ What `run()` does:
 4. Completes the task with the handler's return value (a dict is the output;
    any other value `v` becomes `{"result": v}`; None leaves it empty), or fails
    it with the exception it raised: type and message, with the traceback in the
-   details. `NonRetryableError` fails the task for good.
+   details (`{"traceback": ..., "exception_type": "module.Class"}`), and logs
+   the failure at WARNING with the traceback. `NonRetryableError` fails the
+   task for good. An output that is not JSON-like fails it for good too,
+   naming the key and the type (`output['when']: datetime is not JSON-like`).
 5. Honours cancellations (from the stream, or a heartbeat answering
    `cancel_requested`) by cancelling the handler's asyncio task; no result is
    sent. A thread cannot be interrupted: a sync handler should check
@@ -39,6 +42,12 @@ What `run()` does:
    holds finish (up to `shutdown_timeout`, after which they are cancelled and
    failed as retryable so another agent picks them up), reports `FINISHED` and
    returns. A second signal skips the wait.
+
+Logging: the agent logs to the `opscore.agent` logger. When the application has
+configured no logging at all, `run()` adds a handler to the `opscore` logger
+that prints WARNING and above to stderr (handler failures with their
+traceback, reconnections), so the smallest agent shows what goes wrong; it
+steps aside as soon as the application configures a root handler.
 """
 
 from __future__ import annotations
@@ -69,8 +78,11 @@ from opscore.client.errors import (
     FailedPreconditionError,
     NotFoundError,
     OpsCoreError,
+    UnauthenticatedError,
     UnavailableError,
+    connection_problem,
 )
+from opscore.limits import MAX_DETAILS_BYTES
 
 __all__ = ["Agent", "Handler", "NonRetryableError", "TaskContext"]
 
@@ -83,7 +95,66 @@ H = TypeVar("H", bound=Handler)
 _IDLE = lifecycle_pb2.AGENT_STATE_IDLE
 _ACTIVE = lifecycle_pb2.AGENT_STATE_ACTIVE
 _FINISHED = lifecycle_pb2.AGENT_STATE_FINISHED
+# The failure details (traceback + the handler's own details) must stay within
+# the server's limit, or the failure itself is refused and the attempt lingers
+# until its lease ends. Characters of the traceback's tail kept at most:
 _TRACEBACK_LIMIT = 16_000
+
+
+class _DefaultHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr for the `opscore` logger of an application that configured no
+    logging; silent once a root handler exists (no line is printed twice)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        super().emit(record)
+
+
+def _default_logging() -> None:
+    root, ours = logging.getLogger(), logging.getLogger("opscore")
+    if root.handlers or ours.handlers:
+        return
+    handler = _DefaultHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+
+
+def _qualified_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def _failure_details(exc: BaseException, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The traceback, the exception's type and `extra` (a NonRetryableError's
+    details), cut down to fit the server's limit on error details."""
+    trace = "".join(traceback.format_exception(exc))
+    details: dict[str, Any] = {"exception_type": _qualified_name(exc)}
+    try:
+        to_struct(dict(extra), "details")
+        details.update(extra)
+    except TypeError as problem:
+        details["details_error"] = f"the error's details were dropped: {problem}"
+    details["traceback"] = trace[-_TRACEBACK_LIMIT:]
+    while True:
+        struct = to_struct(details, "details")
+        assert struct is not None
+        size = struct.ByteSize()
+        if size <= MAX_DETAILS_BYTES:
+            return details
+        keep = len(details["traceback"]) - (size - MAX_DETAILS_BYTES) - 64
+        if keep > 0:
+            details["traceback"] = details["traceback"][-keep:]
+        else:  # the handler's own details are too big: keep ours
+            details = {
+                "exception_type": details["exception_type"],
+                "details_error": "the error's details were dropped: larger than "
+                f"{MAX_DETAILS_BYTES} bytes",
+                "traceback": trace[-_TRACEBACK_LIMIT // 2 :],
+            }
 
 
 class NonRetryableError(Exception):
@@ -195,7 +266,7 @@ class TaskContext:
         heartbeat goes out.
         """
         snapshot = dict(progress)
-        to_struct(snapshot)  # fail here, in the handler, if it is not JSON-like
+        to_struct(snapshot, "progress")  # fail here, in the handler, if it is not JSON-like
         with self._progress_lock:
             self._progress = snapshot
         try:
@@ -301,7 +372,11 @@ class Agent:
     `shutdown_timeout` is how long a graceful shutdown waits for running
     tasks. `liveness_interval` is how often the agent proves it is alive while
     it has no subscription open (finishing tasks during shutdown); keep it
-    below the server's agent timeout (30 s by default).
+    below the server's agent timeout (30 s by default). `startup_timeout` is
+    how long `run()` waits for an unreachable server at start before raising
+    `UnavailableError`: None (the default) waits for as long as it takes, so
+    agents and server can start in any order; 0 gives up after the client's
+    own retries (a few seconds).
     """
 
     def __init__(
@@ -317,6 +392,7 @@ class Agent:
         max_in_flight: int = 1,
         shutdown_timeout: Seconds = 30.0,
         liveness_interval: Seconds = 10.0,
+        startup_timeout: Seconds | None = None,
         client: OpsCoreClient | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
@@ -331,6 +407,8 @@ class Agent:
         self.max_in_flight = max_in_flight
         self.shutdown_timeout = _seconds(shutdown_timeout)
         self.liveness_interval = _seconds(liveness_interval)
+        self.startup_timeout = None if startup_timeout is None else _seconds(startup_timeout)
+        self._joined_once = False
         self._client_args = (target, api_key, env)
         self._given_client = client
         #: The client the agent talks through (created by `run()` unless given).
@@ -397,8 +475,19 @@ class Agent:
     # ------------------------------------------------------------------ running
 
     def run_sync(self) -> None:
-        """Run the agent until it is shut down (SIGTERM/SIGINT), blocking."""
-        asyncio.run(self.run())
+        """Run the agent until it is shut down (SIGTERM/SIGINT), blocking: the
+        entry point of an agent script.
+
+        When the server refuses the API key, or cannot be reached at start
+        (with a `startup_timeout`), it exits the program with status 1 and one
+        line on stderr saying what to fix, instead of a traceback. Use
+        `await run()` to handle those errors yourself.
+        """
+        try:
+            asyncio.run(self.run())
+        except (UnauthenticatedError, UnavailableError) as exc:
+            problem = connection_problem(exc, self.client.target) or str(exc)
+            raise SystemExit(f"opscore agent {self.agent_id or self.name}: {problem}") from None
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until `shutdown()`, a signal (when `handle_signals` and on the main
@@ -408,6 +497,7 @@ class Agent:
             raise ValueError("register at least one handler with @agent.task(...) first")
         if self._running:
             raise RuntimeError("the agent is already running")
+        _default_logging()
         self._running = True
         self._done = asyncio.Event()
         if self._given_client is None and self.client.closed:
@@ -490,6 +580,12 @@ class Agent:
         deregistered. A FINISHED agent from an earlier run gets no work until it
         reports IDLE, hence the report."""
         backoff = _Backoff()
+        loop = asyncio.get_running_loop()
+        give_up = (
+            None
+            if self._joined_once or self.startup_timeout is None
+            else loop.time() + self.startup_timeout
+        )
         while not self._stopping:
             try:
                 agent = await self.client.register_agent(
@@ -506,6 +602,12 @@ class Agent:
                 await self._reporter.send(_ACTIVE if self._held else _IDLE)
             except (UnavailableError, NotFoundError) as exc:
                 delay = backoff.next()
+                if (
+                    isinstance(exc, UnavailableError)
+                    and give_up is not None
+                    and loop.time() + delay > give_up
+                ):
+                    raise
                 log.warning("server %s: %s; retrying in %.1fs", self.client.target, exc, delay)
                 await self._pause(delay)
                 continue
@@ -513,6 +615,7 @@ class Agent:
                 log.warning("cannot report IDLE: %s", exc)
                 self._deregistered = True
                 return False
+            self._joined_once = True
             log.info(
                 "agent %s registered with capabilities %s",
                 self.agent_id,
@@ -662,15 +765,25 @@ class Agent:
             self._load_changed()
 
     async def _report_exception(self, ctx: TaskContext, exc: BaseException) -> None:
-        trace = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
-        details: dict[str, Any] = {"traceback": trace}
+        retryable = not isinstance(exc, NonRetryableError)
+        extra = exc.details if isinstance(exc, NonRetryableError) else {}
+        details = _failure_details(exc, extra)
         if isinstance(exc, NonRetryableError):
-            details.update(exc.details)
             error_type = exc.error_type or type(exc).__name__
         else:
             error_type = type(exc).__name__
         message = str(exc) or error_type
-        log.info("task %s attempt %d failed: %s: %s", ctx.task_id, ctx.attempt, error_type, message)
+        log.warning(
+            "task %s (%s) attempt %d failed%s: %s: %s",
+            ctx.task_id,
+            ctx.capability or ctx.name,
+            ctx.attempt,
+            "" if retryable else " for good",
+            error_type,
+            message,
+            exc_info=exc,
+            extra={"task_id": ctx.task_id, "attempt": ctx.attempt},
+        )
         await self._send_failure(
             ctx, message, error_type, details, non_retryable=isinstance(exc, NonRetryableError)
         )
@@ -683,15 +796,18 @@ class Agent:
         else:
             output = {"result": result}
         try:
-            struct = to_struct(output)
+            struct = to_struct(output, "output")
         except TypeError as exc:
-            await self._send_failure(
-                ctx,
-                f"the handler returned a value that is not JSON-like: {exc}",
-                "InvalidOutput",
-                None,
-                non_retryable=True,
+            message = f"the handler's output is not JSON-like: {exc}"
+            log.warning(
+                "task %s (%s) attempt %d failed for good: %s",
+                ctx.task_id,
+                ctx.capability or ctx.name,
+                ctx.attempt,
+                message,
+                extra={"task_id": ctx.task_id, "attempt": ctx.attempt},
             )
+            await self._send_failure(ctx, message, "InvalidOutput", None, non_retryable=True)
             return
         sent = await self._deliver(
             ctx,

@@ -180,7 +180,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "log_format",
         "OPSCORE_LOG_FORMAT",
-        "One JSON object per line, or text for people.  [default json]",
+        "One JSON object per line (for log collectors), or text for people (`make run` "
+        "uses text).  [default json]",
         choices=("json", "text"),
     ),
     Setting(

@@ -346,6 +346,120 @@ async def test_watch_session_resumes_across_a_server_restart(harness):
     assert seen[-1].event_type == workflow_pb2.SESSION_EVENT_TYPE_SESSION_CANCELLED
 
 
+class _Records(logging.Handler):
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.INFO)
+        self.needle = needle
+        self.count = 0
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.count += 1
+            self.changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        async def enough() -> None:
+            while self.count < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(enough(), timeout)
+
+
+async def test_watch_session_outlasts_the_unary_retry_budget(harness):
+    """A watch reconnects for as long as it is iterated, not just for the
+    retries a unary call gets (it used to give up after ~6 s)."""
+    logger = logging.getLogger("opscore.client")
+    broken = _Records("session watch broken")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(broken)
+    tiny = RetryConfig(
+        max_attempts=2, initial_backoff=timedelta(milliseconds=20), max_backoff=timedelta(0.05)
+    )
+    try:
+        async with client_for(harness, retry=tiny) as c:
+            await c.create_workflow_definition(
+                {"id": "parked", "tasks": [{"id": "only", "capability": "nobody.yet"}]}
+            )
+            session = await c.start_workflow("parked")
+            seen: list[workflow_pb2.SessionEvent] = []
+            two = asyncio.Event()
+
+            async def watch() -> None:
+                async for event in c.watch_session(session.session_id):
+                    seen.append(event)
+                    if len(seen) == 2:
+                        two.set()
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.wait_for(two.wait(), 10)
+            await harness.stop()
+            await broken.wait_for(5)  # far past max_attempts=2
+            assert not watcher.done()
+            await harness.start()
+            async with client_for(harness) as other:
+                await other.cancel_session(session.session_id)
+            await asyncio.wait_for(watcher, 30)
+    finally:
+        logger.removeHandler(broken)
+        logger.setLevel(old_level)
+    assert [e.sequence for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1].event_type == workflow_pb2.SESSION_EVENT_TYPE_SESSION_CANCELLED
+
+
+async def test_response_methods_say_whether_something_was_created(harness):
+    async with client_for(harness) as c:
+        first = await c.register_agent_response("fresh", capabilities=["x"])
+        again = await c.register_agent_response("fresh", capabilities=["x", "y"])
+        assert first.created and not again.created
+        assert list(again.agent.capabilities) == ["x", "y"]
+
+        new = await c.enqueue_task_response("x", input={"n": 1}, idempotency_key="same")
+        old = await c.enqueue_task_response("x", input={"n": 2}, idempotency_key="same")
+        assert new.created and not old.created
+        assert old.task.task_id == new.task.task_id and to_dict(old.task.input) == {"n": 1}
+        batch = await c.enqueue_tasks_response(
+            [enqueue_request("x", idempotency_key="same"), enqueue_request("x")]
+        )
+        assert [r.created for r in batch.results] == [False, True]
+
+        definition = {"id": "once", "tasks": [{"id": "a", "capability": "x"}]}
+        stored = await c.create_workflow_definition_response(definition)
+        unchanged = await c.create_workflow_definition_response(definition)
+        assert stored.created and not unchanged.created
+        assert unchanged.definition.version == stored.definition.version == 1
+
+        started = await c.start_workflow_response("once", idempotency_key="s")
+        returned = await c.start_workflow_response("once", idempotency_key="s")
+        assert started.created and not returned.created
+        assert returned.session.session_id == started.session.session_id
+        # The existing methods still return the resource itself.
+        task = await c.enqueue_task("x", idempotency_key="same")
+        assert task.task_id == new.task.task_id
+
+    def blocking() -> bool:
+        with OpsCoreClientSync(harness.target, env={}) as sync:
+            return sync.enqueue_task_response("x", idempotency_key="same").created
+
+    assert await asyncio.to_thread(blocking) is False
+
+
+def test_json_like_problems_name_the_key_path():
+    from opscore.client.convert import json_like_problem, to_struct
+
+    when = datetime.now(UTC)
+    assert json_like_problem({"a": [1, {"when": when}]}, "output") == (
+        "output['a'][1]['when']: datetime is not JSON-like"
+    )
+    assert json_like_problem({1: "x"}, "input") == "input: key 1 is a int, not a string"
+    assert json_like_problem({"x": float("nan")}, "input") == "input['x']: nan is not a JSON number"
+    assert json_like_problem({"ok": [None, True, 1.5, "s", {"n": 1}]}) is None
+    with pytest.raises(TypeError, match=r"details\['when'\]: datetime is not JSON-like"):
+        to_struct({"when": when}, "details")
+
+
 def _yaml_tasks() -> str:
     return (
         "name: SDK flow\n"

@@ -1,15 +1,25 @@
-"""The generated protobuf code: up to date with protos/, and shipped correctly in the wheel."""
+"""The generated protobuf code: up to date with protos/, and shipped correctly in the
+wheel; and the wheel as another project uses it: `pip install opscore` (no extra)
+into a fresh venv gives the SDK, the Agent and the CLI's client commands, enough
+to run an agent from outside this checkout against a running server, while
+`opscore serve` says which extra it needs."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from opscore_proto.v1 import dispatch_pb2
+
+from opscore.client import OpsCoreClientSync, to_dict
+from tests.support.procserver import running_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GEN_SCRIPT = REPO_ROOT / "scripts" / "gen_protos.py"
@@ -128,3 +138,91 @@ def test_wheel_installs_opscore_proto(tmp_path: Path) -> None:
     assert info["has_py_typed"] is True, info
     for name in ("dispatch_pb2.pyi", "lifecycle_pb2.pyi", "lifecycle_pb2_grpc.pyi"):
         assert name in info["pyi"], info
+
+    # The plain install is the client: the server's own dependencies are not there,
+    # and `opscore serve` says how to get them instead of a traceback.
+    serve = _run([str(venv / "bin" / "opscore"), "serve"], cwd=tmp_path, timeout=60)
+    assert serve.returncode == 2, _describe(serve)
+    assert "pip install 'opscore[server]'" in serve.stderr, _describe(serve)
+    assert "Traceback" not in serve.stderr, _describe(serve)
+
+    _run_an_agent_from_outside_the_checkout(tmp_path, venv)
+
+
+_OUTSIDE_AGENT = textwrap.dedent(
+    """
+    import sys
+    import opscore
+    from opscore.agent import Agent
+
+    agent = Agent("outside", agent_id="outside-1", target=sys.argv[1])
+
+    @agent.task("outside.echo")
+    def echo(task):
+        return {"echo": task.input["text"], "from": opscore.__file__}
+
+    agent.run_sync()
+    """
+)
+
+
+def _run_an_agent_from_outside_the_checkout(tmp_path: Path, venv: Path) -> None:
+    elsewhere = tmp_path / "another-project"
+    elsewhere.mkdir()
+    script = elsewhere / "agent.py"
+    script.write_text(_OUTSIDE_AGENT)
+    # The server runs from the checkout (with the server extra); the agent and
+    # the CLI run from the fresh venv, in a directory of their own.
+    with running_server(tmp_path) as server:
+        log = (elsewhere / "agent.log").open("wb")
+        agent = subprocess.Popen(
+            [str(venv / "bin" / "python"), str(script), server.target],
+            cwd=elsewhere,
+            env=_clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            with OpsCoreClientSync(server.target, env={}) as client:
+                deadline = time.monotonic() + 30
+                while not _subscribed(client, "outside-1"):
+                    assert agent.poll() is None, (elsewhere / "agent.log").read_text()
+                    assert time.monotonic() < deadline, (elsewhere / "agent.log").read_text()
+                    time.sleep(0.1)
+                task = client.enqueue_task("outside.echo", input={"text": "hi"})
+                cli = _run(
+                    [
+                        str(venv / "bin" / "opscore"),
+                        "tasks",
+                        "enqueue",
+                        "outside.echo",
+                        "--input",
+                        '{"text": "from the cli"}',
+                        "--wait",
+                        "--json",
+                        "--target",
+                        server.target,
+                    ],
+                    cwd=elsewhere,
+                    timeout=60,
+                )
+                assert cli.returncode == 0, _describe(cli)
+                assert json.loads(cli.stdout)["output"]["echo"] == "from the cli"
+                done = client.get_task(task.task_id)
+                assert done.state == dispatch_pb2.TASK_STATE_COMPLETED, done
+                output = to_dict(done.output)
+                assert output["echo"] == "hi"
+                assert Path(output["from"]).resolve().is_relative_to(venv.resolve()), output
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+            log.close()
+    assert agent.returncode == 0, (elsewhere / "agent.log").read_text()
+
+
+def _subscribed(client: OpsCoreClientSync, agent_id: str) -> bool:
+    try:
+        return client.get_agent(agent_id).open_subscriptions == 1
+    except Exception:
+        return False

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -37,6 +38,7 @@ from opscore_proto.v1 import (
     workflow_pb2_grpc,
 )
 
+from opscore.client._resume import AgentWatchState
 from opscore.client.convert import (
     Seconds,
     enum_value,
@@ -44,7 +46,7 @@ from opscore.client.convert import (
     to_struct,
     to_timestamp,
 )
-from opscore.client.errors import UnavailableError, error_from_rpc
+from opscore.client.errors import ResourceExhaustedError, UnavailableError, error_from_rpc
 
 log = logging.getLogger("opscore.client")
 
@@ -99,13 +101,17 @@ class RetryConfig:
         if self.multiplier < 1.0:
             raise ValueError("multiplier must be at least 1.0")
 
-    def delays(self) -> Iterator[float]:
-        """The jittered waits, in seconds, before each retry."""
+    def delays(self, *, forever: bool = False) -> Iterator[float]:
+        """The jittered waits, in seconds, before each retry: `max_attempts - 1`
+        of them, or with `forever` an endless series (streams that reconnect
+        until the consumer stops), each at most `max_backoff`."""
         base = self.initial_backoff.total_seconds()
         cap = self.max_backoff.total_seconds()
-        for n in range(self.max_attempts - 1):
-            step = min(cap, base * self.multiplier**n)
+        n = 0
+        while forever or n < self.max_attempts - 1:
+            step = min(cap, base * self.multiplier ** min(n, 64))
             yield random.uniform(step / 2, step)
+            n += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +184,7 @@ def enqueue_request(
         name=name,
         capability=capability,
         agent_id=agent_id,
-        input=to_struct(input),
+        input=to_struct(input, "input"),
         priority=priority,
         schedule_time=to_timestamp(schedule_time),
         delay=to_duration(delay),
@@ -187,6 +193,14 @@ def enqueue_request(
         heartbeat_timeout=to_duration(heartbeat_timeout),
         idempotency_key=_key(idempotency_key),
     )
+
+
+#: What `_stream(announce_ready=True)` yields once the stream is registered.
+STREAM_READY = object()
+
+
+def _now_micros() -> int:
+    return int(time.time() * 1_000_000)
 
 
 class OpsCoreClient:
@@ -328,13 +342,26 @@ class OpsCoreClient:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _stream(self, service: str, method: str, request: Any) -> AsyncGenerator[Any, None]:
+    async def _stream(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        announce_ready: bool = False,
+    ) -> AsyncGenerator[Any, None]:
         """Iterate a server stream; translate errors; cancel the call when the
-        consumer stops early."""
+        consumer stops early. With `announce_ready`, `STREAM_READY` comes first,
+        once the server has registered the stream (its initial metadata
+        arrived): everything that happens from then on reaches this stream."""
         self._ensure_channel()
         request_id = uuid.uuid4().hex
         call = getattr(getattr(self, service), method)(request, metadata=self._metadata(request_id))
         try:
+            if announce_ready:
+                await call.initial_metadata()
+                if not call.done():
+                    yield STREAM_READY
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
@@ -383,8 +410,31 @@ class OpsCoreClient:
         """Register an agent, or update it when `agent_id` is known. An empty
         `agent_id` makes the server generate one: keep `agent.agent_id`. A new
         agent starts INITIALIZING; re-registering keeps its state and
-        `register_time`."""
-        resp = await self._unary(
+        `register_time`. `register_agent_response` also says whether the agent
+        was new (`created`)."""
+        resp = await self.register_agent_response(
+            agent_id,
+            name=name,
+            version=version,
+            capabilities=capabilities,
+            contact_endpoint=contact_endpoint,
+            metadata=metadata,
+        )
+        return resp.agent
+
+    async def register_agent_response(
+        self,
+        agent_id: str = "",
+        *,
+        name: str = "",
+        version: str = "",
+        capabilities: Iterable[str] = (),
+        contact_endpoint: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> lifecycle_pb2.RegisterAgentResponse:
+        """`register_agent`, returning the whole response: `agent`, and
+        `created` (False when an existing agent was updated)."""
+        return await self._unary(  # type: ignore[no-any-return]
             "_lifecycle",
             "RegisterAgent",
             lifecycle_pb2.RegisterAgentRequest(
@@ -397,7 +447,6 @@ class OpsCoreClient:
             ),
             retry=True,
         )
-        return resp.agent  # type: ignore[no-any-return]
 
     async def deregister_agent(self, agent_id: str) -> lifecycle_pb2.Agent:
         """Remove an agent from dispatch; the tasks it holds are retried
@@ -473,7 +522,7 @@ class OpsCoreClient:
             lifecycle_pb2.ReportStateRequest(
                 agent_id=agent_id,
                 state=enum_value(lifecycle_pb2.AgentState, "AGENT_STATE_", state),  # type: ignore[arg-type]
-                details=to_struct(details),
+                details=to_struct(details, "details"),
                 observe_time=to_timestamp(observe_time),
             ),
             retry=True,
@@ -524,10 +573,14 @@ class OpsCoreClient:
         offline, deregistered), optionally filtered; `event_types` by name
         ("state_changed") or number. Only events after the stream opened.
 
-        With `reconnect`, a stream ended by UNAVAILABLE (server draining or
-        unreachable) is reopened with backoff; events in the gap are lost (list
-        the agents again for a snapshot). Without it, `UnavailableError` is
-        raised. Stop by breaking out of the loop.
+        With `reconnect`, a stream ended by UNAVAILABLE (server draining,
+        restarting or unreachable) or RESOURCE_EXHAUSTED (this watcher fell
+        behind) is reopened with backoff, for as long as the iteration goes on;
+        once the new stream is open, the events missed in the gap are replayed
+        from the agents' histories (oldest first, each carrying the agent as it
+        is now), and none is delivered twice. Re-registrations with new details
+        (UPDATED) in the gap cannot be recovered. Without `reconnect`, the error
+        is raised. Stop by breaking out of the loop.
         """
         request = lifecycle_pb2.WatchAgentsRequest(
             agent_ids=list(agent_ids),
@@ -537,20 +590,36 @@ class OpsCoreClient:
                 for t in event_types
             ],
         )
-        delays = self.retry.delays()
+        seen = AgentWatchState(set(request.agent_ids), request.capability, set(request.event_types))
+        first = True
+        delays = self.retry.delays(forever=True)
         while True:
             try:
                 async with contextlib.aclosing(
-                    self._stream("_lifecycle", "WatchAgents", request)
+                    self._stream("_lifecycle", "WatchAgents", request, announce_ready=reconnect)
                 ) as stream:
                     async for event in stream:
-                        delays = self.retry.delays()
-                        yield event
+                        if event is STREAM_READY:
+                            delays = self.retry.delays(forever=True)
+                            if first:
+                                seen.watching_since(_now_micros())
+                            else:
+                                for missed in await seen.replay(self, _now_micros):
+                                    yield missed
+                            first = False
+                        elif seen.accept(event):
+                            yield event
                 return
-            except UnavailableError:
-                delay = next(delays, None) if reconnect else None
-                if delay is None:
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                if not reconnect:
                     raise
+                delay = next(delays)
+                log.info(
+                    "agent watch broken (%s); reconnecting in %.1fs",
+                    exc.code.name,
+                    delay,
+                    extra={"method": "WatchAgents"},
+                )
                 await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ dispatch
@@ -579,7 +648,41 @@ class OpsCoreClient:
         agent sends no heartbeat for that long. `idempotency_key`: enqueueing
         again with the same key returns the first task; None generates a fresh
         key so that retries after UNAVAILABLE are safe, "" sends none.
+        `enqueue_task_response` also says whether the task is new (`created`).
         """
+        resp = await self.enqueue_task_response(
+            capability,
+            agent_id=agent_id,
+            input=input,
+            name=name,
+            priority=priority,
+            schedule_time=schedule_time,
+            delay=delay,
+            retry_policy=retry_policy,
+            timeout=timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            idempotency_key=idempotency_key,
+        )
+        return resp.task
+
+    async def enqueue_task_response(
+        self,
+        capability: str = "",
+        *,
+        agent_id: str = "",
+        input: StructLike | None = None,
+        name: str = "",
+        priority: int = 0,
+        schedule_time: datetime | None = None,
+        delay: Seconds | None = None,
+        retry_policy: TaskRetry | common_pb2.RetryPolicy | None = None,
+        timeout: Seconds | None = None,
+        heartbeat_timeout: Seconds | None = None,
+        idempotency_key: str | None = None,
+    ) -> dispatch_pb2.EnqueueTaskResponse:
+        """`enqueue_task`, returning the whole response: `task`, and `created`,
+        False when `idempotency_key` matched an existing task (which is
+        returned unchanged, whatever this call's other arguments say)."""
         request = enqueue_request(
             capability,
             agent_id=agent_id,
@@ -593,10 +696,9 @@ class OpsCoreClient:
             heartbeat_timeout=heartbeat_timeout,
             idempotency_key=idempotency_key,
         )
-        resp = await self._unary(
+        return await self._unary(  # type: ignore[no-any-return]
             "_dispatch", "EnqueueTask", request, retry=bool(request.idempotency_key)
         )
-        return resp.task  # type: ignore[no-any-return]
 
     async def enqueue_tasks(
         self, requests: Iterable[dispatch_pb2.EnqueueTaskRequest]
@@ -604,11 +706,21 @@ class OpsCoreClient:
         """Queue up to 1000 tasks in one call and one commit (build each with
         `enqueue_request(...)`). Nothing is queued if any entry is invalid.
         Retried on UNAVAILABLE only when every entry has an idempotency key
-        (`enqueue_request` generates one unless told otherwise)."""
+        (`enqueue_request` generates one unless told otherwise).
+        `enqueue_tasks_response` also says which tasks are new."""
+        resp = await self.enqueue_tasks_response(requests)
+        return [r.task for r in resp.results]
+
+    async def enqueue_tasks_response(
+        self, requests: Iterable[dispatch_pb2.EnqueueTaskRequest]
+    ) -> dispatch_pb2.EnqueueTasksResponse:
+        """`enqueue_tasks`, returning the whole response: `results`, in request
+        order, each with `task` and `created`."""
         batch = dispatch_pb2.EnqueueTasksRequest(tasks=list(requests))
         safe = all(r.idempotency_key for r in batch.tasks)
-        resp = await self._unary("_dispatch", "EnqueueTasks", batch, retry=safe)
-        return [r.task for r in resp.results]
+        return await self._unary(  # type: ignore[no-any-return]
+            "_dispatch", "EnqueueTasks", batch, retry=safe
+        )
 
     async def subscribe_tasks(
         self, agent_id: str, *, capabilities: Iterable[str] = (), max_in_flight: int = 1
@@ -636,7 +748,10 @@ class OpsCoreClient:
             "_dispatch",
             "CompleteTask",
             dispatch_pb2.CompleteTaskRequest(
-                task_id=task_id, agent_id=agent_id, attempt=attempt, output=to_struct(output)
+                task_id=task_id,
+                agent_id=agent_id,
+                attempt=attempt,
+                output=to_struct(output, "output"),
             ),
             retry=True,
         )
@@ -663,7 +778,7 @@ class OpsCoreClient:
                 agent_id=agent_id,
                 attempt=attempt,
                 error=common_pb2.TaskError(
-                    message=message, type=error_type, details=to_struct(details)
+                    message=message, type=error_type, details=to_struct(details, "details")
                 ),
                 non_retryable=non_retryable,
             ),
@@ -681,7 +796,10 @@ class OpsCoreClient:
             "_dispatch",
             "HeartbeatTask",
             dispatch_pb2.HeartbeatTaskRequest(
-                task_id=task_id, agent_id=agent_id, attempt=attempt, progress=to_struct(progress)
+                task_id=task_id,
+                agent_id=agent_id,
+                attempt=attempt,
+                progress=to_struct(progress, "progress"),
             ),
             retry=True,
         )
@@ -766,7 +884,20 @@ class OpsCoreClient:
         form: proto field names, or the earlier Ops-Core format), or as JSON or
         YAML `source` text. Creating the same content again returns the stored
         definition; different content under an existing (id, version) raises
-        `AlreadyExistsError`."""
+        `AlreadyExistsError`. `create_workflow_definition_response` also says
+        whether it was stored (`created`) or already there."""
+        resp = await self.create_workflow_definition_response(definition, source=source)
+        return resp.definition
+
+    async def create_workflow_definition_response(
+        self,
+        definition: workflow_pb2.WorkflowDefinition | Mapping[str, Any] | None = None,
+        *,
+        source: str | None = None,
+    ) -> workflow_pb2.CreateWorkflowDefinitionResponse:
+        """`create_workflow_definition`, returning the whole response:
+        `definition`, and `created`, False when the same content was already
+        stored (nothing changed)."""
         if (definition is None) == (source is None):
             raise ValueError("pass exactly one of definition and source")
         if isinstance(definition, workflow_pb2.WorkflowDefinition):
@@ -774,8 +905,9 @@ class OpsCoreClient:
         else:
             text = source if source is not None else json.dumps(dict(definition or {}))
             request = workflow_pb2.CreateWorkflowDefinitionRequest(source=text)
-        resp = await self._unary("_workflow", "CreateWorkflowDefinition", request, retry=True)
-        return resp.definition  # type: ignore[no-any-return]
+        return await self._unary(  # type: ignore[no-any-return]
+            "_workflow", "CreateWorkflowDefinition", request, retry=True
+        )
 
     async def get_workflow_definition(
         self, definition_id: str, version: int = 0
@@ -837,19 +969,42 @@ class OpsCoreClient:
         version unless `version`) or of an inline `definition`. `input` reaches
         every task as `input["input"]`; `agent_id` pins every task to one agent.
         `idempotency_key` as in `enqueue_task` (None: generated, so a retry
-        cannot start a second session)."""
+        cannot start a second session). `start_workflow_response` also says
+        whether the session is new (`created`)."""
+        resp = await self.start_workflow_response(
+            definition_id,
+            version=version,
+            definition=definition,
+            input=input,
+            agent_id=agent_id,
+            idempotency_key=idempotency_key,
+        )
+        return resp.session
+
+    async def start_workflow_response(
+        self,
+        definition_id: str = "",
+        *,
+        version: int = 0,
+        definition: workflow_pb2.WorkflowDefinition | None = None,
+        input: StructLike | None = None,
+        agent_id: str = "",
+        idempotency_key: str | None = None,
+    ) -> workflow_pb2.StartWorkflowResponse:
+        """`start_workflow`, returning the whole response: `session`, and
+        `created`, False when `idempotency_key` matched an existing session
+        (returned as it is, whatever this call's other arguments say)."""
         request = workflow_pb2.StartWorkflowRequest(
             definition_id=definition_id,
             version=version,
             definition=definition,
-            input=to_struct(input),
+            input=to_struct(input, "input"),
             agent_id=agent_id,
             idempotency_key=_key(idempotency_key),
         )
-        resp = await self._unary(
+        return await self._unary(  # type: ignore[no-any-return]
             "_workflow", "StartWorkflow", request, retry=bool(request.idempotency_key)
         )
-        return resp.session  # type: ignore[no-any-return]
 
     async def get_session(self, session_id: str) -> workflow_pb2.Session:
         """One session with its task runs. Raises `NotFoundError`."""
@@ -916,12 +1071,13 @@ class OpsCoreClient:
         """The session's events: every event so far (after `after_sequence`),
         then live ones; the iteration ends after the terminal event.
 
-        With `reconnect` (the default) a stream broken by UNAVAILABLE is resumed
-        after the last event received, with backoff, so no event is lost or
-        repeated.
+        With `reconnect` (the default) a stream broken by UNAVAILABLE (server
+        draining, restarting or unreachable) or RESOURCE_EXHAUSTED (this watcher
+        fell behind) is resumed after the last event received, with backoff,
+        for as long as the iteration goes on, so no event is lost or repeated.
         """
         last = after_sequence
-        delays = self.retry.delays()
+        delays = self.retry.delays(forever=True)
         while True:
             request = workflow_pb2.WatchSessionRequest(session_id=session_id, after_sequence=last)
             try:
@@ -929,14 +1085,23 @@ class OpsCoreClient:
                     self._stream("_workflow", "WatchSession", request)
                 ) as stream:
                     async for message in stream:
-                        delays = self.retry.delays()
-                        last = max(last, message.event.sequence)
+                        delays = self.retry.delays(forever=True)
+                        if message.event.sequence <= last:
+                            continue
+                        last = message.event.sequence
                         yield message.event
                 return
-            except UnavailableError:
-                delay = next(delays, None) if reconnect else None
-                if delay is None:
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                if not reconnect:
                     raise
+                delay = next(delays)
+                log.info(
+                    "session watch broken (%s); resuming after event %d in %.1fs",
+                    exc.code.name,
+                    last,
+                    delay,
+                    extra={"method": "WatchSession", "session_id": session_id},
+                )
                 await asyncio.sleep(delay)
 
 

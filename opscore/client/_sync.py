@@ -150,6 +150,7 @@ class OpsCoreClientSync:
     check_health = _blocking(OpsCoreClient.check_health)
 
     register_agent = _blocking(OpsCoreClient.register_agent)
+    register_agent_response = _blocking(OpsCoreClient.register_agent_response)
     deregister_agent = _blocking(OpsCoreClient.deregister_agent)
     get_agent = _blocking(OpsCoreClient.get_agent)
     list_agents = _blocking(OpsCoreClient.list_agents)
@@ -161,7 +162,9 @@ class OpsCoreClientSync:
     watch_agents = _blocking_iter(OpsCoreClient.watch_agents)
 
     enqueue_task = _blocking(OpsCoreClient.enqueue_task)
+    enqueue_task_response = _blocking(OpsCoreClient.enqueue_task_response)
     enqueue_tasks = _blocking(OpsCoreClient.enqueue_tasks)
+    enqueue_tasks_response = _blocking(OpsCoreClient.enqueue_tasks_response)
     subscribe_tasks = _blocking_iter(OpsCoreClient.subscribe_tasks)
     complete_task = _blocking(OpsCoreClient.complete_task)
     fail_task = _blocking(OpsCoreClient.fail_task)
@@ -172,11 +175,15 @@ class OpsCoreClientSync:
     cancel_task = _blocking(OpsCoreClient.cancel_task)
 
     create_workflow_definition = _blocking(OpsCoreClient.create_workflow_definition)
+    create_workflow_definition_response = _blocking(
+        OpsCoreClient.create_workflow_definition_response
+    )
     get_workflow_definition = _blocking(OpsCoreClient.get_workflow_definition)
     list_workflow_definitions = _blocking(OpsCoreClient.list_workflow_definitions)
     iter_workflow_definitions = _blocking_iter(OpsCoreClient.iter_workflow_definitions)
     delete_workflow_definition = _blocking(OpsCoreClient.delete_workflow_definition)
     start_workflow = _blocking(OpsCoreClient.start_workflow)
+    start_workflow_response = _blocking(OpsCoreClient.start_workflow_response)
     get_session = _blocking(OpsCoreClient.get_session)
     list_sessions = _blocking(OpsCoreClient.list_sessions)
     iter_sessions = _blocking_iter(OpsCoreClient.iter_sessions)

@@ -24,6 +24,7 @@ __all__ = [
     "Seconds",
     "enum_value",
     "from_value",
+    "json_like_problem",
     "to_datetime",
     "to_dict",
     "to_duration",
@@ -39,20 +40,54 @@ Seconds: TypeAlias = timedelta | float | int
 _MAX_SAFE_INT = 2**53
 
 
-def to_struct(value: Mapping[str, Any] | struct_pb2.Struct | None) -> struct_pb2.Struct | None:
-    """A dict (JSON-like: str keys; str, int, float, bool, None, lists, dicts) as a
-    `Struct`. None stays None (the field is left unset)."""
+def json_like_problem(value: Any, name: str = "value") -> str | None:
+    """Why `value` cannot travel as a `Struct` value, naming the first offending
+    key path (`output['when']: datetime is not JSON-like`), or None when it can.
+
+    JSON-like: str keys; str, int, finite float, bool, None, lists (or tuples)
+    and dicts of those.
+    """
+    if value is None or isinstance(value, bool | str | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{name}: {value!r} is not a JSON number"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{name}: key {key!r} is a {type(key).__name__}, not a string"
+            problem = json_like_problem(item, f"{name}[{key!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = json_like_problem(item, f"{name}[{i}]")
+            if problem is not None:
+                return problem
+        return None
+    return f"{name}: {type(value).__name__} is not JSON-like"
+
+
+def to_struct(
+    value: Mapping[str, Any] | struct_pb2.Struct | None, name: str = "value"
+) -> struct_pb2.Struct | None:
+    """A dict (JSON-like: str keys; str, int, finite float, bool, None, lists,
+    dicts) as a `Struct`. None stays None (the field is left unset). Anything
+    else raises `TypeError` naming the offending key path under `name`."""
     if value is None:
         return None
     if isinstance(value, struct_pb2.Struct):
         return value
     if not isinstance(value, Mapping):
-        raise TypeError(f"expected a dict for a Struct field, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a dict, got {type(value).__name__}")
+    problem = json_like_problem(value, name)
+    if problem is not None:
+        raise TypeError(problem)
     s = struct_pb2.Struct()
     try:
         s.update(dict(value))
     except (ValueError, TypeError, AttributeError) as exc:
-        raise TypeError(f"value is not JSON-like: {exc}") from exc
+        raise TypeError(f"{name} is not JSON-like: {exc}") from exc
     return s
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "connection_problem",
     "error_from_rpc",
 ]
 
@@ -250,3 +251,37 @@ def error_from_rpc(err: grpc.RpcError, *, request_id: str = "", method: str = ""
         method=method,
         field_violations=violations,
     )
+
+
+def connection_problem(
+    exc: OpsCoreError,
+    target: str,
+    *,
+    target_setting: str = "target= or OPSCORE_TARGET",
+    api_key_setting: str = "api_key= or OPSCORE_API_KEY",
+) -> str | None:
+    """One line saying why `target` could not be used and which setting fixes it,
+    for errors about the connection itself: the server unreachable (after the
+    client's retries) or the API key missing or refused. None for any other
+    error (the request itself was refused: show `str(exc)`).
+
+    Programs pass their own option names, e.g.
+    `target_setting="--target or OPSCORE_TARGET"`.
+    """
+    if isinstance(exc, UnauthenticatedError):
+        if exc.reason == "API_KEY_MISSING":
+            problem = f"the Ops-Core server at {target} requires an API key"
+        elif exc.reason == "API_KEY_INVALID":
+            problem = f"the Ops-Core server at {target} did not accept the API key"
+        else:
+            problem = f"the Ops-Core server at {target} refused the credentials ({exc.message})"
+        return f"{problem}: set {api_key_setting}"
+    if isinstance(exc, UnavailableError):
+        detail = " ".join(exc.message.split())
+        if "Connection refused" in detail or "connection refused" in detail:
+            detail = "connection refused"
+        return (
+            f"cannot reach an Ops-Core server at {target} ({detail}): is it running? "
+            f"Set {target_setting}"
+        )
+    return None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 from opscore_proto.v1 import dispatch_pb2
 
-from opscore.cli_common import (
+from opscore.cli import ids
+from opscore.cli.common import (
     EXIT_FAILED,
     Cli,
     age,
@@ -23,8 +25,10 @@ from opscore.cli_common import (
     state_choice,
     styled,
     table,
+    take,
     timestamp,
 )
+from opscore.cli.coverage import nobody_for_task
 from opscore.client import TaskRetry, to_dict, to_timedelta
 
 TaskState = dispatch_pb2.TaskState
@@ -92,9 +96,9 @@ async def enqueue(
     capability = capability or capability_option
     if bool(capability) == bool(agent_id):
         raise click.UsageError("give a CAPABILITY or --agent (exactly one)")
-    task = await cli.client.enqueue_task(
+    resp = await cli.client.enqueue_task_response(
         capability or "",
-        agent_id=agent_id,
+        agent_id=await ids.agent_filter(cli.client, agent_id),
         input=parse_payload(input_),
         name=name,
         priority=priority,
@@ -104,14 +108,25 @@ async def enqueue(
         retry_policy=TaskRetry(max_attempts=max_attempts) if max_attempts else None,
         idempotency_key=idempotency_key,
     )
+    task = resp.task
+    if resp.created:
+        what = f"queued task {task.task_id} ({_state(task.state)})"
+    else:
+        what = (
+            f"returned the existing task {task.task_id} ({_state(task.state)}): idempotency "
+            f"key {task.idempotency_key!r} was used before, so nothing new was queued "
+            "(the input and options are those of the first call)"
+        )
+        if cli.as_json:
+            cli.warn(what)
     if not wait:
         if cli.as_json:
             cli.print_json(message_json(task))
         else:
-            cli.print(f"queued task {task.task_id} ({_state(task.state)})")
+            cli.print(what)
         return 0
     if not cli.as_json:
-        cli.err.print(f"queued task {task.task_id}; waiting for it to finish", style="dim")
+        cli.err.print(f"{what}; waiting for it to finish", style="dim")
     task = await _wait(cli, task.task_id)
     if cli.as_json:
         cli.print_json(message_json(task))
@@ -120,13 +135,32 @@ async def enqueue(
     return 0 if task.state == TaskState.TASK_STATE_COMPLETED else EXIT_FAILED
 
 
+#: How long a task may sit QUEUED before the CLI checks whether anyone can take it.
+COVERAGE_GRACE = 1.0
+COVERAGE_EVERY = 5.0
+
+
 async def _wait(cli: Cli, task_id: str) -> dispatch_pb2.Task:
-    """Poll the task until it is final (there is no task stream in the API)."""
+    """Poll the task until it is final (there is no task stream in the API),
+    saying when no connected agent could take it."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    checked = 0.0
+    said: str | None = None
     delay = 0.05
     while True:
         task = await cli.client.get_task(task_id)
         if task.state in FINAL:
             return task
+        now = loop.time()
+        if now - started >= COVERAGE_GRACE and now - checked >= COVERAGE_EVERY:
+            checked = now
+            problem = await nobody_for_task(cli.client, task)
+            if problem is not None and problem != said:
+                cli.warn(f"task {task.task_id} is waiting: {problem}")
+            elif problem is None and said is not None:
+                cli.warn(f"task {task.task_id}: an agent that can take it is connected now")
+            said = problem
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 1.0)
 
@@ -141,56 +175,66 @@ async def _wait(cli: Cli, task_id: str) -> dispatch_pb2.Task:
 async def list_tasks(
     cli: Cli, state: str | None, capability: str, agent_id: str, session_id: str, limit: int
 ) -> None:
-    """List tasks, newest first."""
-    found = [
-        t
-        async for t in cli.client.iter_tasks(
+    """List tasks, newest first (ids shortened: any unique start of an id works
+    wherever an id is taken)."""
+    found, more = await take(
+        cli.client.iter_tasks(
             state=state,
             capability=capability,
-            agent_id=agent_id,
-            session_id=session_id,
-            limit=limit or None,
-        )
-    ]
+            agent_id=await ids.agent_filter(cli.client, agent_id),
+            session_id=await ids.session_filter(cli.client, session_id),
+        ),
+        limit,
+    )
     if cli.as_json:
         cli.print_json([message_json(t) for t in found])
-        return
-    if not found:
+    elif not found:
         cli.print("No tasks.")
-        return
-    t = table("TASK ID", "NAME", "FOR", "STATE", "ATTEMPT", "AGENT", "CREATED")
-    now = datetime.now(UTC)
-    for task in found:
-        t.add_row(
-            task.task_id,
-            task.name or "-",
-            task.capability or f"agent {task.agent_id}",
-            styled(_state(task.state)),
-            str(task.attempt),
-            task.assigned_agent_id or "-",
-            age(task, "create_time", now),
-        )
-    cli.print(t)
+    else:
+        t = table("TASK", "NAME", "FOR", "STATE", "TRY", "AGENT", "CREATED")
+        now = datetime.now(UTC)
+        for task in found:
+            t.add_row(
+                ids.short_id(task.task_id),
+                task.name or task.workflow_task_id or "-",
+                _runs_on(task),
+                styled(_state(task.state)),
+                str(task.attempt),
+                task.assigned_agent_id or "-",
+                age(task, "create_time", now),
+            )
+        cli.print(t)
+    if more:
+        cli.more_results(len(found), "tasks")
+
+
+def _runs_on(task: dispatch_pb2.Task) -> str:
+    return f"agent {task.agent_id}" if task.agent_id else task.capability
 
 
 @tasks.command("get")
 @click.argument("task_id")
 @client_command
 async def get_task(cli: Cli, task_id: str) -> None:
-    """Show one task with its input, progress, output and last error."""
-    task = await cli.client.get_task(task_id)
+    """Show one task (TASK_ID or a unique start of it) with its input, progress,
+    output and last error; for a QUEUED task, whether any connected agent can
+    take it."""
+    task = await ids.task(cli.client, task_id)
+    problem = await nobody_for_task(cli.client, task)
     if cli.as_json:
         cli.print_json(message_json(task))
+        if problem is not None:
+            cli.warn(f"task {task.task_id} is waiting: {problem}")
     else:
-        _show(cli, task)
+        _show(cli, task, problem)
 
 
-def _show(cli: Cli, task: dispatch_pb2.Task) -> None:
+def _show(cli: Cli, task: dispatch_pb2.Task, waiting: str | None = None) -> None:
     policy = task.retry_policy
     rows: list[tuple[str, object]] = [
         ("task id", task.task_id),
         ("name", task.name or "-"),
-        ("for", task.capability or f"agent {task.agent_id}"),
+        ("for", _runs_on(task)),
         ("state", styled(_state(task.state))),
         ("attempt", f"{task.attempt} of {policy.max_attempts}"),
         ("agent", task.assigned_agent_id or "-"),
@@ -199,6 +243,8 @@ def _show(cli: Cli, task: dispatch_pb2.Task) -> None:
         ("heartbeat timeout", _duration(task, "heartbeat_timeout")),
         ("created", timestamp(task, "create_time")),
     ]
+    if waiting is not None:
+        rows.append(("waiting", f"{waiting}: nobody can take it yet"))
     if task.HasField("schedule_time"):
         rows.append(("scheduled for", timestamp(task, "schedule_time")))
     if task.HasField("lease_expire_time"):
@@ -215,6 +261,13 @@ def _show(cli: Cli, task: dispatch_pb2.Task) -> None:
     if task.HasField("last_error"):
         err = task.last_error
         rows.append(("last error", f"{err.type or 'Error'}: {err.message}"))
+        details: dict[str, Any] = to_dict(err.details)
+        trace = details.pop("traceback", None)
+        details.pop("exception_type", None)
+        if details:
+            rows.append(("error details", pretty(details)))
+        if isinstance(trace, str) and trace:
+            rows.append(("traceback", trace.rstrip()))
     cli.print(details_table(rows))
 
 
@@ -228,9 +281,12 @@ def _duration(task: dispatch_pb2.Task, field_name: str) -> str:
 @click.option("--reason", default="", help="Passed to the agent holding the task.")
 @client_command
 async def cancel(cli: Cli, task_id: str, reason: str) -> None:
-    """Cancel a task that has not finished."""
-    task = await cli.client.cancel_task(task_id, reason)
+    """Cancel a task (TASK_ID or a unique start of it) that has not finished."""
+    before = await ids.task(cli.client, task_id)
+    task = await cli.client.cancel_task(before.task_id, reason)
     if cli.as_json:
         cli.print_json(message_json(task))
+    elif before.state == TaskState.TASK_STATE_CANCELLED:
+        cli.print(f"task {task.task_id} was already cancelled")
     else:
         cli.print(f"cancelled task {task.task_id}")

@@ -1,4 +1,5 @@
-"""The `opscore` command line."""
+"""`opscore serve`: run the server. Its options come from the settings table in
+opscore.config, one per setting, so a new server setting needs no edit here."""
 
 from __future__ import annotations
 
@@ -7,36 +8,10 @@ from typing import Any
 
 import click
 
-from opscore import __version__
-from opscore.cli_agents import agents, health
-from opscore.cli_sessions import sessions
-from opscore.cli_tasks import tasks
-from opscore.cli_workflows import workflows
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="opscore")
-def main() -> None:
-    """Ops-Core: the control plane for fleets of AI agents.
-
-    Run `opscore serve` to start the server; the other commands talk to a
-    running server (--target, default 127.0.0.1:50051, or OPSCORE_TARGET; API
-    key from --api-key or OPSCORE_API_KEY). They print tables, or JSON with
-    --json, and exit 1 when the request fails.
-    """
-
-
-main.add_command(agents)
-main.add_command(workflows)
-main.add_command(sessions)
-main.add_command(tasks)
-main.add_command(health)
+from opscore.config import SETTINGS
 
 
 def _serve_options(command: Any) -> Any:
-    """One option per server setting, from the table in opscore.config."""
-    from opscore.config import SETTINGS
-
     for s in reversed(SETTINGS):
         help_text = f"{s.help}  [env {s.env}]"
         name = "--" + s.name.replace("_", "-")
@@ -51,7 +26,7 @@ def _serve_options(command: Any) -> Any:
     return command
 
 
-@main.command()
+@click.command()
 @click.option(
     "--api-key-file",
     type=click.Path(dir_okay=False),
@@ -60,10 +35,22 @@ def _serve_options(command: Any) -> Any:
 @_serve_options
 def serve(**options: object) -> None:
     """Serve Ops-Core until SIGTERM or SIGINT, then drain and exit 0."""
-    from opscore import logs
-    from opscore.config import from_sources
-    from opscore.errors import ConfigError
-    from opscore.server import run
+    try:
+        from opscore import logs
+        from opscore.config import from_sources
+        from opscore.errors import ConfigError
+        from opscore.server import run
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in ("opscore", "opscore_proto"):
+            raise
+        # `pip install opscore` brings the client, the agent and these commands;
+        # the server's own dependencies come with the extra.
+        click.echo(
+            f"opscore serve: the server needs its extra dependencies (no module named "
+            f"{exc.name!r}): pip install 'opscore[server]'",
+            err=True,
+        )
+        sys.exit(2)
 
     try:
         config = from_sources(options)
@@ -77,7 +64,3 @@ def serve(**options: object) -> None:
         click.echo(f"opscore serve: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

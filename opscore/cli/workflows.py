@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from opscore.cli_common import (
+from opscore.cli import ids
+from opscore.cli.common import (
     Cli,
     age,
     client_command,
@@ -17,6 +18,7 @@ from opscore.cli_common import (
     limit_option,
     message_json,
     table,
+    take,
     timestamp,
 )
 from opscore.client import to_dict, to_timedelta
@@ -45,14 +47,22 @@ async def create(cli: Cli, path: str) -> None:
     is a no-op, and a definition without a version becomes the next version.
     """
     source = _read(path)
-    definition = await cli.client.create_workflow_definition(source=source)
+    resp = await cli.client.create_workflow_definition_response(source=source)
+    definition = resp.definition
+    tasks = f"{len(definition.tasks)} task{'s' if len(definition.tasks) != 1 else ''}"
+    if resp.created:
+        what = f"stored workflow {definition.id} version {definition.version} ({tasks})"
+    else:
+        what = (
+            f"unchanged: workflow {definition.id} version {definition.version} ({tasks}) "
+            "was already stored with this content"
+        )
     if cli.as_json:
         cli.print_json(message_json(definition))
+        if not resp.created:
+            cli.warn(what)
     else:
-        cli.print(
-            f"stored workflow {definition.id} version {definition.version} "
-            f"({len(definition.tasks)} task{'s' if len(definition.tasks) != 1 else ''})"
-        )
+        cli.print(what)
 
 
 def _read(path: str) -> str:
@@ -69,20 +79,21 @@ def _read(path: str) -> str:
 @client_command
 async def list_definitions(cli: Cli, limit: int) -> None:
     """List definitions (the latest version of each)."""
-    found = [d async for d in cli.client.iter_workflow_definitions(limit=limit or None)]
+    found, more = await take(cli.client.iter_workflow_definitions(), limit)
     if cli.as_json:
         cli.print_json([message_json(d) for d in found])
-        return
-    if not found:
+    elif not found:
         cli.print("No workflow definitions.")
-        return
-    t = table("ID", "VERSION", "NAME", "TASKS", "CREATED")
-    now = datetime.now(UTC)
-    for d in found:
-        t.add_row(
-            d.id, str(d.version), d.name or "-", str(len(d.tasks)), age(d, "create_time", now)
-        )
-    cli.print(t)
+    else:
+        t = table("ID", "VERSION", "NAME", "TASKS", "CREATED")
+        now = datetime.now(UTC)
+        for d in found:
+            t.add_row(
+                d.id, str(d.version), d.name or "-", str(len(d.tasks)), age(d, "create_time", now)
+            )
+        cli.print(t)
+    if more:
+        cli.more_results(len(found), "workflow definitions")
 
 
 @workflows.command("get")
@@ -90,8 +101,8 @@ async def list_definitions(cli: Cli, limit: int) -> None:
 @click.option("--version", type=int, default=0, help="This version (default: the latest).")
 @client_command
 async def get(cli: Cli, definition_id: str, version: int) -> None:
-    """Show a definition and its tasks."""
-    d = await cli.client.get_workflow_definition(definition_id, version)
+    """Show a definition (DEFINITION_ID or a unique start of it) and its tasks."""
+    d = await ids.definition(cli.client, definition_id, version)
     if cli.as_json:
         cli.print_json(message_json(d))
         return
@@ -127,6 +138,7 @@ async def get(cli: Cli, definition_id: str, version: int) -> None:
 @client_command
 async def delete(cli: Cli, definition_id: str, version: int) -> None:
     """Delete a definition (running sessions are not affected)."""
+    definition_id = (await ids.definition(cli.client, definition_id, version)).id
     count = await cli.client.delete_workflow_definition(definition_id, version)
     if cli.as_json:
         cli.print_json({"definition_id": definition_id, "deleted_versions": count})

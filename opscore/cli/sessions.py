@@ -1,12 +1,19 @@
 """`opscore sessions ...`: start, inspect, cancel and watch workflow sessions.
 
-Watching shows which tasks are waiting, queued, running and done: a live table on
-a terminal, one line per event when the output is a pipe or a file, and one JSON
-object per event with --json.
+Watching shows the state of each task in the words the filters use (`waiting`
+for its dependencies, then the dispatch states `queued`, `assigned`,
+`scheduled` for a retry, and `completed`, `failed`, `cancelled`, `replaced`,
+`skipped`): a live table on a terminal, one line per event when the output is a
+pipe or a file, and one JSON object per event with --json. A task that stays
+queued while no connected agent could take it is pointed out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -18,7 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from opscore.cli_common import (
+from opscore.cli import ids
+from opscore.cli.common import (
     EXIT_FAILED,
     Cli,
     age,
@@ -33,9 +41,13 @@ from opscore.cli_common import (
     state_choice,
     styled,
     table,
+    take,
     timestamp,
+    watch_notes,
 )
+from opscore.cli.coverage import nobody_for_task
 from opscore.client import to_datetime, to_dict
+from opscore.client.errors import OpsCoreError
 
 SessionState = workflow_pb2.SessionState
 RunState = workflow_pb2.TaskRunState
@@ -77,21 +89,35 @@ async def start(
     idempotency_key: str | None,
     watch: bool,
 ) -> int:
-    """Start a session of workflow DEFINITION_ID."""
-    session = await cli.client.start_workflow(
+    """Start a session of workflow DEFINITION_ID (or a unique start of it)."""
+    payload = parse_payload(input_)
+    definition_id = (await ids.definition(cli.client, definition_id, version)).id
+    resp = await cli.client.start_workflow_response(
         definition_id,
         version=version,
-        input=parse_payload(input_),
-        agent_id=agent_id,
+        input=payload,
+        agent_id=await ids.agent_filter(cli.client, agent_id),
         idempotency_key=idempotency_key,
     )
-    if cli.as_json:
-        cli.print_json(message_json(session), compact=watch)
-    else:
-        cli.print(
+    session = resp.session
+    if resp.created:
+        what = (
             f"started session {session.session_id} of {session.definition_id} "
             f"version {session.definition_version}"
         )
+    else:
+        what = (
+            f"returned the existing session {session.session_id} of {session.definition_id} "
+            f"version {session.definition_version} ({_state(session.state)}): idempotency key "
+            f"{session.idempotency_key!r} was used before, so nothing new was started (the "
+            "input is that of the first call)"
+        )
+    if cli.as_json:
+        cli.print_json(message_json(session), compact=watch)
+        if not resp.created:
+            cli.warn(what)
+    else:
+        cli.print(what)
     if not watch:
         return 0
     return await follow(cli, session.session_id)
@@ -103,17 +129,19 @@ async def start(
 async def watch(cli: Cli, session_id: str) -> int:
     """Follow a session until it ends (exit 1 unless it completes).
 
-    A session that already ended is replayed from its first event.
+    A session that already ended is replayed from its first event. When the
+    server restarts or the connection drops, the watch resumes after the last
+    event shown (nothing is lost or shown twice), for as long as it runs.
     """
-    return await follow(cli, session_id)
+    return await follow(cli, (await ids.session(cli.client, session_id)).session_id)
 
 
 @sessions.command("get")
 @click.argument("session_id")
 @client_command
 async def get(cli: Cli, session_id: str) -> int:
-    """Show a session and its task runs."""
-    s = await cli.client.get_session(session_id)
+    """Show a session (SESSION_ID or a unique start of it) and its task runs."""
+    s = await ids.session(cli.client, session_id)
     if cli.as_json:
         cli.print_json(message_json(s))
     else:
@@ -127,30 +155,29 @@ async def get(cli: Cli, session_id: str) -> int:
 @limit_option(50)
 @client_command
 async def list_sessions(cli: Cli, state: str | None, definition_id: str, limit: int) -> None:
-    """List sessions, newest first."""
-    found = [
-        s
-        async for s in cli.client.iter_sessions(
-            state=state, definition_id=definition_id, limit=limit or None
-        )
-    ]
+    """List sessions, newest first (ids shortened: any unique start of an id
+    works wherever an id is taken)."""
+    found, more = await take(
+        cli.client.iter_sessions(state=state, definition_id=definition_id), limit
+    )
     if cli.as_json:
         cli.print_json([message_json(s) for s in found])
-        return
-    if not found:
+    elif not found:
         cli.print("No sessions.")
-        return
-    t = table("SESSION ID", "WORKFLOW", "STATE", "STARTED", "FINISHED")
-    now = datetime.now(UTC)
-    for s in found:
-        t.add_row(
-            s.session_id,
-            f"{s.definition_id} v{s.definition_version}",
-            styled(_state(s.state)),
-            age(s, "create_time", now),
-            age(s, "finish_time", now),
-        )
-    cli.print(t)
+    else:
+        t = table("SESSION", "WORKFLOW", "STATE", "STARTED", "FINISHED")
+        now = datetime.now(UTC)
+        for s in found:
+            t.add_row(
+                ids.short_id(s.session_id),
+                f"{s.definition_id} v{s.definition_version}",
+                styled(_state(s.state)),
+                age(s, "create_time", now),
+                age(s, "finish_time", now),
+            )
+        cli.print(t)
+    if more:
+        cli.more_results(len(found), "sessions")
 
 
 @sessions.command("cancel")
@@ -158,10 +185,14 @@ async def list_sessions(cli: Cli, state: str | None, definition_id: str, limit: 
 @click.option("--reason", default="", help="Passed to agents holding the session's tasks.")
 @client_command
 async def cancel(cli: Cli, session_id: str, reason: str) -> None:
-    """Cancel a session: its queued tasks end and running ones are told to stop."""
-    s = await cli.client.cancel_session(session_id, reason)
+    """Cancel a session (SESSION_ID or a unique start of it): its queued tasks end
+    and running ones are told to stop."""
+    before = await ids.session(cli.client, session_id)
+    s = await cli.client.cancel_session(before.session_id, reason)
     if cli.as_json:
         cli.print_json(message_json(s))
+    elif before.state == SessionState.SESSION_STATE_CANCELLED:
+        cli.print(f"session {s.session_id} was already cancelled")
     else:
         cli.print(f"cancelled session {s.session_id} ({_state(s.state)})")
 
@@ -169,10 +200,12 @@ async def cancel(cli: Cli, session_id: str, reason: str) -> None:
 # ---------------------------------------------------------------------- showing
 
 
+# The words of the task filters: TaskRunState names, and while a run is RUNNING
+# the state of its dispatch task (`opscore tasks list --state ...`).
 RUN_STATE_NAMES = {
     RunState.TASK_RUN_STATE_WAITING: "waiting",
-    RunState.TASK_RUN_STATE_RUNNING: "queued",
-    RunState.TASK_RUN_STATE_COMPLETED: "done",
+    RunState.TASK_RUN_STATE_RUNNING: "running",
+    RunState.TASK_RUN_STATE_COMPLETED: "completed",
     RunState.TASK_RUN_STATE_FAILED: "failed",
     RunState.TASK_RUN_STATE_CANCELLED: "cancelled",
     RunState.TASK_RUN_STATE_REPLACED: "replaced",
@@ -181,14 +214,27 @@ RUN_STATE_NAMES = {
 RUN_STYLES = {
     "waiting": "dim",
     "queued": "yellow",
+    "scheduled": "yellow",
+    "assigned": "cyan",
     "running": "cyan",
-    "retrying": "yellow",
-    "done": "green",
+    "completed": "green",
     "failed": "red",
     "cancelled": "magenta",
     "replaced": "red dim",
     "skipped": "dim",
 }
+#: Summary order; the first three count as finished on the progress bar.
+FINISHED_RUN_STATES = ("completed", "replaced", "skipped")
+SUMMARY_ORDER = (
+    *FINISHED_RUN_STATES,
+    "assigned",
+    "scheduled",
+    "queued",
+    "running",
+    "waiting",
+    "failed",
+    "cancelled",
+)
 
 
 def _run_state_text(run: workflow_pb2.TaskRun) -> str:
@@ -213,7 +259,7 @@ def _show(cli: Cli, s: workflow_pb2.Session) -> None:
         rows.append(("error", f"{s.error.type or 'Error'}: {s.error.message}"))
     cli.print(details_table(rows))
     if s.task_runs:
-        t = table("TASK", "STATE", "ATTEMPT", "TASK ID", "RESULT")
+        t = table("STEP", "STATE", "TRY", "TASK", "RESULT")
         for run in s.task_runs:
             name = _run_state_text(run)
             result = ""
@@ -225,7 +271,7 @@ def _show(cli: Cli, s: workflow_pb2.Session) -> None:
                 run.workflow_task_id,
                 Text(name, style=RUN_STYLES.get(name, "")),
                 str(run.attempt or "-"),
-                run.task_id or "-",
+                ids.short_id(run.task_id) if run.task_id else "-",
                 result,
             )
         cli.print()
@@ -291,15 +337,15 @@ class SessionView:
             run.state, run.note = "queued", "fallback"
             return f"{tid} queued as a fallback"
         if t == Ev.SESSION_EVENT_TYPE_TASK_ASSIGNED:
-            run.state, run.agent, run.note = "running", e.agent_id, ""
-            return f"{tid} running on {e.agent_id} (attempt {e.attempt})"
+            run.state, run.agent, run.note = "assigned", e.agent_id, ""
+            return f"{tid} assigned to {e.agent_id} (attempt {e.attempt})"
         if t == Ev.SESSION_EVENT_TYPE_TASK_RETRYING:
-            run.state, run.note = "retrying", e.error.message
-            return f"{tid} attempt {e.attempt} failed, will retry: {e.error.message}"
+            run.state, run.note = "scheduled", f"retry: {e.error.message}"
+            return f"{tid} attempt {e.attempt} failed, scheduled for a retry: {e.error.message}"
         if t == Ev.SESSION_EVENT_TYPE_TASK_COMPLETED:
-            run.state = "done"
+            run.state = "completed"
             run.note = compact_json(to_dict(e.output), 60) if e.HasField("output") else ""
-            return f"{tid} done" + (f": {run.note}" if run.note else "")
+            return f"{tid} completed" + (f": {run.note}" if run.note else "")
         if t == Ev.SESSION_EVENT_TYPE_TASK_FAILED:
             run.state, run.note = "failed", f"{e.error.type or 'Error'}: {e.error.message}"
             return f"{tid} failed: {run.note}"
@@ -315,7 +361,7 @@ class SessionView:
         for run in final.task_runs:
             view = self.runs.setdefault(run.workflow_task_id, _Run(task_id=run.task_id))
             view.state = _run_state_text(run)
-            if view.state == "queued":  # RUNNING in a final session cannot be
+            if view.state == "running":  # RUNNING in a final session cannot be
                 view.state = "cancelled"
 
     def counts(self) -> dict[str, int]:
@@ -326,9 +372,11 @@ class SessionView:
 
     def summary(self) -> str:
         counts = self.counts()
-        order = ("done", "running", "retrying", "queued", "waiting", "failed", "cancelled")
-        parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
-        return ", ".join(parts)
+        order = [*SUMMARY_ORDER, *sorted(set(counts) - set(SUMMARY_ORDER))]
+        return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
+
+    def finished(self) -> int:
+        return sum(1 for r in self.runs.values() if r.state in FINISHED_RUN_STATES)
 
     def __rich__(self) -> RenderableType:
         now = datetime.now(UTC)
@@ -340,19 +388,19 @@ class SessionView:
         if started is not None:
             end = to_datetime(self.session, "finish_time") or now
             header.append(f"  {max(0.0, (end - started).total_seconds()):.1f}s", style="dim")
-        done = sum(1 for r in self.runs.values() if r.state in ("done", "skipped", "replaced"))
+        done = self.finished()
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
             ProgressBar(total=max(1, len(self.runs)), completed=done, width=30),
-            Text(f"{done}/{len(self.runs)} tasks  {self.summary()}"),
+            Text(f"{done}/{len(self.runs)} tasks finished: {self.summary()}"),
         )
-        t = table("TASK", "STATE", "ATTEMPT", "AGENT", "FOR", "NOTE")
+        t = table("STEP", "STATE", "TRY", "AGENT", "FOR", "NOTE")
         final = self.state in FINAL
         for tid, run in self.runs.items():
             elapsed = ""
             if (
                 run.since is not None
-                and run.state in ("queued", "running", "retrying")
+                and run.state in ("queued", "assigned", "scheduled")
                 and not final
             ):
                 elapsed = f"{max(0.0, (now - run.since).total_seconds()):.1f}s"
@@ -376,31 +424,79 @@ STATE_STYLE: dict[int, str] = {
 }
 
 
+#: A task queued this long makes the watcher check whether anyone can take it.
+COVERAGE_GRACE = 1.0
+COVERAGE_EVERY = 5.0
+
+
+async def _point_out_stuck(cli: Cli, view: SessionView, report: Callable[[str], None]) -> None:
+    """While watching: say once per task when it sits queued and no connected
+    agent could take it (and again if the reason changes)."""
+    said: dict[str, str] = {}
+    await asyncio.sleep(COVERAGE_GRACE)
+    while True:
+        now = datetime.now(UTC)
+        for tid, run in list(view.runs.items()):
+            if run.state != "queued" or not run.task_id or run.since is None:
+                continue
+            if (now - run.since).total_seconds() < COVERAGE_GRACE:
+                continue
+            problem = await nobody_for_task(cli.client, await cli.client.get_task(run.task_id))
+            if problem is None or said.get(tid) == problem:
+                continue
+            said[tid] = problem
+            if run.state == "queued":
+                run.note = problem
+                report(f"{tid} is waiting: {problem}")
+        await asyncio.sleep(COVERAGE_EVERY)
+
+
+@contextlib.asynccontextmanager
+async def _watching(
+    cli: Cli, view: SessionView, report: Callable[[str], None]
+) -> AsyncIterator[None]:
+    checker = asyncio.create_task(_point_out_stuck(cli, view, report))
+    try:
+        with watch_notes(cli, logging.getLogger("opscore.client")):
+            yield
+    finally:
+        checker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OpsCoreError):
+            await checker
+
+
 async def follow(cli: Cli, session_id: str) -> int:
     """Watch a session to its end; 0 if it completed, 1 otherwise."""
     client = cli.client
     view = SessionView(await client.get_session(session_id))
     if cli.as_json:
-        async for e in client.watch_session(session_id):
-            cli.print_json(message_json(e), compact=True)
+        async with _watching(cli, view, cli.warn):
+            async for e in client.watch_session(session_id):
+                view.apply(e)
+                cli.print_json(message_json(e), compact=True)
         final = await client.get_session(session_id)
         cli.print_json(message_json(final), compact=True)
         return 0 if final.state == SessionState.SESSION_STATE_COMPLETED else EXIT_FAILED
     if cli.out.is_terminal:
         with Live(view, console=cli.out, refresh_per_second=8, transient=False) as live:
-            async for e in client.watch_session(session_id):
-                view.apply(e)
-                live.refresh()
+            async with _watching(cli, view, lambda _: live.refresh()):
+                async for e in client.watch_session(session_id):
+                    view.apply(e)
+                    live.refresh()
             final = await client.get_session(session_id)
             view.finish(final)
             live.refresh()
     else:
         started = view.started
-        async for e in client.watch_session(session_id):
-            line = view.apply(e)
-            when = to_datetime(e, "event_time")
-            offset = (when - started).total_seconds() if when and started else 0.0
-            cli.print(f"+{offset:6.2f}s  {line}")
+
+        def line(text: str, when: datetime | None = None) -> None:
+            when = when or datetime.now(UTC)
+            offset = (when - started).total_seconds() if started else 0.0
+            cli.print(f"+{offset:6.2f}s  {text}")
+
+        async with _watching(cli, view, line):
+            async for e in client.watch_session(session_id):
+                line(view.apply(e), to_datetime(e, "event_time"))
         final = await client.get_session(session_id)
         view.finish(final)
     _conclude(cli, final)
