@@ -140,7 +140,11 @@ def test_non_loopback_without_keys_refuses_to_start():
 
 
 def test_non_loopback_with_env_keys_starts():
-    cfg = from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b"})
+    # Keys alone are not enough off loopback: they would travel in clear text.
+    with pytest.raises(ConfigError, match="without TLS"):
+        from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b"})
+    tls = {"OPSCORE_TLS_CERT": "server.crt", "OPSCORE_TLS_KEY": "server.key"}
+    cfg = from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b", **tls})
     assert cfg.api_keys == {"a", "b"}
     assert cfg.auth_enabled
     assert cfg.listen == "0.0.0.0:50051"
@@ -165,7 +169,7 @@ def test_loopback_without_keys_is_allowed():
 def test_api_key_file_skips_blank_and_comment_lines(tmp_path: Path):
     path = tmp_path / "keys"
     path.write_text("# production keys\n\nkey-one\n   \n  key-two  \n#key-three\n")
-    cfg = from_sources({"listen": "0.0.0.0:1", "api_key_file": str(path)}, env={})
+    cfg = from_sources({"api_key_file": str(path)}, env={})
     assert cfg.api_keys == {"key-one", "key-two"}
     # The file adds to the environment's keys.
     cfg = from_sources({"api_key_file": str(path)}, env={"OPSCORE_API_KEYS": "env-key"})
