@@ -10,6 +10,7 @@ import click
 
 from opscore import __version__
 from opscore.cli_agents import agents, health
+from opscore.cli_auth import auth
 from opscore.cli_sessions import sessions
 from opscore.cli_tasks import tasks
 from opscore.cli_workflows import workflows
@@ -32,6 +33,7 @@ main.add_command(workflows)
 main.add_command(sessions)
 main.add_command(tasks)
 main.add_command(health)
+main.add_command(auth)
 
 
 def _serve_options(command: Any) -> Any:

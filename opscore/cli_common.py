@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from opscore.client import DEFAULT_TARGET, OpsCoreClient
+from opscore.client import DEFAULT_TARGET, OpsCoreClient, TLSConfig
 from opscore.client.convert import to_datetime
 from opscore.client.errors import OpsCoreError, UnavailableError
 
@@ -68,6 +68,7 @@ class Cli:
     target: str
     api_key: str | None
     as_json: bool
+    tls: TLSConfig | None = None
     out: Console = field(init=False)
     err: Console = field(init=False)
     _client: OpsCoreClient | None = None
@@ -86,7 +87,9 @@ class Cli:
         """Run a command coroutine with a client; exit with its code."""
 
         async def main() -> int | None:
-            async with OpsCoreClient(self.target, api_key=self.api_key or "", env={}) as client:
+            async with OpsCoreClient(
+                self.target, api_key=self.api_key or "", tls=self.tls or False, env={}
+            ) as client:
                 self._client = client
                 return await coro
 
@@ -151,12 +154,20 @@ def client_command(
     fn: Callable[..., Coroutine[Any, Any, int | None]],
 ) -> Callable[..., NoReturn]:
     """Make an `async def command(cli, **options)` a click callback with the
-    connection options --target, --api-key and --json."""
+    connection options --target, --api-key, --tls, --ca, --cert, --key and --json."""
 
     @functools.wraps(fn)
     def callback(*, target: str, api_key: str | None, as_json: bool, **kwargs: Any) -> NoReturn:
-        cli = Cli(target=target, api_key=api_key, as_json=as_json)
+        tls = _tls_config(*(kwargs.pop(k) for k in ("tls", "ca", "cert", "key")))
+        cli = Cli(target=target, api_key=api_key, as_json=as_json, tls=tls)
         cli.run(fn(cli, **kwargs))
+
+    for name, envvar, help_text in reversed(_TLS_OPTIONS):
+        if name == "--tls":
+            option = click.option(name, is_flag=True, envvar=envvar, help=help_text)
+        else:
+            option = click.option(name, envvar=envvar, metavar="FILE", help=help_text)
+        callback = option(callback)
 
     callback = click.option(
         "--json",
@@ -179,6 +190,23 @@ def client_command(
         help="Server address HOST:PORT.",
     )(callback)
     return callback
+
+
+_TLS_OPTIONS = (
+    ("--tls", "OPSCORE_TLS", "Connect with TLS (implied by --ca, --cert, --key)."),
+    ("--ca", "OPSCORE_TLS_CA", "Trust this CA certificate (PEM) instead of the system roots."),
+    ("--cert", "OPSCORE_TLS_CLIENT_CERT", "Client certificate (PEM) for mTLS; with --key."),
+    ("--key", "OPSCORE_TLS_CLIENT_KEY", "Private key (PEM) of --cert."),
+)
+
+
+def _tls_config(tls: bool, ca: str | None, cert: str | None, key: str | None) -> TLSConfig | None:
+    if not (tls or ca or cert or key):
+        return None
+    try:
+        return TLSConfig.from_files(ca, cert, key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- parsing
