@@ -250,5 +250,28 @@ def test_serve_help_lists_options():
         "--log-format",
         "--api-key-file",
         "--insecure",
+        "--auth-file",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
     ):
         assert option in proc.stdout, f"{option} missing from:\n{proc.stdout}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_serve_refuses_a_missing_auth_file(tmp_path: Path):
+    db = tmp_path / "refused.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opscore", "serve", "--listen", "127.0.0.1:0", "--db", str(db),
+         "--auth-file", str(tmp_path / "absent.toml")],
+        cwd=REPO_ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot read auth file" in proc.stderr
+    assert not db.exists(), "a refused start must not create the database"

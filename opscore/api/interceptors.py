@@ -254,10 +254,11 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             return
 
         # Busy handing a message to gRPC: the wrapper ends the stream after it;
-        # a client that does not read is cut off after a grace.
+        # a client that does not read is cut off after a grace. (The wrapper
+        # clears auth.task once it answers, so this never cuts its answer short.)
         def force() -> None:
-            if not task.done():
-                task.cancel()
+            if auth.task is not None and not auth.task.done():
+                auth.task.cancel()
 
         asyncio.get_running_loop().call_later(limits.REVOKED_STREAM_GRACE.total_seconds(), force)
 
@@ -357,12 +358,14 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                         if auth is not None and auth.ended is not None:
                             raise auth.ended
             except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and auth is not None and auth.ended:
-                    # Our own cancellation (revoked): answer with its status.
-                    task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
-                    exc = auth.ended
+                if auth is not None and auth.ended is not None:
+                    auth.task = None
+                    if isinstance(exc, asyncio.CancelledError):
+                        # Our own cancellation (revoked): answer with its status.
+                        task = asyncio.current_task()
+                        if task is not None:
+                            task.uncancel()
+                        exc = auth.ended
                 code, message, md = _classify(exc, context, info)
                 if message is None:
                     raise

@@ -83,7 +83,7 @@ class AuthFailures:
         self.unlogged = 0
 
     def close(self) -> None:
+        """At shutdown: say what was not logged yet."""
         if self._summary is not None:
             self._summary.cancel()
-            self._summary = None
-            self._summarize()
+        self._summarize()
