@@ -20,7 +20,7 @@ from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2, lifecycle_pb2_grpc
 from opscore import limits
 from opscore.security import authfile
 from opscore.security import keys as keymod
-from tests.conftest import StreamReader, expect_error
+from tests.conftest import StreamReader, eventually, expect_error
 from tests.support.procserver import running_server
 from tests.support.security import bearer, principal, reason, write_auth_file
 
@@ -283,3 +283,39 @@ def test_sighup_revokes_a_key_of_a_running_server(tmp_path: Path):
                 stub.ListAgents(L.ListAgentsRequest(), metadata=bearer(made["root"])).agents == []
             )
         assert server.terminate() == 0, server.log_tail()
+
+
+async def test_revoked_stream_of_a_client_that_does_not_read_is_cut_off(setup):
+    """A stream blocked in sending (its client reads nothing, flow control is full)
+    cannot be interrupted inside the servicer; it is cancelled after a grace, and
+    its watcher is cleaned up all the same."""
+    h, made, path = setup
+    interceptor = h.server.interceptor
+    watchers = h.server.lifecycle.events._watchers
+    # Opened, never read; no BDP probing, so the stream window stays at 64 KiB.
+    channel = grpc.aio.insecure_channel(h.target, options=[("grpc.http2.bdp_probe", 0)])
+    stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+    call = stub.WatchAgents(L.WatchAgentsRequest(), metadata=bearer(made["watcher"]))
+    await call.initial_metadata()
+    big = {f"k{i}": "x" * 1000 for i in range(64)}  # ~70 KB per event
+    for i in range(40):
+        await h.lifecycle.RegisterAgent(
+            L.RegisterAgentRequest(agent_id=f"big-{i}", metadata=big),
+            metadata=bearer(made["root"]),
+        )
+
+    def blocked_in_send() -> bool:
+        return any(not a.inside for a in interceptor._streams if a.principal.name == "watcher")
+
+    await eventually(blocked_in_send, what="the watch blocked in sending")
+    assert len(watchers) == 1
+    _rewrite(path, made, watcher=None)
+    start = time.monotonic()
+    h.server.reload()
+    await eventually(lambda: not interceptor._streams, timeout=1.0, what="stream ended")
+    # Through the grace (the servicer could not be interrupted), within the second.
+    grace = limits.REVOKED_STREAM_GRACE.total_seconds()
+    assert grace * 0.9 <= time.monotonic() - start < 1.0
+    assert not watchers, "the watcher was not cleaned up"
+    call.cancel()
+    await channel.close()
