@@ -284,24 +284,38 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream, None),
+                self._stream(method, handler.stream_stream, decode, request_stream=True),
                 request_deserializer=decode,
                 response_serializer=encode,
             )
-        return handler  # no client-streaming RPCs in the API
+        # Client streaming: none in the API today, but never unauthenticated.
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary(method, handler.stream_unary, decode, request_stream=True),
+            request_deserializer=decode,
+            response_serializer=encode,
+        )
 
     def _unary(
-        self, method: str, behavior: Callable[..., Any], decode: Callable[[bytes], Any] | None
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        decode: Callable[[bytes], Any] | None,
+        *,
+        request_stream: bool = False,
     ) -> Callable[..., Any]:
+        """A request stream is decoded by its deserializer, as the servicer reads it
+        (after admission); a single request by the wrapper, after admission."""
+
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             info = self._call(method, context)
             context.set_trailing_metadata((("x-request-id", info.request_id),))
             code = grpc.StatusCode.OK
-            request: Any = None
+            request: Any = raw if request_stream else None
             try:
                 auth = self._admit(info)
-                request = _decode(method, decode, raw)
-                self._check_agent(auth, request)
+                if not request_stream:
+                    request = _decode(method, decode, raw)
+                    self._check_agent(auth, request)
                 if auth is not None:
                     set_current_call(auth)
                 return await behavior(request, context)
@@ -311,15 +325,20 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
-                _log(info, code, request)
+                _log(info, code, None if request_stream else request)
 
         return call
 
     def _stream(
-        self, method: str, behavior: Callable[..., Any], decode: Callable[[bytes], Any] | None
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        decode: Callable[[bytes], Any] | None,
+        *,
+        request_stream: bool = False,
     ) -> Callable[..., Any]:
-        """`decode` None: a request stream (decoded as the servicer reads it)."""
-        request_stream = decode is None
+        """A request stream is decoded by its deserializer, as the servicer reads it
+        (after admission); a single request by the wrapper, after admission."""
 
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             info = self._call(method, context)
