@@ -164,9 +164,13 @@ def client_command(
 
     for name, envvar, help_text in reversed(_TLS_OPTIONS):
         if name == "--tls":
-            option = click.option(name, is_flag=True, envvar=envvar, help=help_text)
+            option = click.option(
+                name, is_flag=True, envvar=envvar, show_envvar=True, help=help_text
+            )
         else:
-            option = click.option(name, envvar=envvar, metavar="FILE", help=help_text)
+            option = click.option(
+                name, envvar=envvar, show_envvar=True, metavar="FILE", help=help_text
+            )
         callback = option(callback)
 
     callback = click.option(
