@@ -71,7 +71,7 @@ from typing import Any, TypeVar
 
 from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
 
-from opscore.client import OpsCoreClient
+from opscore.client import OpsCoreClient, TLSConfig
 from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
 from opscore.client.errors import (
     DeadlineExceededError,
@@ -367,7 +367,8 @@ class Agent:
     the registry. `agent_id` should be stable across restarts of the same
     agent (default `$OPSCORE_AGENT_ID`; when neither is set the server
     generates one on each start). `target` and `api_key` default to
-    `$OPSCORE_TARGET` and `$OPSCORE_API_KEY`; pass `client` to use one you
+    `$OPSCORE_TARGET` and `$OPSCORE_API_KEY`, `tls` (a `TLSConfig`, True or
+    False) to the `OPSCORE_TLS*` variables; pass `client` to use one you
     manage instead. `max_in_flight` is how many tasks run at once.
     `shutdown_timeout` is how long a graceful shutdown waits for running
     tasks. `liveness_interval` is how often the agent proves it is alive while
@@ -386,6 +387,7 @@ class Agent:
         agent_id: str | None = None,
         target: str | None = None,
         api_key: str | None = None,
+        tls: bool | TLSConfig | None = None,
         version: str = "",
         metadata: Mapping[str, str] | None = None,
         contact_endpoint: str = "",
@@ -409,10 +411,12 @@ class Agent:
         self.liveness_interval = _seconds(liveness_interval)
         self.startup_timeout = None if startup_timeout is None else _seconds(startup_timeout)
         self._joined_once = False
-        self._client_args = (target, api_key, env)
+        self._client_args = (target, api_key, tls, env)
         self._given_client = client
         #: The client the agent talks through (created by `run()` unless given).
-        self.client: OpsCoreClient = client or OpsCoreClient(target, api_key=api_key, env=env)
+        self.client: OpsCoreClient = client or OpsCoreClient(
+            target, api_key=api_key, tls=tls, env=env
+        )
         self._handlers: dict[str, Handler] = {}
         self._held: dict[str, _Held] = {}
         self._running = False
@@ -501,8 +505,8 @@ class Agent:
         self._running = True
         self._done = asyncio.Event()
         if self._given_client is None and self.client.closed:
-            target, api_key, env = self._client_args
-            self.client = OpsCoreClient(target, api_key=api_key, env=env)
+            target, api_key, tls, env = self._client_args
+            self.client = OpsCoreClient(target, api_key=api_key, tls=tls, env=env)
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()

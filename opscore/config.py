@@ -33,6 +33,13 @@ class Config:
     # "full": a commit survives power loss; "normal": survives a process crash only.
     sync: str = "full"
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    # Principals with roles (opscore.security.authfile); re-read on SIGHUP.
+    auth_file: str | None = None
+    # TLS: certificate and key (PEM); with a client CA, client certificates are
+    # required (mTLS). All are re-read when they change or on SIGHUP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     insecure: bool = False
     agent_timeout: timedelta = timedelta(seconds=30)
     drain_grace: timedelta = timedelta(seconds=10)
@@ -86,17 +93,34 @@ class Config:
             )
         if self.max_db_bytes < 0:
             raise ConfigError("max db bytes must not be negative (0 for no limit)")
-        if not self.api_keys and not self.insecure and not is_loopback(host):
-            raise ConfigError(
-                f"refusing to listen on {self.listen} without authentication: set "
-                "OPSCORE_API_KEYS or --api-key-file, or pass --insecure to accept "
-                "unauthenticated clients from the network"
-            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
+        if not self.insecure and not is_loopback(host):
+            if not self.auth_enabled and not self.tls_client_ca:
+                raise ConfigError(
+                    f"refusing to listen on {self.listen} without authentication: set "
+                    "--auth-file, OPSCORE_API_KEYS or --api-key-file (or --tls-client-ca "
+                    "for client certificates), or pass --insecure to accept "
+                    "unauthenticated clients from the network"
+                )
+            if not self.tls_enabled:
+                raise ConfigError(
+                    f"refusing to listen on {self.listen} without TLS, which would send "
+                    "API keys and payloads in clear text: set --tls-cert and --tls-key "
+                    "(OPSCORE_TLS_CERT, OPSCORE_TLS_KEY), or pass --insecure to accept "
+                    "plaintext connections (e.g. behind a proxy that terminates TLS)"
+                )
         return self
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys) or self.auth_file is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
 
 
 def listen_host(listen: str) -> str:
@@ -245,9 +269,23 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("auto", "uvloop", "asyncio"),
     ),
     Setting(
+        "auth_file",
+        "OPSCORE_AUTH_FILE",
+        "Principals with roles and key hashes (YAML or TOML; see `opscore auth`); "
+        "re-read on SIGHUP.",
+    ),
+    Setting("tls_cert", "OPSCORE_TLS_CERT", "Serve TLS with this certificate chain (PEM)."),
+    Setting("tls_key", "OPSCORE_TLS_KEY", "The private key of --tls-cert (PEM)."),
+    Setting(
+        "tls_client_ca",
+        "OPSCORE_TLS_CLIENT_CA",
+        "Require client certificates signed by this CA (mTLS). TLS files are re-read "
+        "when they change and on SIGHUP.",
+    ),
+    Setting(
         "insecure",
         "OPSCORE_INSECURE",
-        "Allow listening on a non-loopback address without API keys.",
+        "Allow listening on a non-loopback address without TLS or without authentication.",
         parse=_flag,
         flag=True,
     ),

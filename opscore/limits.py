@@ -74,3 +74,15 @@ MAX_DEFINITION_BYTES = 3 * 1024 * 1024
 # expansion (a "billion laughs" document is tiny but expands without bound).
 MAX_SOURCE_DEPTH = 64
 MAX_SOURCE_NODES = 200_000
+
+# ---- authentication (opscore/security)
+# An authorization header longer than this is malformed: nothing longer is hashed.
+MAX_API_KEY_CHARS = 512
+# Failed authentications are logged at most this many lines in a burst, then at
+# this rate; the rest are counted and summed up in one line per interval.
+AUTH_FAILURE_LOG_BURST = 10
+AUTH_FAILURE_LOG_PER_SECOND = 1.0
+AUTH_FAILURE_SUMMARY_INTERVAL = timedelta(seconds=10)
+# A revoked principal's stream that is busy sending (a client that does not
+# read) is cancelled after this grace; an idle one ends at once.
+REVOKED_STREAM_GRACE = timedelta(milliseconds=500)

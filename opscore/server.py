@@ -1,5 +1,6 @@
 """Assembles the service: storage, engines, gRPC server, health, reflection; and
-runs it until SIGTERM/SIGINT with a graceful drain.
+runs it until SIGTERM/SIGINT with a graceful drain; SIGHUP re-reads the auth file
+and the TLS files (`reload`).
 
 It also owns recovery. The engines keep their state in memory ahead of the
 database (group commit); when a commit fails, or a change fails half-way, that
@@ -40,6 +41,8 @@ from opscore.dispatch import DispatchEngine
 from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.lifecycle import LifecycleEngine
 from opscore.netcheck import check_port_free
+from opscore.security.authn import Authenticator
+from opscore.security.tls import ServerCertificates
 from opscore.storage import Store
 from opscore.workflow.engine import WorkflowEngine
 
@@ -69,6 +72,8 @@ class OpsCoreServer:
     recoveries: int = 0
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
+    interceptor: OpsCoreInterceptor = field(init=False)
+    certificates: ServerCertificates | None = None
     _stopped: bool = False
     _recovery: asyncio.Task[None] | None = None
     _fault_again: bool = False
@@ -98,7 +103,7 @@ class OpsCoreServer:
         )
         ms = lambda td: int(td.total_seconds() * 1000)  # noqa: E731
         server = grpc.aio.server(
-            interceptors=[OpsCoreInterceptor(cfg.api_keys)],
+            interceptors=[self.interceptor],
             options=[
                 ("grpc.keepalive_time_ms", ms(cfg.keepalive_time)),
                 ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout)),
@@ -129,14 +134,33 @@ class OpsCoreServer:
         )
         return server
 
+    def _load_security(self) -> None:
+        """Principals and certificates, read before anything else starts: a wrong
+        file is a ConfigError that leaves nothing behind."""
+        cfg = self.config
+        authenticator = Authenticator(
+            api_keys=cfg.api_keys,
+            auth_file=cfg.auth_file,
+            client_certificates=bool(cfg.tls_client_ca),
+        )
+        authenticator.load()
+        self.interceptor = OpsCoreInterceptor(authenticator)
+        if cfg.tls_cert and cfg.tls_key:
+            self.certificates = ServerCertificates(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            self.certificates.load()
+
     async def start(self) -> None:
         cfg = self.config
+        self._load_security()
         server = self._build()
         # The address first, then the database: a port in the way must not leave a
         # migrated (or locked) database behind.
         check_port_free(cfg.listen)
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            if self.certificates is not None:
+                self.port = server.add_secure_port(cfg.listen, self.certificates.credentials())
+            else:
+                self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         try:
@@ -160,14 +184,51 @@ class OpsCoreServer:
         host = listen_host(cfg.listen)
         if not cfg.auth_enabled:
             log.warning(
-                "authentication is off: no API keys configured"
-                + ("" if is_loopback(host) else " and --insecure given"),
+                (
+                    "authentication is off: every holder of a client certificate the CA "
+                    "signed is admin"
+                    if cfg.tls_client_ca
+                    else "authentication is off: no API keys or auth file configured"
+                    + ("" if is_loopback(host) else " and --insecure given")
+                ),
                 extra={"listen": cfg.listen},
             )
+        if not cfg.tls_enabled and not is_loopback(host):
+            log.warning("TLS is off on a non-loopback address (--insecure)")
         log.info(
             "serving",
-            extra={"listen": cfg.listen, "port": self.port, "db": cfg.db, "sync": cfg.sync},
+            extra={
+                "listen": cfg.listen,
+                "port": self.port,
+                "db": cfg.db,
+                "sync": cfg.sync,
+                "tls": "mtls" if cfg.tls_client_ca else ("tls" if cfg.tls_enabled else "off"),
+                "principals": self.interceptor.authenticator.principal_count,
+            },
         )
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the auth file and end the streams of principals it no
+        longer has; the TLS files are re-read at the next handshake. A file that
+        cannot be used is logged and the previous principals stay."""
+        authenticator = self.interceptor.authenticator
+        if authenticator.auth_file is not None:
+            try:
+                authenticator.load()
+            except ConfigError as exc:
+                log.error("auth file not reloaded; the previous principals stay: %s", exc)
+            else:
+                ended = self.interceptor.revalidate()
+                log.info(
+                    "auth file reloaded",
+                    extra={
+                        "auth_file": authenticator.auth_file,
+                        "principals": authenticator.principal_count,
+                        "streams_ended": ended,
+                    },
+                )
+        if self.certificates is not None:
+            self.certificates.request_reload()
 
     async def _load(self) -> None:
         await self.lifecycle.start()
@@ -270,6 +331,7 @@ class OpsCoreServer:
         await self._server.stop(self.config.drain_grace.total_seconds())
         self._stop_engines()
         await self.store.close()
+        self.interceptor.close()
         log.info("stopped")
 
 
@@ -297,11 +359,12 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await stop.wait()
     finally:
         await server.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
     return 0

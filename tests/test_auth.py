@@ -140,7 +140,11 @@ def test_non_loopback_without_keys_refuses_to_start():
 
 
 def test_non_loopback_with_env_keys_starts():
-    cfg = from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b"})
+    # Keys alone are not enough off loopback: they would travel in clear text.
+    with pytest.raises(ConfigError, match="without TLS"):
+        from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b"})
+    tls = {"OPSCORE_TLS_CERT": "server.crt", "OPSCORE_TLS_KEY": "server.key"}
+    cfg = from_sources({"listen": "0.0.0.0:50051"}, env={"OPSCORE_API_KEYS": "a,b", **tls})
     assert cfg.api_keys == {"a", "b"}
     assert cfg.auth_enabled
     assert cfg.listen == "0.0.0.0:50051"
@@ -165,7 +169,7 @@ def test_loopback_without_keys_is_allowed():
 def test_api_key_file_skips_blank_and_comment_lines(tmp_path: Path):
     path = tmp_path / "keys"
     path.write_text("# production keys\n\nkey-one\n   \n  key-two  \n#key-three\n")
-    cfg = from_sources({"listen": "0.0.0.0:1", "api_key_file": str(path)}, env={})
+    cfg = from_sources({"api_key_file": str(path)}, env={})
     assert cfg.api_keys == {"key-one", "key-two"}
     # The file adds to the environment's keys.
     cfg = from_sources({"api_key_file": str(path)}, env={"OPSCORE_API_KEYS": "env-key"})
@@ -246,5 +250,28 @@ def test_serve_help_lists_options():
         "--log-format",
         "--api-key-file",
         "--insecure",
+        "--auth-file",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
     ):
         assert option in proc.stdout, f"{option} missing from:\n{proc.stdout}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_serve_refuses_a_missing_auth_file(tmp_path: Path):
+    db = tmp_path / "refused.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opscore", "serve", "--listen", "127.0.0.1:0", "--db", str(db),
+         "--auth-file", str(tmp_path / "absent.toml")],
+        cwd=REPO_ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot read auth file" in proc.stderr
+    assert not db.exists(), "a refused start must not create the database"

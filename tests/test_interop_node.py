@@ -104,3 +104,63 @@ def test_node_client_sends_api_key(tmp_path: Path) -> None:
         assert json.loads(allowed.stdout)["state"] == "AGENT_STATE_IDLE", context
 
         assert server.terminate() == 0, server.log_tail()
+
+
+def test_node_client_over_mtls(tmp_path: Path) -> None:
+    """The same client over TLS with a client certificate (mTLS) whose subject names
+    an agent principal; a plaintext client is refused by the same server."""
+    import grpc
+
+    try:
+        from tests.support.certs import CertificateAuthority
+        from tests.support.security import principal, write_auth_file
+    except ImportError:
+        from support.certs import CertificateAuthority
+        from support.security import principal, write_auth_file
+
+    assert NODE is not None
+    ca = CertificateAuthority("interop-ca")
+    ca_path = ca.write(tmp_path / "ca.crt")
+    server_cert, server_key = ca.issue("localhost", server=True).write(tmp_path / "server")
+    client = ca.issue("node-interop", organization="Interop")
+    client_cert, client_key = client.write(tmp_path / "client")
+    auth = tmp_path / "auth.toml"
+    write_auth_file(
+        auth,
+        principal("node", "agent", agents=["node-interop-*"], subject=client.subject),
+        with_keys=False,
+    )
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, client.key_pem, client.cert_pem)
+    args = ("--tls-cert", str(server_cert), "--tls-key", str(server_key))
+    args += ("--tls-client-ca", str(ca_path), "--auth-file", str(auth))
+    with running_server(tmp_path, *args, credentials=credentials) as server:
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("OPSCORE_")}
+        plain = subprocess.run(
+            [NODE, str(CLIENT), server.target],
+            cwd=REPO_ROOT,
+            env={**base_env, "INTEROP_DEADLINE_MS": "3000"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert plain.returncode == 1, f"{plain.stdout}\n{plain.stderr}"
+        tls_env = {
+            **base_env,
+            "OPSCORE_TLS_CA": str(ca_path),
+            "OPSCORE_TLS_CLIENT_CERT": str(client_cert),
+            "OPSCORE_TLS_CLIENT_KEY": str(client_key),
+        }
+        result = subprocess.run(
+            [NODE, str(CLIENT), server.target],
+            cwd=REPO_ROOT,
+            env=tls_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        context = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{server.log_tail()}"
+        assert result.returncode == 0, context
+        report = json.loads(result.stdout)
+        assert report["state"] == "AGENT_STATE_IDLE", context
+        assert report["agent_id"] == "node-interop-agent", context
+        assert server.terminate() == 0, server.log_tail()

@@ -1,11 +1,25 @@
-"""Every cross-cutting concern of an RPC, in one place: authentication, request ids,
-one structured log line per RPC, request decoding, and the translation of domain
-errors to statuses.
+"""Every cross-cutting concern of an RPC, in one place: authentication and
+authorization, request ids, one structured log line per RPC, request decoding,
+and the translation of domain errors to statuses.
+
+Each call, before any engine runs: authenticate (API key from the metadata, or
+the mTLS client certificate), check the role against opscore.security.roles,
+decode the body, then, for agent-scoped calls, check that the principal may act
+as the request's `agent_id`. Refusals carry ErrorInfo with a stable reason
+(API_KEY_*, CERTIFICATE_NOT_RECOGNISED, ROLE_NOT_ALLOWED, AGENT_NOT_ALLOWED).
+The principal is then available to the servicer (`security.current_principal()`).
+Open streams are registered under their principal: `revalidate()` (after the
+auth file is re-read on SIGHUP) ends those whose principal was revoked with
+UNAUTHENTICATED, and those it no longer permits with PERMISSION_DENIED.
 
 Two rules keep a hostile or vanishing client from hurting the server:
 
-- Authentication is decided from the call's metadata before its body is decoded,
-  so an unauthenticated client costs no parsing (and cannot reach the decoder).
+- A call is authenticated and its role checked before its body is decoded, so
+  an unauthenticated client costs no parsing (and cannot reach the decoder).
+  Unary request bodies reach the wrapper as bytes and are decoded after the
+  checks; streamed requests are decoded as the servicer reads them, which is
+  after the checks too. Failed authentications get no per-RPC log line: they
+  go to the rate-limited audit log (opscore.security.audit) instead.
 - Nothing touches a call's context after the call may have ended. gRPC core's
   `context.peer()` reads memory owned by the transport, which a client that
   cancels and disconnects frees (grpc/grpc#29069, #29927): the peer and every
@@ -15,20 +29,24 @@ Two rules keep a hostile or vanishing client from hurting the server:
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from opscore import errors
+from opscore import errors, limits
 from opscore.api.errors import rich_status, status_code
+from opscore.security import roles
+from opscore.security.audit import AuthFailures
+from opscore.security.authn import Authenticator
+from opscore.security.principal import CallAuth, agent_not_allowed, set_current_call
 
 log = logging.getLogger("opscore.rpc")
 
@@ -94,22 +112,46 @@ def undecodable_error(method: str, item: Undecodable) -> errors.InvalidArgument:
 
 
 class _Call:
-    """What the log line and error replies need, read once when the call starts."""
+    """What authentication, the log line and error replies need, read once when
+    the call starts."""
 
-    __slots__ = ("method", "peer", "request_id", "started")
+    __slots__ = (
+        "auth",
+        "authorization",
+        "method",
+        "peer",
+        "quiet",
+        "request_id",
+        "started",
+        "subject",
+    )
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        metadata: Metadata,
+        *,
+        peer_identity: bool = False,
+    ) -> None:
         self.method = method
         self.started = time.perf_counter()
         self.request_id = _request_id(metadata)
         self.peer = context.peer()
+        self.authorization = _metadata_value(metadata, "authorization")
+        self.subject = _subject(context) if peer_identity else None
+        self.auth: CallAuth | None = None
+        # No per-RPC log line (a failed authentication: the audit log has it).
+        self.quiet = False
 
 
 class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_keys: frozenset[str]) -> None:
-        self._keys = [k.encode() for k in api_keys]
+    def __init__(self, authenticator: Authenticator | None = None) -> None:
+        self.authenticator = authenticator or Authenticator()
+        self.auth_failures = AuthFailures()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+        # Open streams of authenticated principals, for revocation.
+        self._streams: set[CallAuth] = set()
 
     async def intercept_service(
         self,
@@ -117,148 +159,166 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method  # type: ignore[attr-defined]
-        metadata: Metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(details)
             if handler is None:
                 return handler
             wrapped = self._wrapped[method] = self._wrap(method, handler)
-        refusal = self._check_auth(method, metadata)
-        if refusal is not None:
-            return self._refusal(method, wrapped, refusal)
         return wrapped
 
     # ------------------------------------------------------------------ auth
 
-    def _check_auth(self, method: str, metadata: Metadata) -> errors.Unauthenticated | None:
-        if not self._keys or method.startswith(_EXEMPT_PREFIXES):
+    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        return _Call(
+            method,
+            context,
+            context.invocation_metadata() or (),
+            peer_identity=self.authenticator.client_certificates,
+        )
+
+    def _admit(self, call: _Call) -> CallAuth | None:
+        """Authenticate and check the role: before the body is decoded."""
+        if call.method.startswith(_EXEMPT_PREFIXES):
             return None
-        header = _metadata_value(metadata, "authorization")
-        if not header:
-            return errors.Unauthenticated(
-                "missing API key: send metadata 'authorization: Bearer <key>'",
-                reason="API_KEY_MISSING",
+        try:
+            principal, credential = self.authenticator.authenticate(
+                call.authorization, call.subject
             )
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return errors.Unauthenticated(
-                "malformed authorization metadata: expected 'Bearer <key>'",
-                reason="API_KEY_MALFORMED",
+        except errors.Unauthenticated as exc:
+            call.quiet = True
+            self.auth_failures.record(exc.reason, call.peer, call.method)
+            raise
+        call.auth = CallAuth(principal, credential, call.method)
+        if not roles.permits(principal.role, call.method):
+            raise errors.PermissionDenied(
+                f"principal {principal.name!r} (role {principal.role}) may not call "
+                f"{roles.short_name(call.method)}",
+                reason="ROLE_NOT_ALLOWED",
             )
-        supplied = token.strip().encode()
-        # Compare against every key in constant time so timing reveals nothing.
-        ok = False
-        for k in self._keys:
-            ok |= hmac.compare_digest(k, supplied)
-        if not ok:
-            return errors.Unauthenticated("API key not recognised", reason="API_KEY_INVALID")
-        return None
+        return call.auth
 
-    def _refusal(
-        self, method: str, like: grpc.RpcMethodHandler, error: errors.OpsCoreError
-    ) -> grpc.RpcMethodHandler:
-        """A handler of the same shape that never decodes the body and answers `error`."""
-        key = (method, error.reason)
-        cached = self._refusals.get(key)
-        if cached is not None:
-            return cached
+    @staticmethod
+    def _check_agent(auth: CallAuth | None, request: Any) -> None:
+        """Agent-scoped calls: the principal must be allowed the request's agent_id."""
+        if auth is None or not roles.agent_scoped(auth.method):
+            return
+        agent_id = getattr(request, "agent_id", "")
+        if not auth.principal.allows_agent(agent_id):
+            raise agent_not_allowed(auth.principal, agent_id)
+        auth.agent_ids.append(agent_id)
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = context.invocation_metadata() or ()
-            call = _Call(method, context, metadata)
-            code, message, md = _classify(error, context, call)
-            try:
-                await context.abort(code, message or "", trailing_metadata=md)
-            finally:
-                _log(call, code, request)
+    def revalidate(self) -> int:
+        """After the principals changed: end every open stream whose principal is
+        gone (UNAUTHENTICATED) or no longer allowed the call (PERMISSION_DENIED).
+        Returns how many were ended."""
+        ended = 0
+        for auth in list(self._streams):
+            if auth.ended is not None:
+                continue
+            now = self.authenticator.resolve(auth.credential)
+            if now == auth.principal:
+                continue
+            error: errors.OpsCoreError | None = None
+            if now is None:
+                error = errors.Unauthenticated(
+                    f"the credentials of principal {auth.principal.name!r} were revoked",
+                    reason="PRINCIPAL_REVOKED",
+                )
+            elif not roles.permits(now.role, auth.method):
+                error = errors.PermissionDenied(
+                    f"principal {now.name!r} (role {now.role}) may no longer call "
+                    f"{roles.short_name(auth.method)}",
+                    reason="ROLE_NOT_ALLOWED",
+                )
+            else:
+                denied = [a for a in auth.agent_ids if not now.allows_agent(a)]
+                if denied:
+                    error = agent_not_allowed(now, denied[0])
+            if error is None:
+                auth.principal = now
+                continue
+            self._end_stream(auth, error)
+            ended += 1
+        return ended
 
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await refuse(request, context)
+    def _end_stream(self, auth: CallAuth, error: errors.OpsCoreError) -> None:
+        auth.ended = error
+        task = auth.task
+        if task is None or task.done():
+            return
+        if auth.inside:
+            # Parked in the servicer: the cancellation lands there, its cleanup
+            # runs, and the wrapper answers `error`.
+            task.cancel()
+            return
 
-        skip = _skip_body
-        if like.unary_unary is not None:
-            handler = grpc.unary_unary_rpc_method_handler(
-                refuse, request_deserializer=skip, response_serializer=like.response_serializer
-            )
-        elif like.unary_stream is not None:
-            handler = grpc.unary_stream_rpc_method_handler(
-                refuse_stream,
-                request_deserializer=skip,
-                response_serializer=like.response_serializer,
-            )
-        elif like.stream_stream is not None:
-            handler = grpc.stream_stream_rpc_method_handler(
-                refuse_stream,
-                request_deserializer=skip,
-                response_serializer=like.response_serializer,
-            )
-        else:
-            handler = grpc.stream_unary_rpc_method_handler(
-                refuse, request_deserializer=skip, response_serializer=like.response_serializer
-            )
-        self._refusals[key] = handler
-        return handler
+        # Busy handing a message to gRPC: the wrapper ends the stream after it;
+        # a client that does not read is cut off after a grace. (The wrapper
+        # clears auth.task once it answers, so this never cuts its answer short.)
+        def force() -> None:
+            if auth.task is not None and not auth.task.done():
+                auth.task.cancel()
+
+        asyncio.get_running_loop().call_later(limits.REVOKED_STREAM_GRACE.total_seconds(), force)
+
+    def close(self) -> None:
+        self.auth_failures.close()
 
     # ------------------------------------------------------------------ wrapping
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         decode = _decoder(handler.request_deserializer)
         encode = _encoder(handler.response_serializer)
+        # Unary requests arrive as bytes (no deserializer) and are decoded by the
+        # wrapper once the call is admitted.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=decode,
+                self._unary(method, handler.unary_unary, decode),
                 response_serializer=encode,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=decode,
+                self._stream(method, handler.unary_stream, decode),
                 response_serializer=encode,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream, request_stream=True),
+                self._stream(method, handler.stream_stream, decode, request_stream=True),
                 request_deserializer=decode,
                 response_serializer=encode,
             )
-        return handler  # no client-streaming RPCs in the API
+        # Client streaming: none in the API today, but never unauthenticated.
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary(method, handler.stream_unary, decode, request_stream=True),
+            request_deserializer=decode,
+            response_serializer=encode,
+        )
 
-    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            info = _Call(method, context, context.invocation_metadata() or ())
+    def _unary(
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        decode: Callable[[bytes], Any] | None,
+        *,
+        request_stream: bool = False,
+    ) -> Callable[..., Any]:
+        """A request stream is decoded by its deserializer, as the servicer reads it
+        (after admission); a single request by the wrapper, after admission."""
+
+        async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            info = self._call(method, context)
             context.set_trailing_metadata((("x-request-id", info.request_id),))
             code = grpc.StatusCode.OK
+            request: Any = raw if request_stream else None
             try:
-                if isinstance(request, Undecodable):
-                    raise undecodable_error(method, request)
+                auth = self._admit(info)
+                if not request_stream:
+                    request = _decode(method, decode, raw)
+                    self._check_agent(auth, request)
+                if auth is not None:
+                    set_current_call(auth)
                 return await behavior(request, context)
-            except BaseException as exc:
-                code, message, md = _classify(exc, context, info)
-                if message is None:
-                    raise
-                await context.abort(code, message, trailing_metadata=md)
-            finally:
-                _log(info, code, request)
-
-        return call
-
-    def _stream(
-        self, method: str, behavior: Callable[..., Any], *, request_stream: bool = False
-    ) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
-            info = _Call(method, context, context.invocation_metadata() or ())
-            code = grpc.StatusCode.OK
-            _request_id_var.set(info.request_id)
-            try:
-                if not request_stream and isinstance(request, Undecodable):
-                    raise undecodable_error(method, request)
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    await result  # a handler that sends with context.write() itself
-                elif not await _write_all(result, context):
-                    code = grpc.StatusCode.CANCELLED
             except BaseException as exc:
                 code, message, md = _classify(exc, context, info)
                 if message is None:
@@ -269,30 +329,110 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
+    def _stream(
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        decode: Callable[[bytes], Any] | None,
+        *,
+        request_stream: bool = False,
+    ) -> Callable[..., Any]:
+        """A request stream is decoded by its deserializer, as the servicer reads it
+        (after admission); a single request by the wrapper, after admission."""
 
-def _skip_body(data: bytes) -> None:
-    return None
-
-
-async def _write_all(responses: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> bool:
-    """Send every response; False if the call went away under a write.
-
-    We write rather than let grpc drive the generator: a write that races the
-    client's cancellation fails inside grpc, which logs it as an error with a
-    traceback. Here it is what it is, a client that left. The generator is
-    closed explicitly so the servicer's cleanup (unsubscribe) runs at once.
-    """
-    try:
-        async for response in responses:
+        async def call(raw: Any, context: grpc.aio.ServicerContext) -> None:
+            info = self._call(method, context)
+            code = grpc.StatusCode.OK
+            _request_id_var.set(info.request_id)
+            request: Any = raw if request_stream else None
+            auth: CallAuth | None = None
+            responses: Any = None
+            writing = False
             try:
-                await context.write(response)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception:
-                return False
-        return True
-    finally:
-        await responses.aclose()  # type: ignore[attr-defined]
+                auth = self._admit(info)
+                if not request_stream:
+                    request = _decode(method, decode, raw)
+                    self._check_agent(auth, request)
+                if auth is not None:
+                    set_current_call(auth)
+                    auth.task = asyncio.current_task()
+                    self._streams.add(auth)
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    if auth is not None:
+                        auth.inside = True
+                    await result  # a handler that sends with context.write()
+                else:
+                    responses = result.__aiter__()
+                    while True:
+                        if auth is not None:
+                            auth.inside = True
+                        try:
+                            response = await responses.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            if auth is not None:
+                                auth.inside = False
+                        # We write rather than yield to grpc: a write that races
+                        # the client's cancellation fails inside grpc's own loop,
+                        # which logs it as an error with a traceback. Here it is
+                        # what it is, a client that left.
+                        writing = True
+                        try:
+                            await context.write(response)
+                        except (grpc.aio.AbortError, asyncio.CancelledError):
+                            raise
+                        except Exception:
+                            code = grpc.StatusCode.CANCELLED
+                            break
+                        writing = False
+                        if auth is not None and auth.ended is not None:
+                            raise auth.ended
+            except BaseException as exc:
+                if writing and isinstance(exc, asyncio.CancelledError):
+                    # Cancelled while a write was stuck (a client that does not
+                    # read): no status can get past it; let grpc tear the call down.
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                if auth is not None and auth.ended is not None:
+                    auth.task = None
+                    if isinstance(exc, asyncio.CancelledError):
+                        # Our own cancellation (revoked): answer with its status.
+                        task = asyncio.current_task()
+                        if task is not None:
+                            task.uncancel()
+                        exc = auth.ended
+                code, message, md = _classify(exc, context, info)
+                if message is None:
+                    raise
+                await context.abort(code, message, trailing_metadata=md)
+            finally:
+                if auth is not None:
+                    self._streams.discard(auth)
+                if responses is not None and hasattr(responses, "aclose"):
+                    # The servicer's cleanup (unsubscribe) runs now, not at GC.
+                    with contextlib.suppress(BaseException):
+                        await responses.aclose()
+                _log(info, code, None if request_stream else request)
+
+        return call
+
+
+def _decode(method: str, decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
+    request = decode(raw) if decode is not None else raw
+    if isinstance(request, Undecodable):
+        raise undecodable_error(method, request)
+    return request
+
+
+def _subject(context: grpc.aio.ServicerContext) -> str | None:
+    """The verified client certificate's subject (RFC 4514 order, as gRPC core
+    prints it, e.g. "O=Acme,CN=agent-1"), or None without one."""
+    values = context.auth_context().get("x509_subject") or ()
+    for value in values:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 def _metadata_value(metadata: Metadata, key: str) -> str:
@@ -331,7 +471,7 @@ def _classify(
 
 
 def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
-    if not log.isEnabledFor(logging.INFO):
+    if call.quiet or not log.isEnabledFor(logging.INFO):
         return
     log.info(
         "rpc",
@@ -341,6 +481,7 @@ def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "peer": call.peer,
             "agent_id": getattr(request, "agent_id", "") or None,
+            "principal": call.auth.principal.name if call.auth is not None else None,
             "request_id": call.request_id,
         },
     )

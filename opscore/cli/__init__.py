@@ -22,6 +22,7 @@ import click
 
 from opscore import __version__
 from opscore.cli.agents import agents
+from opscore.cli.auth import auth
 from opscore.cli.common import GLOBAL_HELP, Globals, global_options, wants_json
 from opscore.cli.health import health
 from opscore.cli.serve import serve
@@ -82,6 +83,7 @@ main.add_command(agents)
 main.add_command(workflows)
 main.add_command(sessions)
 main.add_command(tasks)
+main.add_command(auth)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from opscore.client import DEFAULT_TARGET, OpsCoreClient
+from opscore.client import DEFAULT_TARGET, OpsCoreClient, TLSConfig
 from opscore.client.convert import json_like_problem, to_datetime
 from opscore.client.errors import OpsCoreError, connection_problem
 
@@ -91,10 +91,22 @@ class Globals:
     target: str | None = None
     api_key: str | None = None
     as_json: bool = False
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Globals:
-        return cls(options.get("target"), options.get("api_key"), bool(options.get("as_json")))
+        return cls(
+            options.get("target"),
+            options.get("api_key"),
+            bool(options.get("as_json")),
+            bool(options.get("tls")),
+            options.get("ca"),
+            options.get("cert"),
+            options.get("key"),
+        )
 
 
 def wants_json(argv: Iterable[str]) -> bool:
@@ -109,7 +121,15 @@ def wants_json(argv: Iterable[str]) -> bool:
 
 
 def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--json, --target and --api-key, for the group and for every client command."""
+    """--json, --target, --api-key and the TLS options, for the group and for every
+    client command."""
+    for name, envvar, help_text in reversed(_TLS_OPTIONS):
+        if name == "--tls":
+            fn = click.option(
+                name, is_flag=True, default=None, help=f"{help_text}  [env {envvar}]"
+            )(fn)
+        else:
+            fn = click.option(name, metavar="FILE", help=f"{help_text}  [env {envvar}]")(fn)
     fn = click.option(
         "--json",
         "as_json",
@@ -154,6 +174,7 @@ class Cli:
     target: str
     api_key: str | None
     as_json: bool
+    tls: TLSConfig | None = None
     out: Console = field(init=False)
     err: Console = field(init=False)
     _client: OpsCoreClient | None = None
@@ -172,7 +193,9 @@ class Cli:
         """Run a command coroutine with a client; exit with its code."""
 
         async def main() -> int | None:
-            async with OpsCoreClient(self.target, api_key=self.api_key or "", env={}) as client:
+            async with OpsCoreClient(
+                self.target, api_key=self.api_key or "", tls=self.tls or False, env={}
+            ) as client:
                 self._client = client
                 return await coro
 
@@ -286,28 +309,64 @@ def client_command(
     fn: Callable[..., Coroutine[Any, Any, int | None]],
 ) -> Callable[..., NoReturn]:
     """Make an `async def command(cli, **options)` a click callback with the
-    connection options --target, --api-key and --json (also taken before the
-    command name, see `Globals`)."""
+    connection options --target, --api-key, --json and the TLS ones (also taken
+    before the command name, see `Globals`)."""
 
     @functools.wraps(fn)
     def callback(
-        *, target: str | None, api_key: str | None, as_json: bool | None, **kwargs: Any
+        *,
+        target: str | None,
+        api_key: str | None,
+        as_json: bool | None,
+        tls: bool | None,
+        ca: str | None,
+        cert: str | None,
+        key: str | None,
+        **kwargs: Any,
     ) -> NoReturn:
         ctx = click.get_current_context()
         given = ctx.find_object(Globals) or Globals()
         resolved_target = target or given.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
-        key = next(
+        api = next(
             (k for k in (api_key, given.api_key, os.environ.get(API_KEY_ENV)) if k is not None),
             None,
         )
         cli = Cli(
             target=check_target(resolved_target),
-            api_key=key,
+            api_key=api,
             as_json=bool(as_json) or given.as_json,
+            tls=_tls_config(
+                bool(tls) or given.tls or os.environ.get("OPSCORE_TLS", "") in ("1", "true"),
+                *(
+                    mine or theirs or os.environ.get(env) or None
+                    for mine, theirs, env in (
+                        (ca, given.ca, "OPSCORE_TLS_CA"),
+                        (cert, given.cert, "OPSCORE_TLS_CLIENT_CERT"),
+                        (key, given.key, "OPSCORE_TLS_CLIENT_KEY"),
+                    )
+                ),
+            ),
         )
         cli.run(fn(cli, **kwargs))
 
     return global_options(callback)
+
+
+_TLS_OPTIONS = (
+    ("--tls", "OPSCORE_TLS", "Connect with TLS (implied by --ca, --cert, --key)."),
+    ("--ca", "OPSCORE_TLS_CA", "Trust this CA certificate (PEM) instead of the system roots."),
+    ("--cert", "OPSCORE_TLS_CLIENT_CERT", "Client certificate (PEM) for mTLS; with --key."),
+    ("--key", "OPSCORE_TLS_CLIENT_KEY", "Private key (PEM) of --cert."),
+)
+
+
+def _tls_config(tls: bool, ca: str | None, cert: str | None, key: str | None) -> TLSConfig | None:
+    if not (tls or ca or cert or key):
+        return None
+    try:
+        return TLSConfig.from_files(ca, cert, key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- parsing

@@ -11,6 +11,8 @@ methods, blocking. Both take a target (HOST:PORT, default `$OPSCORE_TARGET`, the
 RPC with Python-native arguments, return the generated protobuf messages (use
 `to_dict` and `to_datetime` on their fields), raise the `OpsCoreError` hierarchy
 of `opscore.client.errors`, and retry UNAVAILABLE where a call is safe to repeat.
+TLS and mTLS: `tls=TLSConfig.from_files(ca=..., cert=..., key=...)` (or the
+`OPSCORE_TLS*` variables; see `opscore.client.tls`).
 
 To run an agent, see `opscore.agent.Agent`.
 """
@@ -42,6 +44,7 @@ from opscore.client.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from opscore.client.tls import TLSConfig
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -60,6 +63,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryConfig",
+    "TLSConfig",
     "TaskRetry",
     "UnauthenticatedError",
     "UnavailableError",

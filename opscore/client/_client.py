@@ -47,6 +47,7 @@ from opscore.client.convert import (
     to_timestamp,
 )
 from opscore.client.errors import ResourceExhaustedError, UnavailableError, error_from_rpc
+from opscore.client.tls import TLSConfig, resolve_tls
 
 log = logging.getLogger("opscore.client")
 
@@ -212,8 +213,10 @@ class OpsCoreClient:
 
     `target` is HOST:PORT; it defaults to `$OPSCORE_TARGET`, then
     `127.0.0.1:50051`. `api_key` defaults to `$OPSCORE_API_KEY`; it is sent on
-    every call as `authorization: Bearer <key>`. `tls=True` uses TLS with the
-    system roots (or `root_certificates`). `timeout` is the deadline of each
+    every call as `authorization: Bearer <key>`. `tls` takes a `TLSConfig` (CA,
+    client certificate and key for mTLS), True for TLS with the system roots (or
+    `root_certificates`), False for plaintext; by default the `OPSCORE_TLS*`
+    variables decide (see `opscore.client.tls`). `timeout` is the deadline of each
     unary call (streams have none). `env` replaces `os.environ` for the
     defaults (tests).
 
@@ -240,7 +243,7 @@ class OpsCoreClient:
         target: str | None = None,
         *,
         api_key: str | None = None,
-        tls: bool = False,
+        tls: bool | TLSConfig | None = None,
         root_certificates: bytes | None = None,
         timeout: Seconds | None = 30.0,
         retry: RetryConfig | None = None,
@@ -253,8 +256,7 @@ class OpsCoreClient:
         self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {key}"),) if key else ()
         )
-        self._tls = tls
-        self._root_certificates = root_certificates
+        self._tls = resolve_tls(tls, root_certificates, env)
         self._timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         self.retry = retry or RetryConfig()
         self._options = [*CHANNEL_OPTIONS, *channel_options]
@@ -267,9 +269,12 @@ class OpsCoreClient:
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._channel is None:
-            if self._tls:
-                creds = grpc.ssl_channel_credentials(self._root_certificates)
-                self._channel = grpc.aio.secure_channel(self.target, creds, options=self._options)
+            if self._tls is not None:
+                self._channel = grpc.aio.secure_channel(
+                    self.target,
+                    self._tls.credentials(),
+                    options=[*self._options, *self._tls.channel_options()],
+                )
             else:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             self._lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(self._channel)

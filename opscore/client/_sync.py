@@ -19,6 +19,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from opscore.client._client import OpsCoreClient, RetryConfig
 from opscore.client.convert import Seconds
+from opscore.client.tls import TLSConfig
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,7 +64,7 @@ class OpsCoreClientSync:
         target: str | None = None,
         *,
         api_key: str | None = None,
-        tls: bool = False,
+        tls: bool | TLSConfig | None = None,
         root_certificates: bytes | None = None,
         timeout: Seconds | None = 30.0,
         retry: RetryConfig | None = None,

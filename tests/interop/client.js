@@ -5,6 +5,8 @@
 //
 // Usage: node tests/interop/client.js HOST:PORT
 //   OPSCORE_API_KEY  optional; sent as `authorization: Bearer <key>`
+//   OPSCORE_TLS_CA  optional CA certificate file: connect with TLS, trusting it
+//   OPSCORE_TLS_CLIENT_CERT, OPSCORE_TLS_CLIENT_KEY  optional client certificate (mTLS)
 //   INTEROP_DEADLINE_MS  optional per-call deadline (default 10000)
 //
 // On success prints one JSON line (`"ok": true`) on stdout and exits 0. On
@@ -12,6 +14,7 @@
 // exits 1 (2 for usage errors).
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 
 const AGENT_ID = 'node-interop-agent';
@@ -52,6 +55,18 @@ function loadPackages(grpc, protoLoader) {
     opscore: grpc.loadPackageDefinition(lifecycleDef).opscore.v1,
     health: grpc.loadPackageDefinition(healthDef).grpc.health.v1,
   };
+}
+
+function channelCredentials(grpc) {
+  const { OPSCORE_TLS_CA: ca, OPSCORE_TLS_CLIENT_CERT: cert, OPSCORE_TLS_CLIENT_KEY: key } =
+    process.env;
+  if (!ca && !cert && !key) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  try {
+    return grpc.credentials.createSsl(read(ca), read(key), read(cert));
+  } catch (e) {
+    fail('tls', e.message);
+  }
 }
 
 function unary(grpc, client, method, request, metadata, deadlineMs) {
@@ -111,7 +126,7 @@ async function run(target) {
   if (process.env.OPSCORE_API_KEY) {
     metadata.set('authorization', `Bearer ${process.env.OPSCORE_API_KEY}`);
   }
-  const creds = grpc.credentials.createInsecure();
+  const creds = channelCredentials(grpc);
   const health = new pkgs.health.Health(target, creds);
   const lifecycle = new pkgs.opscore.LifecycleService(target, creds);
   const call = (client, method, request) =>

@@ -101,7 +101,10 @@ class ServerProcess:
 
 
 def _wait_serving(
-    server: ServerProcess, deadline: float, metadata: list[tuple[str, str]] | None
+    server: ServerProcess,
+    deadline: float,
+    metadata: list[tuple[str, str]] | None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Return once the server answers SERVING for "", or raise AssertionError.
 
@@ -138,7 +141,12 @@ def _wait_serving(
             time.sleep(0.05)
 
     # 2. gRPC channel ready and health SERVING.
-    with grpc.insecure_channel(server.target) as channel:
+    channel_cm = (
+        grpc.secure_channel(server.target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(server.target)
+    )
+    with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         ready = grpc.channel_ready_future(channel)
         while True:
@@ -189,13 +197,15 @@ def running_server(
     port: int | None = None,
     db_path: Path | None = None,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
     """Start `python -m opscore serve` and yield a ServerProcess once it is SERVING.
 
     extra_args are appended to the command line. env entries are added to (and
     override) the current environment. port defaults to a free one; db_path to
     tmp_path / "x.db". If OPSCORE_API_KEY is set in the resulting environment, the
-    readiness health check sends it as `authorization: Bearer <key>`.
+    readiness health check sends it as `authorization: Bearer <key>`. A server
+    started with TLS needs `credentials` for that check (grpc.ssl_channel_credentials).
 
     On exit a server still running gets SIGTERM, then SIGKILL if it does not stop.
     """
@@ -233,7 +243,7 @@ def running_server(
         )
     server = ServerProcess(proc=proc, port=port, db_path=db_path, log_path=log_path, args=args)
     try:
-        _wait_serving(server, time.monotonic() + startup_timeout, metadata)
+        _wait_serving(server, time.monotonic() + startup_timeout, metadata, credentials)
         yield server
     finally:
         if proc.poll() is None:

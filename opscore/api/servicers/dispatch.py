@@ -7,6 +7,7 @@ import grpc.aio
 from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import dispatch_pb2_grpc
 
+from opscore import security
 from opscore.api import convert as c
 from opscore.api.interceptors import Undecodable, stream_ready, undecodable_error
 from opscore.dispatch import (
@@ -85,6 +86,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
                 reason="MALFORMED_REQUEST",
             )
         hello = first.hello
+        security.require_agent(hello.agent_id, "hello.agent_id")
         sub = await self.engine.subscribe(
             hello.agent_id, list(hello.capabilities), hello.max_in_flight
         )
