@@ -447,7 +447,6 @@ def _enqueue(pools: Pools, i: int) -> dpb.EnqueueTaskRequest:
         capability="fuzz",
         input=_struct(n=i),
         priority=1,
-        delay=_dur(0),
         retry_policy=_policy(),
         timeout=_dur(60),
         heartbeat_timeout=_dur(30),

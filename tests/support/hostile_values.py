@@ -104,43 +104,38 @@ def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def forged_page_tokens() -> list[str]:
-    """Tokens a server never issued but that decode: wrong types, NaN-ish numbers,
-    huge integers, deep nesting; and ones that do not decode at all."""
+def unissuable_page_tokens() -> list[str]:
+    """Tokens no list of this server can have issued: they do not decode, or
+    decode to something that is not a one-element list of a string or an
+    integer in range (deep nesting, NaN-ish and huge numbers, objects...)."""
     deep = "[" * 5000 + "]" * 5000
     bodies = [
-        b'["x"]',
         b"[{}]",
         b"[1e400]",
         b"[-1e400]",
         b"[NaN]",
         b"[null]",
-        b"[true]",
         b"[[1]]",
-        b"[1.5]",
-        b"[-1]",
         b"[" + str(2**70).encode() + b"]",
         b"[" + b"9" * 5000 + b"]",
         deep.encode(),
         b"[]",
-        b"[1, 2]",
+        b'[1, "x"]',
         b"{}",
         b'"x"',
         b"\xff\xfe\x00garbage",
     ]
     tokens = [b64(b) for b in bodies]
-    tokens += [
-        "!!!not-base64!!!",
-        "====",
-        "a",
-        "\x00",
-        "é",
-        "A" * (limits.MAX_PAGE_TOKEN_CHARS + 1),
-    ]
+    tokens += ["!!!not-base64!!!", "a", "\x00", "é", "A" * (limits.MAX_PAGE_TOKEN_CHARS + 1)]
     return tokens
 
 
-FORGED_PAGE_TOKENS = tuple(forged_page_tokens())
+# Well-formed but never issued: a server that does not sign its tokens may take
+# these for real cursors of some list (a string one, an integer one), so only
+# "no INTERNAL" is asked of them.
+PLAUSIBLE_FORGED_PAGE_TOKENS = tuple(b64(b) for b in (b'["x"]', b"[true]", b"[1.5]", b"[-1]"))
+UNISSUABLE_PAGE_TOKENS = tuple(unissuable_page_tokens())
+FORGED_PAGE_TOKENS = UNISSUABLE_PAGE_TOKENS + PLAUSIBLE_FORGED_PAGE_TOKENS
 
 # ------------------------------------------------------------------ documents
 
