@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from opscore_proto.v1 import dispatch_pb2 as dpb
 from opscore_proto.v1 import workflow_pb2 as wpb
 
-from tests.conftest import Harness, make_config
+from tests.conftest import Harness, eventually, make_config
 from tests.support import fuzz_strategies as fs
 from tests.support.hostile import (
     BAD_STATUSES,
@@ -74,7 +74,7 @@ _COMMON = dict(
 settings.register_profile("opscore-ci", max_examples=200, derandomize=True, **_COMMON)
 settings.register_profile(
     "opscore-long",
-    max_examples=3000,
+    max_examples=4000,
     derandomize=False,
     **{**_COMMON, "database": settings.get_profile("default").database},
 )
@@ -149,10 +149,7 @@ async def _seed(h: Harness, pools: fs.Pools) -> Any:
     for _ in range(2):
         started = await h.workflow.StartWorkflow(wpb.StartWorkflowRequest(definition_id="wf-fuzz"))
         pools.sessions.append(started.session.session_id)
-    for _ in range(200):
-        if len(pools.leases) >= 10:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(pools.leases) >= 10, what="the worker's ten leases")
     return worker, reader
 
 

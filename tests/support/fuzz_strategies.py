@@ -135,7 +135,7 @@ def plausible_string(
     if name in ("id", "depends_on", "fallback", "workflow_task_id"):
         return st.sampled_from(["t0", "t1", "t2"])
     if name == "page_token":
-        return st.sampled_from(hv.FORGED_PAGE_TOKENS)
+        return st.one_of(st.sampled_from(hv.FORGED_PAGE_TOKENS), st.binary(max_size=64).map(hv.b64))
     if name == "source":
         return st.sampled_from(hv.GARBAGE_SOURCES) if small else hostile_sources()
     if name == "service":
