@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := node_modules/.installed-stamp
 
-.PHONY: help install run test lint protos protos-check bench clean
+.PHONY: help install run test lint protos protos-check bench chaos clean
 
 help:
 	@echo "make run          serve on 127.0.0.1:50051 (db ./opscore.db, text logs); installs first"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
 	@echo "make protos       regenerate generated/ from protos/"
 	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run)"
+	@echo "make chaos        SIGKILL the server N times under load, then verify (N=100)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,12 @@ bench: $(BENCH_STAMP)
 	  fi; \
 	fi
 	$(PY) -m bench $(if $(QUICK),--quick,)
+
+# SIGKILL the server N times at random moments under load, then verify that
+# nothing acknowledged was lost or accepted twice (docs/operations.md).
+N ?= 100
+chaos: $(STAMP)
+	$(PY) -m bench.chaos --kills $(N)
 
 clean:
 	rm -rf $(VENV) node_modules build dist *.egg-info .pytest_cache .ruff_cache

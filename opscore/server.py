@@ -59,6 +59,8 @@ _RESPONSE_MARGIN = 64 * 1024
 # Recovery after repeated storage failures waits longer each time (up to this),
 # so a full disk costs a reload now and then, not one per write.
 _MAX_RECOVERY_PAUSE = 5.0
+# How long past the drain grace stop() waits for gRPC to finish cancelled calls.
+_STOP_MARGIN = 5.0
 
 
 @dataclass
@@ -328,7 +330,15 @@ class OpsCoreServer:
         self.dispatch.close_streams()
         self.lifecycle.events.close(Unavailable("server is shutting down; reconnect"))
         self.workflow.close_watchers()
-        await self._server.stop(self.config.drain_grace.total_seconds())
+        grace = self.config.drain_grace.total_seconds()
+        try:
+            # gRPC waits for every handler to return after cancelling them; one
+            # stuck under a client that never reads must not hold the exit forever.
+            await asyncio.wait_for(self._server.stop(grace), grace + _STOP_MARGIN)
+        except TimeoutError:
+            log.error(
+                "calls still running %.0f s after the drain grace; stopping anyway", _STOP_MARGIN
+            )
         self._stop_engines()
         await self.store.close()
         self.interceptor.close()

@@ -307,15 +307,17 @@ async def test_revoked_stream_of_a_client_that_does_not_read_is_cut_off(setup):
     def blocked_in_send() -> bool:
         return any(not a.inside for a in interceptor._streams if a.principal.name == "watcher")
 
-    await eventually(blocked_in_send, what="the watch blocked in sending")
-    assert len(watchers) == 1
-    _rewrite(path, made, watcher=None)
-    start = time.monotonic()
-    h.server.reload()
-    await eventually(lambda: not interceptor._streams, timeout=1.0, what="stream ended")
-    # Through the grace (the servicer could not be interrupted), within the second.
-    grace = limits.REVOKED_STREAM_GRACE.total_seconds()
-    assert grace * 0.9 <= time.monotonic() - start < 1.0
-    assert not watchers, "the watcher was not cleaned up"
-    call.cancel()
-    await channel.close()
+    try:
+        await eventually(blocked_in_send, what="the watch blocked in sending")
+        assert len(watchers) == 1
+        _rewrite(path, made, watcher=None)
+        start = time.monotonic()
+        h.server.reload()
+        await eventually(lambda: not interceptor._streams, timeout=1.0, what="stream ended")
+        # Through the grace (the servicer could not be interrupted), within the second.
+        grace = limits.REVOKED_STREAM_GRACE.total_seconds()
+        assert grace * 0.9 <= time.monotonic() - start < 1.0
+        assert not watchers, "the watcher was not cleaned up"
+    finally:
+        call.cancel()
+        await channel.close()

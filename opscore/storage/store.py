@@ -468,7 +468,10 @@ def _write_transaction(
             conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # Some errors (a full database, an I/O error) roll the transaction back
+        # by themselves; a ROLLBACK then would raise and hide the real error.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 

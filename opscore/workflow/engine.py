@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
 import logging
+import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +54,7 @@ from opscore.workflow.models import (
     StoredEvent,
     TaskRun,
 )
+from opscore.workflow.source_parser import SourceParser
 
 log = logging.getLogger("opscore.workflow")
 
@@ -98,6 +99,7 @@ class WorkflowEngine:
         # every core (and the GIL) at once.
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opscore-defs")
         self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._source_parser = SourceParser()
         self._closed = False
         self._clear()
         dispatch.listeners.append(self._on_task_event)
@@ -117,13 +119,16 @@ class WorkflowEngine:
 
     def stop(self) -> None:
         self._parser.shutdown(wait=False, cancel_futures=True)
+        self._source_parser.close()
 
     # ------------------------------------------------------------------ plans
 
     async def _off_loop(self, big: bool, fn: Callable[..., T], *args: Any) -> T:
         if not big:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._parser, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._parser, _yielding_gil, fn, *args
+        )
 
     async def plan_for(self, definition: Definition, digest: str = "") -> Plan:
         """The validated plan of a definition, cached by content (definitions are
@@ -147,10 +152,11 @@ class WorkflowEngine:
                 f"source is {len(source)} characters; at most {limits.MAX_DEFINITION_SOURCE_BYTES}",
                 field="source",
             )
-        parse = functools.partial(parse_source, origin=origin)
-        # Anchors can make a short text expand to the node limit: parse those off the loop.
-        big = len(source) > _OFF_LOOP_SOURCE_BYTES or "&" in source
-        return await self._off_loop(big, parse, source)
+        # Anchors can make a short text expand to the node limit: parse those off
+        # the loop too, in the worker process (see source_parser).
+        if len(source) > _OFF_LOOP_SOURCE_BYTES or "&" in source:
+            return await self._source_parser.parse(source, origin)
+        return parse_source(source, origin=origin)
 
     # ------------------------------------------------------------------ start
 
@@ -305,6 +311,7 @@ class WorkflowEngine:
         if inline is not None:
             definition = Definition()
             definition.CopyFrom(inline)
+            definition.ClearField("create_time")  # output only: ignored in requests
             if not definition.id:
                 definition.id = INLINE_DEFINITION_ID
             plan = await self.plan_for(definition)
@@ -792,6 +799,18 @@ class WorkflowEngine:
         return dataclasses.replace(
             session, runs={k: dataclasses.replace(r) for k, r in session.runs.items()}
         )
+
+
+def _yielding_gil(fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU-bound parsing on the worker thread while handing the GIL back to the
+    event loop often: at the default 5 ms switch interval, a health check that
+    needs several handoffs can wait longer than its 100 ms budget."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, 0.0005))
+    try:
+        return fn(*args)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _stored(session_id: str, seq: int, body: bytes) -> StoredEvent:
