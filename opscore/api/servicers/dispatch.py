@@ -113,6 +113,16 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             tasks=[c.task(t) for t in page.items], next_page_token=page.next_page_token
         )
 
+    async def ListTaskAttempts(
+        self, request: pb.ListTaskAttemptsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTaskAttemptsResponse:
+        page = await self.engine.list_attempts(
+            request.task_id, request.page_size, request.page_token
+        )
+        return pb.ListTaskAttemptsResponse(
+            attempts=[c.task_attempt(a) for a in page.items], next_page_token=page.next_page_token
+        )
+
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
@@ -122,7 +132,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
 
 def _stream_message(message: Assignment | Cancellation) -> pb.SubscribeTasksResponse:
     if isinstance(message, Assignment):
-        return pb.SubscribeTasksResponse(assignment=pb.TaskAssignment(task=c.task(message.task)))
+        return pb.SubscribeTasksResponse(assignment=c.assignment(message.task))
     return pb.SubscribeTasksResponse(
         cancellation=pb.TaskCancellation(
             task_id=message.task_id, attempt=message.attempt, reason=message.reason
