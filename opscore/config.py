@@ -48,6 +48,11 @@ class Config:
     # 0: no limit. Otherwise writes that would grow the database beyond it fail
     # with RESOURCE_EXHAUSTED and nothing already stored is touched.
     max_db_bytes: int = 0
+    # Observability (docs/operations.md). None: off, and then it costs nothing.
+    # HOST:PORT of the Prometheus scrape endpoint (port 0: any free port).
+    metrics_listen: str | None = None
+    # OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317.
+    otlp_endpoint: str | None = None
 
     def validate(self) -> Config:
         host = listen_host(self.listen)
@@ -74,6 +79,20 @@ class Config:
             raise ConfigError("max subscriptions per agent must be between 1 and 1000")
         if self.max_db_bytes < 0:
             raise ConfigError("max db bytes must not be negative (0 for no limit)")
+        if self.metrics_listen is not None:
+            try:
+                listen_host(self.metrics_listen)
+            except ConfigError:
+                raise ConfigError(
+                    f"metrics listen address must be HOST:PORT, got {self.metrics_listen!r}"
+                ) from None
+        if self.otlp_endpoint is not None and (
+            not self.otlp_endpoint.strip() or any(c.isspace() for c in self.otlp_endpoint)
+        ):
+            raise ConfigError(
+                f"OTLP endpoint must be a URL such as http://127.0.0.1:4317, "
+                f"got {self.otlp_endpoint!r}"
+            )
         if not self.api_keys and not self.insecure and not is_loopback(host):
             raise ConfigError(
                 f"refusing to listen on {self.listen} without authentication: set "
@@ -216,6 +235,18 @@ SETTINGS: tuple[Setting, ...] = (
         "and stored data is untouched.  [default 0: no limit]",
         parse=_int,
         kind=int,
+    ),
+    Setting(
+        "metrics_listen",
+        "OPSCORE_METRICS_LISTEN",
+        "HOST:PORT to serve Prometheus metrics on (HTTP, GET /metrics, no "
+        "authentication).  [default: off]",
+    ),
+    Setting(
+        "otlp_endpoint",
+        "OPSCORE_OTLP_ENDPOINT",
+        "Export OpenTelemetry traces with OTLP/gRPC to this collector, e.g. "
+        "http://127.0.0.1:4317.  [default: off, no spans are made]",
     ),
     Setting(
         "insecure",

@@ -1089,7 +1089,7 @@ class DispatchEngine:
         agent can take from: no open task stream of an IDLE or ACTIVE agent
         serves the capability (or, for pinned tasks, belongs to the agent). Costs
         one look per queue and per stream."""
-        caps, agents = self._connected()
+        caps, agents = self.connected()
         out = []
         for pinned, heaps in ((False, self._ready), (True, self._ready_pinned)):
             for key, heap in heaps.items():
@@ -1102,7 +1102,9 @@ class DispatchEngine:
                         break
         return out
 
-    def _connected(self) -> tuple[set[str], set[str]]:
+    def connected(self) -> tuple[set[str], set[str]]:
+        """Capabilities served by, and ids of, agents that hold an open task stream
+        and are IDLE or ACTIVE (so can be sent work once they have room)."""
         caps: set[str] = set()
         agents: set[str] = set()
         for agent_id, subs in self._subs_by_agent.items():

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -40,6 +41,7 @@ from opscore.dispatch import DispatchEngine
 from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.lifecycle import LifecycleEngine
 from opscore.netcheck import check_port_free
+from opscore.observability.assembly import Observability
 from opscore.storage import Store
 from opscore.workflow.engine import WorkflowEngine
 
@@ -61,6 +63,10 @@ _MAX_RECOVERY_PAUSE = 5.0
 @dataclass
 class OpsCoreServer:
     config: Config
+    # An OpenTelemetry SpanExporter that gets every span as it ends (tests and
+    # tools; users configure --otlp-endpoint). Given, it turns tracing on.
+    span_exporter: Any = None
+    observability: Observability = field(init=False)
     store: Store = field(init=False)
     lifecycle: LifecycleEngine = field(init=False)
     dispatch: DispatchEngine = field(init=False)
@@ -77,6 +83,7 @@ class OpsCoreServer:
     def _build(self) -> grpc.aio.Server:
         cfg = self.config
         budget = cfg.max_message_bytes - _RESPONSE_MARGIN
+        obs = self.observability = Observability(cfg, span_exporter=self.span_exporter)
         self.store = Store(cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes)
         self.lifecycle = LifecycleEngine(
             self.store,
@@ -89,16 +96,27 @@ class OpsCoreServer:
             self.lifecycle,
             max_subscriptions_per_agent=cfg.max_subscriptions_per_agent,
             response_budget=budget,
+            observer=obs.observer,
         )
         self.workflow = WorkflowEngine(
             self.store,
             self.dispatch,
             encode_event=convert.session_event_bytes,
             response_budget=budget,
+            observer=obs.observer,
+        )
+        obs.attach(
+            store=self.store,
+            lifecycle=self.lifecycle,
+            dispatch=self.dispatch,
+            workflow=self.workflow,
+            recoveries=lambda: self.recoveries,
         )
         ms = lambda td: int(td.total_seconds() * 1000)  # noqa: E731
         server = grpc.aio.server(
-            interceptors=[OpsCoreInterceptor(cfg.api_keys)],
+            interceptors=[
+                OpsCoreInterceptor(cfg.api_keys, rpc_metrics=obs.rpc_metrics, tracer=obs.rpc_tracer)
+            ],
             options=[
                 ("grpc.keepalive_time_ms", ms(cfg.keepalive_time)),
                 ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout)),
@@ -136,10 +154,13 @@ class OpsCoreServer:
         try:
             self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
+            self.observability.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         try:
+            self.observability.listen()
             await self.store.open()
         except BaseException:
+            self.observability.close()
             await server.stop(None)
             raise
         try:
@@ -149,12 +170,14 @@ class OpsCoreServer:
         except BaseException:
             self._stop_engines()
             await self.store.close()
+            self.observability.close()
             await server.stop(None)
             raise
         self.store.on_failure = self._on_storage_failure
         await server.start()
         self._server = server
         await self._set_health(SERVING)
+        self.observability.serving()
         host = listen_host(cfg.listen)
         if not cfg.auth_enabled:
             log.warning(
@@ -164,7 +187,14 @@ class OpsCoreServer:
             )
         log.info(
             "serving",
-            extra={"listen": cfg.listen, "port": self.port, "db": cfg.db, "sync": cfg.sync},
+            extra={
+                "listen": cfg.listen,
+                "port": self.port,
+                "db": cfg.db,
+                "sync": cfg.sync,
+                "metrics_port": self.observability.metrics_port or None,
+                "tracing": self.observability.tracing is not None,
+            },
         )
 
     async def _load(self) -> None:
@@ -181,6 +211,11 @@ class OpsCoreServer:
         assert self._health is not None
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)  # type: ignore[arg-type]
+
+    @property
+    def metrics_port(self) -> int:
+        """The port the metrics endpoint listens on; 0 when metrics are off."""
+        return self.observability.metrics_port
 
     @property
     def target(self) -> str:
@@ -268,6 +303,9 @@ class OpsCoreServer:
         await self._server.stop(self.config.drain_grace.total_seconds())
         self._stop_engines()
         await self.store.close()
+        # Last: the final spans (streams ended by the drain) are flushed here.
+        self.observability.stop_watch()
+        await asyncio.to_thread(self.observability.close)
         log.info("stopped")
 
 

@@ -1,6 +1,6 @@
 """Every cross-cutting concern of an RPC, in one place: authentication, request ids,
-one structured log line per RPC, request decoding, and the translation of domain
-errors to statuses.
+one structured log line per RPC, request decoding, the translation of domain
+errors to statuses, and (when configured) RPC metrics and a trace span per RPC.
 
 Two rules keep a hostile or vanishing client from hurting the server:
 
@@ -21,13 +21,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from opscore import errors
 from opscore.api.errors import rich_status, status_code
+
+if TYPE_CHECKING:
+    # Only when configured: an unobserved server never imports either library.
+    from opscore.observability.metrics import RpcMetrics
+    from opscore.observability.tracing import RpcTracer
 
 log = logging.getLogger("opscore.rpc")
 
@@ -95,20 +100,30 @@ def undecodable_error(method: str, item: Undecodable) -> errors.InvalidArgument:
 class _Call:
     """What the log line and error replies need, read once when the call starts."""
 
-    __slots__ = ("method", "peer", "request_id", "started")
+    __slots__ = ("method", "peer", "request_id", "started", "trace_id")
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
         self.method = method
         self.started = time.perf_counter()
         self.request_id = _request_id(metadata)
         self.peer = context.peer()
+        self.trace_id = ""
 
 
 class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_keys: frozenset[str]) -> None:
+    def __init__(
+        self,
+        api_keys: frozenset[str],
+        *,
+        rpc_metrics: Callable[[str], RpcMetrics] | None = None,
+        tracer: RpcTracer | None = None,
+    ) -> None:
         self._keys = [k.encode() for k in api_keys]
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+        # Observability hooks, None when off (then the calls below skip them).
+        self._rpc_metrics = rpc_metrics
+        self._tracer = tracer
 
     async def intercept_service(
         self,
@@ -162,6 +177,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         cached = self._refusals.get(key)
         if cached is not None:
             return cached
+        rpc = self._rpc_metrics(method) if self._rpc_metrics is not None else None
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = context.invocation_metadata() or ()
@@ -170,6 +186,8 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             try:
                 await context.abort(code, message or "", trailing_metadata=md)
             finally:
+                if rpc is not None:
+                    rpc.done(code, None)
                 _log(call, code, request)
 
         async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -225,9 +243,16 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         return handler  # no client-streaming RPCs in the API
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        rpc = self._rpc_metrics(method) if self._rpc_metrics is not None else None
+        tracer = self._tracer
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            info = _Call(method, context, context.invocation_metadata() or ())
+            metadata = context.invocation_metadata() or ()
+            info = _Call(method, context, metadata)
             context.set_trailing_metadata((("x-request-id", info.request_id),))
+            span = tracer.start(method, metadata) if tracer is not None else None
+            if span is not None:
+                info.trace_id = span.trace_id
             code = grpc.StatusCode.OK
             try:
                 if isinstance(request, Undecodable):
@@ -239,17 +264,28 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
+                if rpc is not None:
+                    rpc.done(code, time.perf_counter() - info.started)
                 _log(info, code, request)
+                if span is not None:
+                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
 
         return call
 
     def _stream(
         self, method: str, behavior: Callable[..., Any], *, request_stream: bool = False
     ) -> Callable[..., Any]:
+        rpc = self._rpc_metrics(method) if self._rpc_metrics is not None else None
+        tracer = self._tracer
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            info = _Call(method, context, context.invocation_metadata() or ())
+            metadata = context.invocation_metadata() or ()
+            info = _Call(method, context, metadata)
             code = grpc.StatusCode.OK
             _request_id_var.set(info.request_id)
+            span = tracer.start(method, metadata) if tracer is not None else None
+            if span is not None:
+                info.trace_id = span.trace_id
             try:
                 if not request_stream and isinstance(request, Undecodable):
                     raise undecodable_error(method, request)
@@ -265,7 +301,11 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
+                if rpc is not None:
+                    rpc.done(code, None)
                 _log(info, code, None if request_stream else request)
+                if span is not None:
+                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
 
         return call
 
@@ -312,14 +352,14 @@ def _classify(
 def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
-    log.info(
-        "rpc",
-        extra={
-            "method": call.method,
-            "code": code.name,
-            "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
-            "peer": call.peer,
-            "agent_id": getattr(request, "agent_id", "") or None,
-            "request_id": call.request_id,
-        },
-    )
+    extra = {
+        "method": call.method,
+        "code": code.name,
+        "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+        "peer": call.peer,
+        "agent_id": getattr(request, "agent_id", "") or None,
+        "request_id": call.request_id,
+    }
+    if call.trace_id:
+        extra["trace_id"] = call.trace_id
+    log.info("rpc", extra=extra)
