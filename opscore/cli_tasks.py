@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import click
 from opscore_proto.v1 import dispatch_pb2
+from rich.text import Text
 
 from opscore.cli_common import (
     EXIT_FAILED,
@@ -25,7 +26,7 @@ from opscore.cli_common import (
     table,
     timestamp,
 )
-from opscore.client import TaskRetry, to_dict, to_timedelta
+from opscore.client import TaskRetry, to_datetime, to_dict, to_timedelta
 
 TaskState = dispatch_pb2.TaskState
 FINAL = (
@@ -177,12 +178,17 @@ async def list_tasks(
 @click.argument("task_id")
 @client_command
 async def get_task(cli: Cli, task_id: str) -> None:
-    """Show one task with its input, progress, output and last error."""
+    """Show one task with its input, progress, output and last error, and its
+    latest attempts with the traceback of the latest failed one."""
     task = await cli.client.get_task(task_id)
     if cli.as_json:
         cli.print_json(message_json(task))
     else:
         _show(cli, task)
+        page = await cli.client.list_task_attempts(task_id, page_size=_ATTEMPTS_SHOWN)
+        _show_attempts(cli, page.items, tracebacks=1)
+        if page.next_page_token:
+            cli.print(f"(older attempts: opscore tasks attempts {task_id})")
 
 
 def _show(cli: Cli, task: dispatch_pb2.Task) -> None:
@@ -234,3 +240,60 @@ async def cancel(cli: Cli, task_id: str, reason: str) -> None:
         cli.print_json(message_json(task))
     else:
         cli.print(f"cancelled task {task.task_id}")
+
+
+# ---------------------------------------------------------------------- attempts
+
+_ATTEMPTS_SHOWN = 10
+TaskAttemptOutcome = dispatch_pb2.TaskAttemptOutcome
+
+
+@tasks.command("attempts")
+@click.argument("task_id")
+@limit_option(100)
+@client_command
+async def attempts(cli: Cli, task_id: str, limit: int) -> None:
+    """Every attempt of a task, newest first: agent, times, outcome, error, and the
+    traceback of each failed one."""
+    found = [a async for a in cli.client.iter_task_attempts(task_id, limit=limit or None)]
+    if cli.as_json:
+        cli.print_json([message_json(a) for a in found])
+    else:
+        _show_attempts(cli, found, tracebacks=len(found))
+
+
+def _show_attempts(cli: Cli, found: list[dispatch_pb2.TaskAttempt], *, tracebacks: int) -> None:
+    """A table of `found` (newest first), then the tracebacks of the newest
+    `tracebacks` failed attempts whose agent sent one."""
+    if not found:
+        return
+    t = table("attempt", "agent", "outcome", "assigned", "ran", "error", title="attempts")
+    for a in found:
+        outcome = short_name(TaskAttemptOutcome, a.outcome, "TASK_ATTEMPT_OUTCOME_")
+        err = f"{a.error.type or 'Error'}: {a.error.message}" if a.HasField("error") else "-"
+        t.add_row(
+            str(a.attempt),
+            a.agent_id,
+            styled(outcome),
+            age(a, "assign_time"),
+            _ran(a),
+            err,
+        )
+    cli.print(t)
+    shown = 0
+    for a in found:
+        if shown >= tracebacks:
+            break
+        trace = to_dict(a.error.details).get("traceback") if a.HasField("error") else None
+        if isinstance(trace, str) and trace:
+            shown += 1
+            cli.print(Text(f"attempt {a.attempt} traceback ({a.agent_id}):", style="bold"))
+            cli.print(Text(trace.rstrip()))
+
+
+def _ran(a: dispatch_pb2.TaskAttempt) -> str:
+    start = to_datetime(a, "assign_time")
+    end = to_datetime(a, "end_time") or datetime.now(UTC)
+    if start is None:
+        return "-"
+    return f"{(end - start).total_seconds():.3g}s"
