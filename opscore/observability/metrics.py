@@ -66,7 +66,7 @@ class Metrics:
     """The server's metric families, on a registry of their own (several servers
     in one process, as in the tests, do not share counters)."""
 
-    def __init__(self, max_capabilities: int = limits.MAX_METRIC_CAPABILITIES) -> None:
+    def __init__(self, max_capabilities: int | None = None) -> None:
         # No `_created` series beside every counter and histogram: they double the
         # output and Prometheus does not need them (process-wide, but so is a server).
         disable_created_metrics()
@@ -149,7 +149,9 @@ class Metrics:
             (),
             COMMIT_BUCKETS,
         )
-        self.capabilities = CapabilityLabels(max_capabilities)
+        self.capabilities = CapabilityLabels(
+            limits.MAX_METRIC_CAPABILITIES if max_capabilities is None else max_capabilities
+        )
 
     def commit_done(self, rows: int, seconds: float) -> None:
         """Store.on_commit: one batch is durable."""
@@ -173,6 +175,11 @@ class CapabilityLabels:
             self._known.add(label)
             return label
         return OTHER
+
+    def known(self) -> list[str]:
+        """Every label handed out so far (gauges report 0 for those with no tasks,
+        so a drained queue reads 0 instead of vanishing)."""
+        return [*self._known, OTHER] if len(self._known) >= self.limit else list(self._known)
 
 
 # --------------------------------------------------------------------------- engine moves
@@ -278,13 +285,14 @@ class RpcMetrics:
     """The interceptor's view: the children of one method, bound when the method's
     handler is first wrapped."""
 
-    __slots__ = ("_codes", "_duration", "_handled", "_method", "_service")
+    __slots__ = ("_codes", "_duration", "_handled", "_histogram", "_method", "_service")
 
     def __init__(self, metrics: Metrics, full_method: str) -> None:
         service, _, method = full_method.lstrip("/").partition("/")
         self._service, self._method = service, method
         self._handled = metrics.rpc_handled
-        self._duration = metrics.rpc_duration.labels(service, method)
+        self._histogram = metrics.rpc_duration
+        self._duration: Any = None  # bound on first use: streams never have one
         self._codes: dict[Any, Any] = {}
 
     def done(self, code: Any, seconds: float | None) -> None:
@@ -295,6 +303,8 @@ class RpcMetrics:
             child = self._codes[code] = self._handled.labels(self._service, self._method, code.name)
         child.inc()
         if seconds is not None:
+            if self._duration is None:
+                self._duration = self._histogram.labels(self._service, self._method)
             self._duration.observe(seconds)
 
 
@@ -357,6 +367,8 @@ class EngineCollector(Collector):
             lab = label(cap)
             count, age = ready.get(lab, (0, 0.0))
             ready[lab] = (count + n, max(age, (now - oldest).total_seconds()))
+        for lab in label.known():
+            ready.setdefault(lab, (0, 0.0))
         without: dict[str, int] = dict.fromkeys(ready, 0)
         caps, agents_with_stream = self._dispatch.connected()
         for (cap, pinned), (n, _) in by_queue.items():

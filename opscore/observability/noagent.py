@@ -29,12 +29,12 @@ class NoAgentWatch:
         self,
         dispatch: DispatchEngine,
         *,
-        interval_s: float = CHECK_INTERVAL_S,
-        repeat_s: float = WARN_EVERY_S,
+        interval_s: float | None = None,
+        repeat_s: float | None = None,
     ) -> None:
         self.dispatch = dispatch
-        self.interval_s = interval_s
-        self.repeat_s = repeat_s
+        self.interval_s = CHECK_INTERVAL_S if interval_s is None else interval_s
+        self.repeat_s = WARN_EVERY_S if repeat_s is None else repeat_s
         # (capability, pinned agent id) -> (first seen unserved, last warned or None)
         self._state: dict[tuple[str, str], tuple[float, float | None]] = {}
         self._handle: asyncio.TimerHandle | None = None
