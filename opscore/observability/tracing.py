@@ -39,8 +39,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -87,6 +92,22 @@ class _IdGenerator(RandomIdGenerator):
         self._forced.span_id = span_id
 
 
+class _Borrowed(SpanExporter):
+    """An exporter owned by someone else: shutting this server down leaves it open."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        return None
+
+
 def _ns(t: datetime) -> int:
     return int(t.timestamp() * 1e9)
 
@@ -122,8 +143,9 @@ class Tracing:
         self.ids = _IdGenerator()
         self.provider = TracerProvider(resource=Resource.create(attributes), id_generator=self.ids)
         if exporter is not None:
-            # Given directly (tests, tools): spans are handed over as they end.
-            self.provider.add_span_processor(SimpleSpanProcessor(exporter))
+            # Given directly (tests, tools): spans are handed over as they end,
+            # and the exporter outlives this server (its owner shuts it down).
+            self.provider.add_span_processor(SimpleSpanProcessor(_Borrowed(exporter)))
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
