@@ -27,6 +27,7 @@ from opscore.cli_common import (
     timestamp,
 )
 from opscore.client import TaskRetry, to_datetime, to_dict, to_timedelta
+from opscore.client.errors import UnimplementedError
 
 TaskState = dispatch_pb2.TaskState
 FINAL = (
@@ -185,7 +186,10 @@ async def get_task(cli: Cli, task_id: str) -> None:
         cli.print_json(message_json(task))
     else:
         _show(cli, task)
-        page = await cli.client.list_task_attempts(task_id, page_size=_ATTEMPTS_SHOWN)
+        try:
+            page = await cli.client.list_task_attempts(task_id, page_size=_ATTEMPTS_SHOWN)
+        except UnimplementedError:
+            return  # a server from before attempt history
         _show_attempts(cli, page.items, tracebacks=1)
         if page.next_page_token:
             cli.print(f"(older attempts: opscore tasks attempts {task_id})")
