@@ -9,6 +9,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -199,3 +201,38 @@ async def test_assignment_carries_the_attempt_context(make_harness, spans):
     listed = await h.dispatch.ListTaskAttempts(pb.ListTaskAttemptsRequest(task_id=t.task_id))
     assert listed.attempts[0].trace_context["traceparent"] == got.trace_context["traceparent"]
     await sub.close()
+
+
+async def test_otlp_export_reaches_a_collector(make_harness):
+    """--otlp-endpoint: spans reach a real OTLP/gRPC collector (a minimal one in
+    this process) through the real exporter; they are flushed when the server stops."""
+    from opentelemetry.proto.collector.trace.v1 import (
+        trace_service_pb2,
+        trace_service_pb2_grpc,
+    )
+
+    received: list[str] = []
+    got = asyncio.Event()
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    received.extend(s.name for s in ss.spans)
+            got.set()
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    await collector.start()
+    try:
+        h = await make_harness(otlp_endpoint=f"http://127.0.0.1:{port}")
+        t = await enqueue(h, capability="exported")
+        assert t.trace_context["traceparent"]
+        await h.stop()  # flushes the batch
+        await asyncio.wait_for(got.wait(), 10)
+        assert "task.enqueue" in received
+        assert "opscore.v1.DispatchService/EnqueueTask" in received
+    finally:
+        await collector.stop(None)
