@@ -287,15 +287,21 @@ def opscore_cmd(port: int, db: Path, log_level: str = "WARNING", *extra: str) ->
 
 @contextlib.contextmanager
 def opscore_server(
-    workdir: Path, log_level: str = "WARNING", db: Path | None = None, tag: str = "server"
+    workdir: Path,
+    log_level: str = "WARNING",
+    db: Path | None = None,
+    tag: str = "server",
+    extra: Sequence[str] = (),
 ) -> Iterator[ServerUnderTest]:
     """A fresh `opscore serve` on a free loopback port, stopped with SIGTERM after.
+    `extra`: more `opscore serve` options.
 
     The server's exit code is checked: a non-zero exit fails the run.
     """
     port = free_port()
     db = db or workdir / f"{tag}-{port}.db"
-    srv = ServerUnderTest(opscore_cmd(port, db, log_level), port, db, workdir / f"{tag}-{port}.log")
+    cmd = opscore_cmd(port, db, log_level, *extra)
+    srv = ServerUnderTest(cmd, port, db, workdir / f"{tag}-{port}.log")
     srv.start()
     try:
         yield srv

@@ -72,6 +72,7 @@ from typing import Any, TypeVar
 from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
 
 from opscore.client import OpsCoreClient, TLSConfig
+from opscore.client._tracing import handler_span, record_failure
 from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
 from opscore.client.errors import (
     DeadlineExceededError,
@@ -218,6 +219,9 @@ class TaskContext:
         #: When the lease ends unless extended (updated by each heartbeat).
         self.lease_expire_time: datetime | None = to_datetime(task, "lease_expire_time")
         self.heartbeat_timeout: timedelta | None = to_timedelta(task, "heartbeat_timeout")
+        #: W3C trace context of this attempt's span (`traceparent`), from the
+        #: assignment; empty when the server does not trace.
+        self.trace_context: dict[str, str] = {}
         self._loop = asyncio.get_running_loop()
         self._progress: dict[str, Any] | None = None
         self._progress_lock = threading.Lock()
@@ -680,7 +684,7 @@ class Agent:
             async for message in stream:
                 kind = message.WhichOneof("message")
                 if kind == "assignment":
-                    self._accept(message.assignment.task)
+                    self._accept(message.assignment.task, message.assignment.trace_context)
                 elif kind == "cancellation":
                     c = message.cancellation
                     held = self._held.get(c.task_id)
@@ -691,13 +695,16 @@ class Agent:
 
     # ------------------------------------------------------------------ tasks
 
-    def _accept(self, task: dispatch_pb2.Task) -> None:
+    def _accept(
+        self, task: dispatch_pb2.Task, trace_context: Mapping[str, str] | None = None
+    ) -> None:
         held = self._held.get(task.task_id)
         if held is not None:
             if held.ctx.attempt >= task.attempt:
                 return  # a repeat of an assignment we already run
             held.ctx._cancel(f"superseded by attempt {task.attempt}", "server")
         ctx = TaskContext(self, task)
+        ctx.trace_context = dict(trace_context or {})
         runner = asyncio.create_task(self._execute(ctx), name=f"opscore-task-{task.task_id}")
         self._held[task.task_id] = _Held(ctx, runner)
         self._load_changed()
@@ -719,6 +726,12 @@ class Agent:
         return result
 
     async def _execute(self, ctx: TaskContext) -> None:
+        # With OpenTelemetry: the whole attempt (handler, heartbeats, result call)
+        # runs in a child span of the attempt's span from the assignment.
+        with handler_span(ctx.task, ctx.trace_context, self.agent_id):
+            await self._run_attempt(ctx)
+
+    async def _run_attempt(self, ctx: TaskContext) -> None:
         log.info("task %s (%s) attempt %d started", ctx.task_id, ctx.capability, ctx.attempt)
         heartbeats = asyncio.create_task(self._heartbeats(ctx), name=f"opscore-hb-{ctx.task_id}")
         try:
@@ -755,6 +768,7 @@ class Agent:
                 return
             exc = work.exception()
             if exc is not None:
+                record_failure(exc)
                 await self._report_exception(ctx, exc)
                 return
             await self._send_output(ctx, work.result())

@@ -61,6 +61,11 @@ class Config:
     max_db_bytes: int = 0
     # "uvloop" (the default when it is installed) or "asyncio".
     event_loop: str = "auto"
+    # Observability (docs/operations.md). None: off, and then it costs nothing.
+    # HOST:PORT of the Prometheus scrape endpoint (port 0: any free port).
+    metrics_listen: str | None = None
+    # OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317.
+    otlp_endpoint: str | None = None
 
     def validate(self) -> Config:
         host = listen_host(self.listen)
@@ -112,6 +117,20 @@ class Config:
                     "(OPSCORE_TLS_CERT, OPSCORE_TLS_KEY), or pass --insecure to accept "
                     "plaintext connections (e.g. behind a proxy that terminates TLS)"
                 )
+        if self.metrics_listen is not None:
+            try:
+                listen_host(self.metrics_listen)
+            except ConfigError:
+                raise ConfigError(
+                    f"metrics listen address must be HOST:PORT, got {self.metrics_listen!r}"
+                ) from None
+        if self.otlp_endpoint is not None and (
+            not self.otlp_endpoint.strip() or any(c.isspace() for c in self.otlp_endpoint)
+        ):
+            raise ConfigError(
+                f"OTLP endpoint must be a URL such as http://127.0.0.1:4317, "
+                f"got {self.otlp_endpoint!r}"
+            )
         return self
 
     @property
@@ -281,6 +300,18 @@ SETTINGS: tuple[Setting, ...] = (
         "OPSCORE_TLS_CLIENT_CA",
         "Require client certificates signed by this CA (mTLS). TLS files are re-read "
         "when they change and on SIGHUP.",
+    ),
+    Setting(
+        "metrics_listen",
+        "OPSCORE_METRICS_LISTEN",
+        "HOST:PORT to serve Prometheus metrics on (HTTP, GET /metrics, no "
+        "authentication).  [default: off]",
+    ),
+    Setting(
+        "otlp_endpoint",
+        "OPSCORE_OTLP_ENDPOINT",
+        "Export OpenTelemetry traces with OTLP/gRPC to this collector, e.g. "
+        "http://127.0.0.1:4317.  [default: off, no spans are made]",
     ),
     Setting(
         "insecure",

@@ -46,13 +46,17 @@ from opscore.models import (
     DISPATCHABLE_STATES,
     Agent,
     AgentEventType,
+    AttemptOutcome,
     Page,
     RetryPolicy,
     Task,
+    TaskAttempt,
     TaskError,
     TaskFilter,
     TaskState,
 )
+from opscore.observability.observer import NO_OBSERVER, EngineObserver
+from opscore.observability.tracecontext import attempt_traceparent
 from opscore.payload import Payload
 from opscore.storage import Store
 
@@ -123,6 +127,8 @@ class TaskSpec:
     idempotency_key: str = ""
     session_id: str = ""
     workflow_task_id: str = ""
+    # The traceparent the task's spans go under ("": the enqueuing call's).
+    trace_parent: str = ""
 
 
 # --------------------------------------------------------------------------- streams
@@ -227,11 +233,13 @@ class DispatchEngine:
         *,
         max_subscriptions_per_agent: int = limits.DEFAULT_MAX_SUBSCRIPTIONS_PER_AGENT,
         response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+        observer: EngineObserver = NO_OBSERVER,
     ) -> None:
         self.store = store
         self.lifecycle = lifecycle
         self.max_subscriptions_per_agent = max_subscriptions_per_agent
         self.response_budget = response_budget
+        self.observer = observer
         self.listeners: list[TaskListener] = []
         self.draining = False
         self._clear()
@@ -435,6 +443,7 @@ class DispatchEngine:
             session_id=spec.session_id,
             workflow_task_id=spec.workflow_task_id,
         )
+        task.trace_context = self.observer.task_enqueued(task, spec.trace_parent)
         self.tasks[task.task_id] = task
         if task.idempotency_key:
             self._keys[task.idempotency_key] = task.task_id
@@ -469,7 +478,9 @@ class DispatchEngine:
             session_id=spec.session_id,
             workflow_task_id=spec.workflow_task_id,
         )
+        task.trace_context = self.observer.task_enqueued(task, spec.trace_parent)
         self.store.put_task(task)
+        self.observer.task_finished(task)
         return task
 
     # ------------------------------------------------------------------ subscribe
@@ -647,7 +658,9 @@ class DispatchEngine:
         with self.store.atomic():
             self._touch(agent_id)
             task.output = output
-            self._finish(task, TaskState.COMPLETED, utcnow())
+            now = utcnow()
+            self._attempt_over(task, AttemptOutcome.COMPLETED, None, now)
+            self._finish(task, TaskState.COMPLETED, now)
             self._emit("completed", task)
             snap = self.snapshot(task)
         await self._commit_final(task, wait)
@@ -770,7 +783,10 @@ class DispatchEngine:
             # Before _finish frees the slot: the agent must hear of the cancellation
             # before it is sent the task that takes its place.
             holder.push((self.store.batch(), Cancellation(task.task_id, task.attempt, reason)))
-        self._finish(task, TaskState.CANCELLED, utcnow())
+        now = utcnow()
+        if task.state == TaskState.ASSIGNED:
+            self._attempt_over(task, AttemptOutcome.CANCELLED, None, now)
+        self._finish(task, TaskState.CANCELLED, now)
         self._emit("cancelled", task)
 
     # ------------------------------------------------------------------ reads
@@ -794,6 +810,35 @@ class DispatchEngine:
         items = [
             self.snapshot(self.tasks[t.task_id]) if t.task_id in self.tasks else t for t in items
         ]
+        return Page(items, token)
+
+    async def list_attempts(
+        self, task_id: str, page_size: int, page_token: str
+    ) -> Page[TaskAttempt]:
+        """A task's attempts, newest first; the running one (no record yet) first."""
+        v.require_id(task_id, "task_id", what="task id")
+        task = self.tasks.get(task_id) or await self._stored_final(task_id)
+        running = None
+        if task.state == TaskState.ASSIGNED:
+            running = TaskAttempt(
+                task_id=task.task_id,
+                attempt=task.attempt,
+                agent_id=task.assigned_agent_id,
+                outcome=AttemptOutcome.RUNNING,
+                assign_time=task.assign_time or task.update_time,
+                end_time=None,
+                progress=task.progress,
+            )
+        items, token = await self.store.list_attempts(
+            task_id, page_size, page_token, self.response_budget, running
+        )
+        if task.trace_context:
+            items = [
+                dataclasses.replace(
+                    a, trace_context=attempt_traceparent(task.trace_context, a.attempt)
+                )
+                for a in items
+            ]
         return Page(items, token)
 
     @staticmethod
@@ -843,6 +888,8 @@ class DispatchEngine:
 
     def _assign(self, task: Task, sub: Subscription) -> None:
         now = utcnow()
+        # A QUEUED task's update_time is when it became ready: its wait ends here.
+        waited = (now - task.update_time).total_seconds()
         task.state = TaskState.ASSIGNED
         task.attempt += 1
         task.assigned_agent_id = sub.agent.agent_id
@@ -857,6 +904,7 @@ class DispatchEngine:
         sub.in_flight.add(task.task_id)
         self._holder[task.task_id] = sub
         self._assigned_by_agent.setdefault(sub.agent.agent_id, set()).add(task.task_id)
+        self.observer.task_assigned(task, waited)
         self.store.put_task(task)
         self._arm(task, task.lease_expire_time)
         sub.push((self.store.batch(), Assignment(self.snapshot(task))))
@@ -885,13 +933,39 @@ class DispatchEngine:
         task.schedule_time = None
         self._disarm(task)
         self.store.put_task(task)
+        self.observer.task_finished(task)
         if was_assigned:
             self._release(task)
 
-    def _end_attempt(self, task: Task, error: TaskError, retryable: bool = True) -> None:
+    def _attempt_over(
+        self, task: Task, outcome: AttemptOutcome, error: TaskError | None, now: datetime
+    ) -> None:
+        """The current attempt of an ASSIGNED task ended: keep its record, in the
+        same commit as the change that ended it."""
+        record = TaskAttempt(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            agent_id=task.assigned_agent_id,
+            outcome=outcome,
+            assign_time=task.assign_time or now,
+            end_time=now,
+            error=error,
+            progress=task.progress,
+        )
+        self.store.put_attempt(record)
+        self.observer.attempt_ended(task, record)
+
+    def _end_attempt(
+        self,
+        task: Task,
+        error: TaskError,
+        retryable: bool = True,
+        outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    ) -> None:
         """An attempt ended without success: retry after backoff, or fail for good."""
         task.last_error = error
         now = utcnow()
+        self._attempt_over(task, outcome, error, now)
         if retryable and task.attempt < task.retry_policy.max_attempts:
             self._disarm(task)
             task.state = TaskState.SCHEDULED
@@ -899,6 +973,7 @@ class DispatchEngine:
             task.update_time = now
             self._release(task)
             when = now + task.retry_policy.backoff(task.attempt)
+            self.observer.task_retrying(task)
             self._emit("retrying", task)
             if when <= now:
                 self._make_ready(task)
@@ -974,6 +1049,11 @@ class DispatchEngine:
         subs = list(self._subs_by_agent.get(agent.agent_id, ()))
         if event in (AgentEventType.OFFLINE, AgentEventType.DEREGISTERED):
             kind = "AgentOffline" if event == AgentEventType.OFFLINE else "AgentDeregistered"
+            outcome = (
+                AttemptOutcome.AGENT_OFFLINE
+                if event == AgentEventType.OFFLINE
+                else AttemptOutcome.AGENT_DEREGISTERED
+            )
             for sub in subs:
                 sub.closed = True
                 self._refresh(sub)
@@ -985,6 +1065,7 @@ class DispatchEngine:
                     self._end_attempt(
                         task,
                         TaskError(f"agent {agent.agent_id} went {kind[5:].lower()}", kind),
+                        outcome=outcome,
                     )
             return
         for sub in subs:
@@ -1040,6 +1121,7 @@ class DispatchEngine:
             self._end_attempt(
                 task,
                 TaskError(f"lease of attempt {attempt} expired without a result", "LeaseExpired"),
+                outcome=AttemptOutcome.LEASE_EXPIRED,
             )
         else:
             return
@@ -1054,6 +1136,56 @@ class DispatchEngine:
                 listener(event, task)
 
     # ------------------------------------------------------------------ introspection
+    # Read-only accessors for observability (metrics scrapes, the no-agent watch).
+
+    def ready_queues(self) -> dict[tuple[str, str], tuple[int, datetime]]:
+        """Ready tasks by (capability, pinned agent id or ""): how many, and when
+        the oldest became ready. One step per heap entry: for scrapes, not per task."""
+        out: dict[tuple[str, str], tuple[int, datetime]] = {}
+        for pinned, heaps in ((False, self._ready), (True, self._ready_pinned)):
+            for key, heap in heaps.items():
+                for _, seq, task_id in heap:
+                    t = self.tasks.get(task_id)
+                    if t is None or t.state != TaskState.QUEUED or t.ready_seq != seq:
+                        continue  # stale entry
+                    k = (t.capability, key) if pinned else (key, "")
+                    n, oldest = out.get(k, (0, t.update_time))
+                    out[k] = (n + 1, min(oldest, t.update_time))
+        return out
+
+    def unserved_ready(self) -> list[tuple[str, str]]:
+        """(capability, pinned agent id or "") of ready queues that no connected
+        agent can take from: no open task stream of an IDLE or ACTIVE agent
+        serves the capability (or, for pinned tasks, belongs to the agent). Costs
+        one look per queue and per stream."""
+        caps, agents = self.connected()
+        out = []
+        for pinned, heaps in ((False, self._ready), (True, self._ready_pinned)):
+            for key, heap in heaps.items():
+                if key in (agents if pinned else caps):
+                    continue
+                for _, seq, task_id in heap:
+                    t = self.tasks.get(task_id)
+                    if t is not None and t.state == TaskState.QUEUED and t.ready_seq == seq:
+                        out.append((t.capability, key) if pinned else (key, ""))
+                        break
+        return out
+
+    def connected(self) -> tuple[set[str], set[str]]:
+        """Capabilities served by, and ids of, agents that hold an open task stream
+        and are IDLE or ACTIVE (so can be sent work once they have room)."""
+        caps: set[str] = set()
+        agents: set[str] = set()
+        for agent_id, subs in self._subs_by_agent.items():
+            for sub in subs:
+                a = sub.agent
+                if not sub.closed and not a.deregistered and a.state in DISPATCHABLE_STATES:
+                    caps |= sub.capabilities
+                    agents.add(agent_id)
+        return caps, agents
+
+    def open_subscriptions(self) -> int:
+        return sum(len(subs) for subs in self._subs_by_agent.values())
 
     def in_flight_by_subscription(self) -> dict[int, tuple[str, int, int]]:
         return {

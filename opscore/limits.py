@@ -65,6 +65,12 @@ DEFAULT_MAX_PENDING_CALLS = 20_000
 WATCHER_MAX_EVENTS = 10_000
 WATCHER_MAX_BYTES = 8 * 1024 * 1024
 
+# ---- observability
+# Distinct capability label values per metric family; tasks of further
+# capabilities are counted under "(other)", so label cardinality stays bounded
+# however many capabilities clients invent.
+MAX_METRIC_CAPABILITIES = 500
+
 # ---- workflow definitions
 MAX_WORKFLOW_TASKS = 10_000
 MAX_DEFINITION_SOURCE_BYTES = 2 * 1024 * 1024

@@ -153,10 +153,50 @@ class Task:
     # FIFO order among ready tasks of equal priority; assigned when the task
     # becomes QUEUED, stored so a restart keeps the order.
     ready_seq: int = 0
+    # W3C `traceparent` of the task's enqueue span ("" without tracing). Set
+    # once at creation by the engine's observer and stored with the task.
+    trace_context: str = ""
 
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_TASK_STATES
+
+    @property
+    def assign_time(self) -> datetime | None:
+        """When the current (or last) attempt was assigned. Derived, not stored:
+        the attempt's hard deadline is set to exactly assignment + timeout."""
+        if self.attempt_deadline is None:
+            return None
+        return self.attempt_deadline - self.timeout
+
+
+class AttemptOutcome(IntEnum):
+    """How an attempt ended; values equal TaskAttemptOutcome's."""
+
+    UNSPECIFIED = 0
+    RUNNING = 1
+    COMPLETED = 2
+    FAILED = 3
+    LEASE_EXPIRED = 4
+    AGENT_OFFLINE = 5
+    AGENT_DEREGISTERED = 6
+    CANCELLED = 7
+
+
+@dataclass(slots=True, frozen=True)
+class TaskAttempt:
+    """One lease of a task held by one agent, kept once it ended."""
+
+    task_id: str
+    attempt: int
+    agent_id: str
+    outcome: AttemptOutcome
+    assign_time: datetime
+    end_time: datetime | None
+    error: TaskError | None = None
+    progress: Payload = None
+    # The attempt span's traceparent, derived from the task's (not stored).
+    trace_context: str = ""
 
 
 @dataclass(slots=True, frozen=True)

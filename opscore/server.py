@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -41,6 +42,7 @@ from opscore.dispatch import DispatchEngine
 from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.lifecycle import LifecycleEngine
 from opscore.netcheck import check_port_free
+from opscore.observability.assembly import Observability
 from opscore.security.authn import Authenticator
 from opscore.security.tls import ServerCertificates
 from opscore.storage import Store
@@ -66,6 +68,10 @@ _STOP_MARGIN = 5.0
 @dataclass
 class OpsCoreServer:
     config: Config
+    # An OpenTelemetry SpanExporter that gets every span as it ends (tests and
+    # tools; users configure --otlp-endpoint). Given, it turns tracing on.
+    span_exporter: Any = None
+    observability: Observability = field(init=False)
     store: Store = field(init=False)
     lifecycle: LifecycleEngine = field(init=False)
     dispatch: DispatchEngine = field(init=False)
@@ -74,6 +80,7 @@ class OpsCoreServer:
     recoveries: int = 0
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
+    authenticator: Authenticator = field(init=False)
     interceptor: OpsCoreInterceptor = field(init=False)
     certificates: ServerCertificates | None = None
     _stopped: bool = False
@@ -84,6 +91,7 @@ class OpsCoreServer:
     def _build(self) -> grpc.aio.Server:
         cfg = self.config
         budget = cfg.max_message_bytes - _RESPONSE_MARGIN
+        obs = self.observability = Observability(cfg, span_exporter=self.span_exporter)
         self.store = Store(cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes)
         self.lifecycle = LifecycleEngine(
             self.store,
@@ -96,12 +104,24 @@ class OpsCoreServer:
             self.lifecycle,
             max_subscriptions_per_agent=cfg.max_subscriptions_per_agent,
             response_budget=budget,
+            observer=obs.observer,
         )
         self.workflow = WorkflowEngine(
             self.store,
             self.dispatch,
             encode_event=convert.session_event_bytes,
             response_budget=budget,
+            observer=obs.observer,
+        )
+        obs.attach(
+            store=self.store,
+            lifecycle=self.lifecycle,
+            dispatch=self.dispatch,
+            workflow=self.workflow,
+            recoveries=lambda: self.recoveries,
+        )
+        self.interceptor = OpsCoreInterceptor(
+            self.authenticator, rpc_metrics=obs.rpc_metrics, tracer=obs.rpc_tracer
         )
         ms = lambda td: int(td.total_seconds() * 1000)  # noqa: E731
         server = grpc.aio.server(
@@ -146,7 +166,7 @@ class OpsCoreServer:
             client_certificates=bool(cfg.tls_client_ca),
         )
         authenticator.load()
-        self.interceptor = OpsCoreInterceptor(authenticator)
+        self.authenticator = authenticator
         if cfg.tls_cert and cfg.tls_key:
             self.certificates = ServerCertificates(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
             self.certificates.load()
@@ -164,10 +184,13 @@ class OpsCoreServer:
             else:
                 self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
+            self.observability.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         try:
+            self.observability.listen()
             await self.store.open()
         except BaseException:
+            self.observability.close()
             await server.stop(None)
             raise
         try:
@@ -177,12 +200,14 @@ class OpsCoreServer:
         except BaseException:
             self._stop_engines()
             await self.store.close()
+            self.observability.close()
             await server.stop(None)
             raise
         self.store.on_failure = self._on_storage_failure
         await server.start()
         self._server = server
         await self._set_health(SERVING)
+        self.observability.serving()
         host = listen_host(cfg.listen)
         if not cfg.auth_enabled:
             log.warning(
@@ -206,6 +231,8 @@ class OpsCoreServer:
                 "sync": cfg.sync,
                 "tls": "mtls" if cfg.tls_client_ca else ("tls" if cfg.tls_enabled else "off"),
                 "principals": self.interceptor.authenticator.principal_count,
+                "metrics_port": self.observability.metrics_port or None,
+                "tracing": self.observability.tracing is not None,
             },
         )
 
@@ -246,6 +273,11 @@ class OpsCoreServer:
         assert self._health is not None
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)  # type: ignore[arg-type]
+
+    @property
+    def metrics_port(self) -> int:
+        """The port the metrics endpoint listens on; 0 when metrics are off."""
+        return self.observability.metrics_port
 
     @property
     def target(self) -> str:
@@ -342,6 +374,9 @@ class OpsCoreServer:
         self._stop_engines()
         await self.store.close()
         self.interceptor.close()
+        # Last: the final spans (streams ended by the drain) are flushed here.
+        self.observability.stop_watch()
+        await asyncio.to_thread(self.observability.close)
         log.info("stopped")
 
 

@@ -30,13 +30,15 @@ T = TypeVar("T")
 class Harness:
     """A running server plus stubs on one channel; restartable on the same file."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, span_exporter: Any = None) -> None:
         self.config = config
+        # An OpenTelemetry SpanExporter: tracing on, every span handed to it.
+        self.span_exporter = span_exporter
         self.server: OpsCoreServer | None = None
         self.channel: grpc.aio.Channel | None = None
 
     async def start(self) -> Harness:
-        self.server = OpsCoreServer(self.config)
+        self.server = OpsCoreServer(self.config, span_exporter=self.span_exporter)
         await self.server.start()
         # Keep the same port across restarts so clients can reconnect.
         self.config = replace(self.config, listen=f"127.0.0.1:{self.server.port}")
@@ -104,8 +106,8 @@ async def harness(config: Config) -> AsyncIterator[Harness]:
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     made: list[Harness] = []
 
-    async def make(**overrides: Any) -> Harness:
-        h = Harness(make_config(tmp_path, **overrides))
+    async def make(span_exporter: Any = None, **overrides: Any) -> Harness:
+        h = Harness(make_config(tmp_path, **overrides), span_exporter)
         made.append(h)
         return await h.start()
 

@@ -377,14 +377,13 @@ async def test_retry_with_backoff_then_fail_permanently(harness):
         max_attempts=3, initial_backoff=dur(0.1), backoff_multiplier=2.0, max_backoff=dur(0.15)
     )
     t = await enqueue(harness, capability="c", retry_policy=policy)
-    failed_at = []
+    ready_at = None
     for attempt in (1, 2, 3):
         got = await assignment(sub)
-        assigned_at = datetime.now(UTC)
         assert got.attempt == attempt
-        if failed_at:
-            # Backoff 0.1 s after attempt 1, then min(0.2, max 0.15) after attempt 2.
-            assert assigned_at - failed_at[-1] >= timedelta(seconds=0.1 if attempt == 2 else 0.15)
+        if ready_at is not None:
+            # Not before the backoff passed (server times: no client-side latency).
+            assert got.update_time.ToDatetime(UTC) >= ready_at
         resp = await harness.dispatch.FailTask(
             pb.FailTaskRequest(
                 task_id=t.task_id,
@@ -393,9 +392,13 @@ async def test_retry_with_backoff_then_fail_permanently(harness):
                 error=common_pb2.TaskError(message=f"boom {attempt}", type="ValueError"),
             )
         )
-        failed_at.append(datetime.now(UTC))
         expected = TS.TASK_STATE_FAILED if attempt == 3 else TS.TASK_STATE_SCHEDULED
         assert resp.task.state == expected
+        if attempt < 3:
+            # Backoff 0.1 s after attempt 1, then min(0.2, max 0.15) after attempt 2.
+            failed = resp.task.update_time.ToDatetime(UTC)
+            ready_at = resp.task.schedule_time.ToDatetime(UTC)
+            assert ready_at - failed == timedelta(seconds=0.1 if attempt == 1 else 0.15)
     final = await get(harness, t.task_id)
     assert final.last_error.message == "boom 3" and final.last_error.type == "ValueError"
     await expect_error(

@@ -39,6 +39,7 @@ EXPECTED: dict[str, set[str]] = {
     "DispatchService.FailTask": {"admin", "agent"},
     "DispatchService.HeartbeatTask": {"admin", "agent"},
     "DispatchService.GetTask": READ,
+    "DispatchService.ListTaskAttempts": READ,
     "DispatchService.ListTasks": READ,
     "DispatchService.CancelTask": {"admin", "operator"},
     "WorkflowService.CreateWorkflowDefinition": {"admin", "operator"},

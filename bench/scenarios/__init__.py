@@ -1,6 +1,14 @@
 """One module per scenario; each has NAME, TITLE and run(ctx) -> result body."""
 
-from bench.scenarios import baselines, latency, lifecycle, scale, throughput, workflows
+from bench.scenarios import (
+    baselines,
+    latency,
+    lifecycle,
+    observability,
+    scale,
+    throughput,
+    workflows,
+)
 
-ALL = [throughput, latency, workflows, lifecycle, scale, baselines]
+ALL = [throughput, latency, workflows, lifecycle, scale, baselines, observability]
 BY_NAME = {m.NAME: m for m in ALL}

@@ -11,7 +11,16 @@ from opscore import workstream as ws
 from opscore.api.errors import status_code
 from opscore.dispatch import Ack, RetryPolicySpec, TaskSpec
 from opscore.errors import InvalidArgument
-from opscore.models import Agent, AgentEvent, RetryPolicy, StateTransition, Task, TaskError
+from opscore.models import (
+    Agent,
+    AgentEvent,
+    RetryPolicy,
+    StateTransition,
+    Task,
+    TaskAttempt,
+    TaskError,
+)
+from opscore.observability.tracecontext import attempt_traceparent
 
 # Servicers reach the value helpers through this module: one import for all translation.
 from opscore.protovalues import dur, from_dur, from_ts, payload, struct, ts
@@ -124,6 +133,37 @@ def from_task_error(msg: object, field: str = "error", prefix: str = "") -> Task
 
 
 def task(t: Task) -> dispatch_pb2.Task:
+    msg = _task(t)
+    if t.trace_context:
+        msg.trace_context["traceparent"] = t.trace_context
+    return msg
+
+
+def assignment(t: Task) -> dispatch_pb2.TaskAssignment:
+    """The assignment of `t`'s current attempt, with the attempt span's context."""
+    msg = dispatch_pb2.TaskAssignment(task=task(t))
+    if t.trace_context:
+        msg.trace_context["traceparent"] = attempt_traceparent(t.trace_context, t.attempt)
+    return msg
+
+
+def task_attempt(a: TaskAttempt) -> dispatch_pb2.TaskAttempt:
+    msg = dispatch_pb2.TaskAttempt(
+        task_id=a.task_id,
+        attempt=a.attempt,
+        agent_id=a.agent_id,
+        outcome=int(a.outcome),  # type: ignore[arg-type]
+        assign_time=ts(a.assign_time),
+        end_time=ts(a.end_time),
+        error=task_error(a.error),
+        progress=struct(a.progress),
+    )
+    if a.trace_context:
+        msg.trace_context["traceparent"] = a.trace_context
+    return msg
+
+
+def _task(t: Task) -> dispatch_pb2.Task:
     return dispatch_pb2.Task(
         task_id=t.task_id,
         name=t.name,
@@ -187,7 +227,7 @@ def session(
             if keep and budget is not None:
                 left -= heavy
             runs.append(task_run(r, with_output=keep))
-    return workflow_pb2.Session(
+    msg = workflow_pb2.Session(
         session_id=s.session_id,
         definition_id=s.definition_id,
         definition_version=s.definition_version,
@@ -202,6 +242,9 @@ def session(
         update_time=ts(s.update_time),
         finish_time=ts(s.finish_time),
     )
+    if s.trace_context:
+        msg.trace_context["traceparent"] = s.trace_context
+    return msg
 
 
 def _size(*payloads: bytes | None) -> int:

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -47,6 +47,11 @@ from opscore.security import roles
 from opscore.security.audit import AuthFailures
 from opscore.security.authn import Authenticator
 from opscore.security.principal import CallAuth, agent_not_allowed, set_current_call
+
+if TYPE_CHECKING:
+    # Only when configured: an unobserved server never imports either library.
+    from opscore.observability.metrics import RpcMetrics
+    from opscore.observability.tracing import RpcTracer
 
 log = logging.getLogger("opscore.rpc")
 
@@ -118,12 +123,14 @@ class _Call:
     __slots__ = (
         "auth",
         "authorization",
+        "metadata",
         "method",
         "peer",
         "quiet",
         "request_id",
         "started",
         "subject",
+        "trace_id",
     )
 
     def __init__(
@@ -135,8 +142,11 @@ class _Call:
         peer_identity: bool = False,
     ) -> None:
         self.method = method
+        self.metadata = metadata
         self.started = time.perf_counter()
         self.request_id = _request_id(metadata)
+        self.trace_id = ""
+
         self.peer = context.peer()
         self.authorization = _metadata_value(metadata, "authorization")
         self.subject = _subject(context) if peer_identity else None
@@ -146,7 +156,16 @@ class _Call:
 
 
 class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        *,
+        rpc_metrics: Callable[[str], RpcMetrics] | None = None,
+        tracer: RpcTracer | None = None,
+    ) -> None:
+        # Observability hooks, None when off (then the calls below skip them).
+        self._rpc_metrics = rpc_metrics
+        self._tracer = tracer
         self.authenticator = authenticator or Authenticator()
         self.auth_failures = AuthFailures()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -306,9 +325,15 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         """A request stream is decoded by its deserializer, as the servicer reads it
         (after admission); a single request by the wrapper, after admission."""
 
+        rpc = self._rpc_metrics(method) if self._rpc_metrics is not None else None
+        tracer = self._tracer
+
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             info = self._call(method, context)
             context.set_trailing_metadata((("x-request-id", info.request_id),))
+            span = tracer.start(method, info.metadata) if tracer is not None else None
+            if span is not None:
+                info.trace_id = span.trace_id
             code = grpc.StatusCode.OK
             request: Any = raw if request_stream else None
             try:
@@ -325,7 +350,11 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await context.abort(code, message, trailing_metadata=md)
             finally:
+                if rpc is not None:
+                    rpc.done(code, time.perf_counter() - info.started)
                 _log(info, code, None if request_stream else request)
+                if span is not None:
+                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
 
         return call
 
@@ -340,10 +369,16 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         """A request stream is decoded by its deserializer, as the servicer reads it
         (after admission); a single request by the wrapper, after admission."""
 
+        rpc = self._rpc_metrics(method) if self._rpc_metrics is not None else None
+        tracer = self._tracer
+
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> None:
             info = self._call(method, context)
             code = grpc.StatusCode.OK
             _request_id_var.set(info.request_id)
+            span = tracer.start(method, info.metadata) if tracer is not None else None
+            if span is not None:
+                info.trace_id = span.trace_id
             request: Any = raw if request_stream else None
             auth: CallAuth | None = None
             responses: Any = None
@@ -414,7 +449,11 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                     # The servicer's cleanup (unsubscribe) runs now, not at GC.
                     with contextlib.suppress(BaseException):
                         await responses.aclose()
+                if rpc is not None:
+                    rpc.done(code, None)
                 _log(info, code, None if request_stream else request)
+                if span is not None:
+                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
 
         return call
 
@@ -483,5 +522,6 @@ def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
             "agent_id": getattr(request, "agent_id", "") or None,
             "principal": call.auth.principal.name if call.auth is not None else None,
             "request_id": call.request_id,
+            **({"trace_id": call.trace_id} if call.trace_id else {}),
         },
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from opscore_proto.v1 import dispatch_pb2
+from rich.text import Text
 
 from opscore.cli import ids
 from opscore.cli.common import (
@@ -29,7 +30,8 @@ from opscore.cli.common import (
     timestamp,
 )
 from opscore.cli.coverage import nobody_for_task
-from opscore.client import TaskRetry, to_dict, to_timedelta
+from opscore.client import TaskRetry, to_datetime, to_dict, to_timedelta
+from opscore.client.errors import UnimplementedError
 
 TaskState = dispatch_pb2.TaskState
 FINAL = (
@@ -218,7 +220,7 @@ def _runs_on(task: dispatch_pb2.Task) -> str:
 async def get_task(cli: Cli, task_id: str) -> None:
     """Show one task (TASK_ID or a unique start of it) with its input, progress,
     output and last error; for a QUEUED task, whether any connected agent can
-    take it."""
+    take it; and its latest attempts with the traceback of the latest failed one."""
     task = await ids.task(cli.client, task_id)
     problem = await nobody_for_task(cli.client, task)
     if cli.as_json:
@@ -227,6 +229,13 @@ async def get_task(cli: Cli, task_id: str) -> None:
             cli.warn(f"task {task.task_id} is waiting: {problem}")
     else:
         _show(cli, task, problem)
+        try:
+            page = await cli.client.list_task_attempts(task.task_id, page_size=_ATTEMPTS_SHOWN)
+        except UnimplementedError:
+            return  # a server from before attempt history
+        _show_attempts(cli, page.items, tracebacks=1)
+        if page.next_page_token:
+            cli.print(f"(older attempts: opscore tasks attempts {task.task_id})")
 
 
 def _show(cli: Cli, task: dispatch_pb2.Task, waiting: str | None = None) -> None:
@@ -290,3 +299,61 @@ async def cancel(cli: Cli, task_id: str, reason: str) -> None:
         cli.print(f"task {task.task_id} was already cancelled")
     else:
         cli.print(f"cancelled task {task.task_id}")
+
+
+# ---------------------------------------------------------------------- attempts
+
+_ATTEMPTS_SHOWN = 10
+TaskAttemptOutcome = dispatch_pb2.TaskAttemptOutcome
+
+
+@tasks.command("attempts")
+@click.argument("task_id")
+@limit_option(100)
+@client_command
+async def attempts(cli: Cli, task_id: str, limit: int) -> None:
+    """Every attempt of a task (TASK_ID or a unique start of it), newest first:
+    agent, times, outcome, error, and the traceback of each failed one."""
+    task = await ids.task(cli.client, task_id)
+    found = [a async for a in cli.client.iter_task_attempts(task.task_id, limit=limit or None)]
+    if cli.as_json:
+        cli.print_json([message_json(a) for a in found])
+    else:
+        _show_attempts(cli, found, tracebacks=len(found))
+
+
+def _show_attempts(cli: Cli, found: list[dispatch_pb2.TaskAttempt], *, tracebacks: int) -> None:
+    """A table of `found` (newest first), then the tracebacks of the newest
+    `tracebacks` failed attempts whose agent sent one."""
+    if not found:
+        return
+    t = table("attempt", "agent", "outcome", "assigned", "ran", "error", title="attempts")
+    for a in found:
+        outcome = short_name(TaskAttemptOutcome, a.outcome, "TASK_ATTEMPT_OUTCOME_")
+        err = f"{a.error.type or 'Error'}: {a.error.message}" if a.HasField("error") else "-"
+        t.add_row(
+            str(a.attempt),
+            a.agent_id,
+            styled(outcome),
+            age(a, "assign_time"),
+            _ran(a),
+            err,
+        )
+    cli.print(t)
+    shown = 0
+    for a in found:
+        if shown >= tracebacks:
+            break
+        trace = to_dict(a.error.details).get("traceback") if a.HasField("error") else None
+        if isinstance(trace, str) and trace:
+            shown += 1
+            cli.print(Text(f"attempt {a.attempt} traceback ({a.agent_id}):", style="bold"))
+            cli.print(Text(trace.rstrip()))
+
+
+def _ran(a: dispatch_pb2.TaskAttempt) -> str:
+    start = to_datetime(a, "assign_time")
+    end = to_datetime(a, "end_time") or datetime.now(UTC)
+    if start is None:
+        return "-"
+    return f"{(end - start).total_seconds():.3g}s"

@@ -39,6 +39,7 @@ from opscore_proto.v1 import (
 )
 
 from opscore.client._resume import AgentWatchState
+from opscore.client._tracing import trace_metadata
 from opscore.client.convert import (
     Seconds,
     enum_value,
@@ -308,7 +309,8 @@ class OpsCoreClient:
         await self.close()
 
     def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (*self._auth, ("x-request-id", request_id))
+        # The caller's trace context, if it traces: the server's span continues it.
+        return (*self._auth, ("x-request-id", request_id), *trace_metadata())
 
     async def _unary(
         self,
@@ -863,6 +865,32 @@ class OpsCoreClient:
                 page_size=page_size,
                 page_token=token,
             ),
+            limit,
+        )
+
+    async def list_task_attempts(
+        self, task_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[dispatch_pb2.TaskAttempt]:
+        """One page of a task's attempts, newest first: the running one (outcome
+        RUNNING) first, then ended ones with their agent, times, outcome, error
+        (the SDK's Agent puts a handler's traceback in `error.details`) and last
+        progress. Raises `NotFoundError`."""
+        resp = await self._unary(
+            "_dispatch",
+            "ListTaskAttempts",
+            dispatch_pb2.ListTaskAttemptsRequest(
+                task_id=task_id, page_size=page_size, page_token=page_token
+            ),
+            retry=True,
+        )
+        return Page(list(resp.attempts), resp.next_page_token)
+
+    def iter_task_attempts(
+        self, task_id: str, *, limit: int | None = None, page_size: int = 0
+    ) -> AsyncIterator[dispatch_pb2.TaskAttempt]:
+        """Every attempt of a task (at most `limit`), newest first."""
+        return self._pages(
+            lambda token: self.list_task_attempts(task_id, page_size=page_size, page_token=token),
             limit,
         )
 

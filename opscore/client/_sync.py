@@ -173,6 +173,8 @@ class OpsCoreClientSync:
     get_task = _blocking(OpsCoreClient.get_task)
     list_tasks = _blocking(OpsCoreClient.list_tasks)
     iter_tasks = _blocking_iter(OpsCoreClient.iter_tasks)
+    list_task_attempts = _blocking(OpsCoreClient.list_task_attempts)
+    iter_task_attempts = _blocking_iter(OpsCoreClient.iter_task_attempts)
     cancel_task = _blocking(OpsCoreClient.cancel_task)
 
     create_workflow_definition = _blocking(OpsCoreClient.create_workflow_definition)

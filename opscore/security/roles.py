@@ -68,6 +68,7 @@ _TABLE: dict[str, dict[str, Rule]] = {
         "FailTask": _rule(ADMIN, AGENT, agent_scoped=True),
         "HeartbeatTask": _rule(ADMIN, AGENT, agent_scoped=True),
         "GetTask": _rule(*_READ),
+        "ListTaskAttempts": _rule(*_READ),
         "ListTasks": _rule(*_READ),
         "CancelTask": _rule(ADMIN, OPERATOR),
     },

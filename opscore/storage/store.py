@@ -18,7 +18,9 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,9 +36,11 @@ from opscore.errors import InvalidArgument, OpsCoreError, ResourceExhausted, Una
 from opscore.models import (
     Agent,
     AgentState,
+    AttemptOutcome,
     RetryPolicy,
     StateTransition,
     Task,
+    TaskAttempt,
     TaskError,
     TaskFilter,
     TaskState,
@@ -232,7 +236,9 @@ _TASK_MUTABLE = (
     "finish_time",
     "ready_seq",
 )
-_TASK_COLS = _TASK_FIXED + ", " + ", ".join(_TASK_MUTABLE)
+# Added by migration 0004; last, so the positions of the others stay put.
+_TASK_ADDED = "trace_context"
+_TASK_COLS = _TASK_FIXED + ", " + ", ".join(_TASK_MUTABLE) + ", " + _TASK_ADDED
 
 
 def _task_row(t: Task) -> tuple[Any, ...]:
@@ -270,6 +276,7 @@ def _task_row(t: Task) -> tuple[Any, ...]:
         to_micros(t.update_time),
         to_micros(t.finish_time),
         t.ready_seq,
+        t.trace_context or None,
     )
 
 
@@ -301,13 +308,16 @@ def _task_from_row(r: Sequence[Any]) -> Task:
         update_time=from_micros(r[28]),  # type: ignore[arg-type]
         finish_time=from_micros(r[29]),
         ready_seq=r[30],
+        trace_context=r[31] or "",
     )
 
 
 _SESSION_COLS = (
     "session_id, definition_id, definition_version, state, input, output, error_message, "
-    "error_type, error_details, agent_id, idempotency_key, create_time, update_time, finish_time"
+    "error_type, error_details, agent_id, idempotency_key, create_time, update_time, finish_time, "
+    "trace_context"
 )
+_SESSION_NCOLS = 15
 
 
 def _session_row(x: Session) -> tuple[Any, ...]:
@@ -327,6 +337,7 @@ def _session_row(x: Session) -> tuple[Any, ...]:
         to_micros(x.create_time),
         to_micros(x.update_time),
         to_micros(x.finish_time),
+        x.trace_context or None,
     )
 
 
@@ -344,6 +355,7 @@ def _session_from_row(r: Sequence[Any]) -> Session:
         create_time=from_micros(r[11]),  # type: ignore[arg-type]
         update_time=from_micros(r[12]),  # type: ignore[arg-type]
         finish_time=from_micros(r[13]),
+        trace_context=r[14] or "",
     )
 
 
@@ -385,6 +397,41 @@ def _run_from_row(r: Sequence[Any]) -> TaskRun:
     )
 
 
+_ATTEMPT_COLS = (
+    "task_id, attempt, agent_id, outcome, assign_time, end_time, error_message, error_type, "
+    "error_details, progress"
+)
+
+
+def _attempt_row(a: TaskAttempt) -> tuple[Any, ...]:
+    err = a.error
+    return (
+        a.task_id,
+        a.attempt,
+        a.agent_id,
+        int(a.outcome),
+        to_micros(a.assign_time),
+        to_micros(a.end_time),
+        err.message if err else None,
+        err.type if err else None,
+        err.details if err else None,
+        a.progress,
+    )
+
+
+def _attempt_from_row(r: Sequence[Any]) -> TaskAttempt:
+    return TaskAttempt(
+        task_id=r[0],
+        attempt=r[1],
+        agent_id=r[2],
+        outcome=AttemptOutcome(r[3]),
+        assign_time=from_micros(r[4]),  # type: ignore[arg-type]
+        end_time=from_micros(r[5]),
+        error=TaskError(r[6], r[7] or "", r[8]) if r[6] is not None else None,
+        progress=r[9],
+    )
+
+
 # --------------------------------------------------------------------------- tables
 
 # Upsert statements by table, in the order a batch applies them.
@@ -411,7 +458,7 @@ _UPSERT_SQL: dict[str, str] = {
         )
     ),
     "tasks": (
-        f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 31)}) "
+        f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 32)}) "
         "ON CONFLICT(task_id) DO UPDATE SET "
         + ", ".join(f"{c} = excluded.{c}" for c in _TASK_MUTABLE)
     ),
@@ -423,7 +470,7 @@ _UPSERT_SQL.update(
             "(definition_id, version, body, content_hash, create_time) VALUES (?, ?, ?, ?, ?)"
         ),
         "sessions": (
-            f"INSERT INTO sessions ({_SESSION_COLS}) VALUES ({', '.join('?' * 14)}) "
+            f"INSERT INTO sessions ({_SESSION_COLS}) VALUES ({', '.join('?' * _SESSION_NCOLS)}) "
             "ON CONFLICT(session_id) DO UPDATE SET "
             + ", ".join(
                 f"{c} = excluded.{c}"
@@ -441,6 +488,9 @@ _UPSERT_SQL.update(
         "session_definitions": "INSERT OR IGNORE INTO session_definitions VALUES (?, ?)",
         "session_task_runs": (
             f"INSERT OR REPLACE INTO session_task_runs ({_RUN_COLS}) VALUES ({', '.join('?' * 12)})"
+        ),
+        "task_attempts": (
+            f"INSERT OR REPLACE INTO task_attempts ({_ATTEMPT_COLS}) VALUES ({', '.join('?' * 10)})"
         ),
     }
 )
@@ -616,6 +666,9 @@ class Store:
         self.on_failure: Callable[[OpsCoreError], None] | None = None
         # Set by the owner while it rebuilds: every change is refused with it.
         self.refusing: OpsCoreError | None = None
+        # Observability hook: called after each successful commit with the rows
+        # written and the seconds the transaction took (group-commit metrics).
+        self.on_commit: Callable[[int, float], None] | None = None
 
     def check_writable(self) -> None:
         """Raise (a fresh copy of) the error changes are refused with, if any."""
@@ -684,6 +737,17 @@ class Store:
         if self._lock is not None:
             self._lock.release()
 
+    def file_bytes(self) -> tuple[int, int]:
+        """(database, write-ahead log) sizes on disk, 0 for what does not exist.
+        Plain stat calls: safe from any thread."""
+        sizes = []
+        for path in (self.path, self.path + "-wal"):
+            try:
+                sizes.append(os.stat(path).st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
+
     # ---- group commit
 
     def batch(self) -> asyncio.Future[None]:
@@ -712,8 +776,9 @@ class Store:
             if batch.empty():
                 _resolve(batch, None)
                 continue
+            started = time.perf_counter()
             try:
-                await self._apply(batch)
+                rows = await self._apply(batch)
             except asyncio.CancelledError:
                 _resolve(batch, Unavailable("server is shutting down; retry the call"))
                 raise
@@ -732,6 +797,8 @@ class Store:
                 self.fault(error)
                 continue
             self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit(rows, time.perf_counter() - started)
             _resolve(batch, None)
 
     def atomic(self) -> _Atomic:
@@ -749,7 +816,8 @@ class Store:
         batch, self._pending = self._pending, _Batch()
         _resolve(batch, error)
 
-    async def _apply(self, batch: _Batch) -> None:
+    async def _apply(self, batch: _Batch) -> int:
+        """Write one batch in one transaction; the number of rows written."""
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
         for table, rows in batch.upserts.items():
             if rows:
@@ -768,6 +836,7 @@ class Store:
         # longer. `_execute` is the primitive all of aiosqlite's public methods use;
         # the version is pinned in pyproject.
         await conn._execute(_write_transaction, conn, work)
+        return sum(len(rows) for _, rows in work)
 
     # ---- write API (record now, durable after `await commit()`)
 
@@ -779,6 +848,10 @@ class Store:
 
     def put_task(self, task: Task) -> None:
         self._pending.upserts["tasks"][task.task_id] = _task_row(task)
+
+    def put_attempt(self, attempt: TaskAttempt) -> None:
+        key = (attempt.task_id, attempt.attempt)
+        self._pending.upserts["task_attempts"][key] = _attempt_row(attempt)
 
     def put_definition(
         self, definition_id: str, version: int, body: bytes, content_hash: str, create_time: Any
@@ -850,6 +923,40 @@ class Store:
     async def get_task(self, task_id: str) -> Task | None:
         rows = await self._fetchall(f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", [task_id])
         return _task_from_row(rows[0]) if rows else None
+
+    async def list_attempts(
+        self,
+        task_id: str,
+        page_size: int,
+        page_token: str,
+        budget: int,
+        running: TaskAttempt | None = None,
+    ) -> tuple[list[TaskAttempt], str]:
+        """A task's attempts, newest first: `running` (the attempt in progress,
+        which has no row yet) then the ended ones, by attempt number descending."""
+        limit = clamp_page_size(page_size)
+        before = decode_cursor(page_token, int)[0] if page_token else None
+        found: list[TaskAttempt] = []
+        if running is not None and (before is None or running.attempt < before):
+            found.append(running)
+        sql = f"SELECT {_ATTEMPT_COLS} FROM task_attempts WHERE task_id = ?"
+        params: list[Any] = [task_id]
+        if before is not None:
+            sql += " AND attempt < ?"
+            params.append(before)
+        sql += " ORDER BY attempt DESC LIMIT ?"
+        params.append(limit + 1 - len(found))
+        found += [_attempt_from_row(r) for r in await self._fetchall(sql, params)]
+        sizes = (
+            _nbytes(a.progress, a.error.message, a.error.details)
+            if a.error
+            else _nbytes(a.progress)
+            for a in found[:limit]
+        )
+        n = _fit(sizes, budget)
+        items = found[:n]
+        token = encode_cursor(items[-1].attempt) if len(found) > n else ""
+        return items, token
 
     async def get_task_by_idempotency_key(self, key: str) -> Task | None:
         rows = await self._fetchall(
@@ -945,10 +1052,11 @@ class Store:
             "FROM sessions s WHERE state IN (1, 2)"
         )
         out = []
+        n = _SESSION_NCOLS
         for r in rows:
-            session = _session_from_row(r[:14])
+            session = _session_from_row(r[:n])
             session.runs = await self.load_runs(session.session_id)
-            out.append((session, r[14], r[15]))
+            out.append((session, r[n], r[n + 1]))
         return out
 
     async def load_runs(self, session_id: str) -> dict[str, TaskRun]:

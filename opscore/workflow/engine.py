@@ -42,6 +42,7 @@ from opscore.errors import (
 )
 from opscore.events import Broadcast, FellBehind
 from opscore.models import Page, Task, TaskError, TaskState
+from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.payload import Payload
 from opscore.storage import Store
 from opscore.workflow.definitions import Definition, Plan, content_hash, parse_source, validate
@@ -89,10 +90,12 @@ class WorkflowEngine:
         *,
         encode_event: Callable[[StoredEvent], bytes] = lambda e: e.body,
         response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+        observer: EngineObserver = NO_OBSERVER,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
         self.response_budget = response_budget
+        self.observer = observer
         self._encode_event = encode_event
         self._definition_lock = asyncio.Lock()
         # One thread: big definitions queue behind each other instead of taking
@@ -349,6 +352,7 @@ class WorkflowEngine:
             update_time=now,
             runs={tid: TaskRun(tid, plan.tasks[tid].position) for tid in plan.order},
         )
+        session.trace_context = self.observer.session_started(session)
         live = _Live(
             session,
             plan,
@@ -509,6 +513,7 @@ class WorkflowEngine:
             heartbeat_timeout=pt.heartbeat_timeout,
             session_id=s.session_id,
             workflow_task_id=tid,
+            trace_parent=s.trace_context,
         )
         if len(composed) > limits.MAX_COMPOSED_INPUT_BYTES:
             # No agent could receive it: fail it for good now rather than send it
@@ -726,6 +731,7 @@ class WorkflowEngine:
                 )
                 self.store.put_run(s.session_id, run)
         self.store.put_session(s)
+        self.observer.session_finished(s)
         self._event(
             live,
             event,
@@ -793,6 +799,12 @@ class WorkflowEngine:
             b = self._watchers.get(e.session_id)
             if b is not None:
                 b.publish(e)
+
+    # ------------------------------------------------------------------ introspection
+
+    def open_watches(self) -> int:
+        """WatchSession streams open now (for metrics scrapes)."""
+        return sum(len(b) for b in self._watchers.values())
 
     @staticmethod
     def _snapshot(session: Session) -> Session:

@@ -84,6 +84,9 @@ class Session:
     finish_time: datetime | None = None
     # In definition order; empty when read from a listing.
     runs: dict[str, TaskRun] = field(default_factory=dict)
+    # W3C `traceparent` of the session's start span ("" without tracing): its
+    # tasks' spans are children of it. Set once at start, stored.
+    trace_context: str = ""
 
     @property
     def is_final(self) -> bool:

@@ -555,6 +555,9 @@ TEMPLATES: dict[str, Callable[[Pools, int], message.Message]] = {
         progress=_struct(pct=50),
     ),
     "GetTask": lambda p, i: dpb.GetTaskRequest(task_id=_at(p.tasks, i)),
+    "ListTaskAttempts": lambda p, i: dpb.ListTaskAttemptsRequest(
+        task_id=_at(p.tasks, i), page_size=10
+    ),
     "ListTasks": lambda p, i: dpb.ListTasksRequest(
         state=dpb.TaskState.TASK_STATE_QUEUED,
         capability="fuzz",

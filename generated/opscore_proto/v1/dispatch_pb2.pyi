@@ -66,11 +66,81 @@ TASK_STATE_CANCELLED: TaskState.ValueType  # 6
 """Cancelled. Final."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _TaskAttemptOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskAttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskAttemptOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_ATTEMPT_OUTCOME_UNSPECIFIED: _TaskAttemptOutcome.ValueType  # 0
+    TASK_ATTEMPT_OUTCOME_RUNNING: _TaskAttemptOutcome.ValueType  # 1
+    """Not ended: the agent holds the lease."""
+    TASK_ATTEMPT_OUTCOME_COMPLETED: _TaskAttemptOutcome.ValueType  # 2
+    """The agent called CompleteTask."""
+    TASK_ATTEMPT_OUTCOME_FAILED: _TaskAttemptOutcome.ValueType  # 3
+    """The agent called FailTask; `error` is what it sent."""
+    TASK_ATTEMPT_OUTCOME_LEASE_EXPIRED: _TaskAttemptOutcome.ValueType  # 4
+    """The lease passed without a result (`timeout`, or no HeartbeatTask within
+    `heartbeat_timeout`).
+    """
+    TASK_ATTEMPT_OUTCOME_AGENT_OFFLINE: _TaskAttemptOutcome.ValueType  # 5
+    """The agent went OFFLINE while holding the task."""
+    TASK_ATTEMPT_OUTCOME_AGENT_DEREGISTERED: _TaskAttemptOutcome.ValueType  # 6
+    """The agent was deregistered while holding the task."""
+    TASK_ATTEMPT_OUTCOME_CANCELLED: _TaskAttemptOutcome.ValueType  # 7
+    """The task was cancelled (CancelTask, or its session ended) while the agent
+    held it.
+    """
+
+class TaskAttemptOutcome(_TaskAttemptOutcome, metaclass=_TaskAttemptOutcomeEnumTypeWrapper):
+    """How an attempt ended."""
+
+TASK_ATTEMPT_OUTCOME_UNSPECIFIED: TaskAttemptOutcome.ValueType  # 0
+TASK_ATTEMPT_OUTCOME_RUNNING: TaskAttemptOutcome.ValueType  # 1
+"""Not ended: the agent holds the lease."""
+TASK_ATTEMPT_OUTCOME_COMPLETED: TaskAttemptOutcome.ValueType  # 2
+"""The agent called CompleteTask."""
+TASK_ATTEMPT_OUTCOME_FAILED: TaskAttemptOutcome.ValueType  # 3
+"""The agent called FailTask; `error` is what it sent."""
+TASK_ATTEMPT_OUTCOME_LEASE_EXPIRED: TaskAttemptOutcome.ValueType  # 4
+"""The lease passed without a result (`timeout`, or no HeartbeatTask within
+`heartbeat_timeout`).
+"""
+TASK_ATTEMPT_OUTCOME_AGENT_OFFLINE: TaskAttemptOutcome.ValueType  # 5
+"""The agent went OFFLINE while holding the task."""
+TASK_ATTEMPT_OUTCOME_AGENT_DEREGISTERED: TaskAttemptOutcome.ValueType  # 6
+"""The agent was deregistered while holding the task."""
+TASK_ATTEMPT_OUTCOME_CANCELLED: TaskAttemptOutcome.ValueType  # 7
+"""The task was cancelled (CancelTask, or its session ended) while the agent
+held it.
+"""
+Global___TaskAttemptOutcome: _TypeAlias = TaskAttemptOutcome  # noqa: Y015
+
 @_typing.final
 class Task(_message.Message):
     """A unit of work."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -96,6 +166,7 @@ class Task(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-generated unique id."""
     name: _builtins.str
@@ -172,6 +243,17 @@ class Task(_message.Message):
     def finish_time(self) -> _timestamp_pb2.Timestamp:
         """When the task reached a final state."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C Trace Context of the task's trace, as text-map carrier entries: the
+        key `traceparent` holds the context of the task's enqueue span, which
+        every attempt's span and the result span are children of. A task enqueued
+        by a caller that sent `traceparent` metadata is part of the caller's
+        trace; a workflow task is part of its session's trace. Empty when the
+        server ran without tracing when the task was enqueued (see
+        docs/operations.md).
+        """
+
     def __init__(
         self,
         *,
@@ -199,10 +281,11 @@ class Task(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "last_error", b"last_error", "lease_expire_time", b"lease_expire_time", "output", b"output", "progress", b"progress", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_agent_id", b"assigned_agent_id", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "capability", b"capability", "create_time", b"create_time", "finish_time", b"finish_time", "heartbeat_timeout", b"heartbeat_timeout", "idempotency_key", b"idempotency_key", "input", b"input", "last_error", b"last_error", "lease_expire_time", b"lease_expire_time", "name", b"name", "output", b"output", "priority", b"priority", "progress", b"progress", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "session_id", b"session_id", "state", b"state", "task_id", b"task_id", "timeout", b"timeout", "update_time", b"update_time", "workflow_task_id", b"workflow_task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_agent_id", b"assigned_agent_id", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "capability", b"capability", "create_time", b"create_time", "finish_time", b"finish_time", "heartbeat_timeout", b"heartbeat_timeout", "idempotency_key", b"idempotency_key", "input", b"input", "last_error", b"last_error", "lease_expire_time", b"lease_expire_time", "name", b"name", "output", b"output", "priority", b"priority", "progress", b"progress", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "session_id", b"session_id", "state", b"state", "task_id", b"task_id", "timeout", b"timeout", "trace_context", b"trace_context", "update_time", b"update_time", "workflow_task_id", b"workflow_task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,19 +471,50 @@ class TaskAssignment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TASK_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
         """The task, with `attempt` and `lease_expire_time` set."""
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C Trace Context of this attempt's span (key `traceparent`), as text-map
+        carrier entries: an agent that traces runs its handler in a child span of
+        it, by extracting this map with its OpenTelemetry propagator as it would
+        HTTP headers. The SDK's Agent does so when OpenTelemetry is installed.
+        Empty when the task has no `trace_context`.
+        """
 
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,6 +854,156 @@ class ListTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class ListTaskAttemptsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Required."""
+    page_size: _builtins.int
+    """0 means 100; at most 1000. A page holds fewer when more would exceed the
+    message size limit.
+    """
+    page_token: _builtins.str
+    """From a previous response for the same task. Empty: the first page."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskAttemptsRequest: _TypeAlias = ListTaskAttemptsRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskAttemptsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
+        """Newest first: the running attempt, if any, then ended ones by attempt
+        number, descending.
+        """
+
+    def __init__(
+        self,
+        *,
+        attempts: _abc.Iterable[Global___TaskAttempt] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskAttemptsResponse: _TypeAlias = ListTaskAttemptsResponse  # noqa: Y015
+
+@_typing.final
+class TaskAttempt(_message.Message):
+    """One attempt of a task: one lease held by one agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ASSIGN_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    attempt: _builtins.int
+    """From 1; the fencing token the agent sent its result with."""
+    agent_id: _builtins.str
+    """The agent that held the lease."""
+    outcome: Global___TaskAttemptOutcome.ValueType
+    @_builtins.property
+    def assign_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task was assigned to the agent."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt ended. Unset while RUNNING."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.TaskError:
+        """Why the attempt did not succeed: what the agent sent with FailTask (the
+        SDK's Agent puts the handler's traceback in `details.traceback`), or the
+        server's own for LEASE_EXPIRED ("LeaseExpired"), AGENT_OFFLINE
+        ("AgentOffline") and AGENT_DEREGISTERED ("AgentDeregistered"). Unset for
+        COMPLETED, CANCELLED and RUNNING.
+        """
+
+    @_builtins.property
+    def progress(self) -> _struct_pb2.Struct:
+        """The last progress the agent sent with HeartbeatTask in this attempt.
+        Unset when it sent none.
+        """
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C Trace Context of this attempt's span (key `traceparent`); the same
+        map as the attempt's TaskAssignment.trace_context. Empty when the task
+        has no `trace_context`.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        outcome: Global___TaskAttemptOutcome.ValueType = ...,
+        assign_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        error: _common_pb2.TaskError | None = ...,
+        progress: _struct_pb2.Struct | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "end_time", b"end_time", "error", b"error", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assign_time", b"assign_time", "attempt", b"attempt", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "progress", b"progress", "task_id", b"task_id", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskAttempt: _TypeAlias = TaskAttempt  # noqa: Y015
 
 @_typing.final
 class CancelTaskRequest(_message.Message):

@@ -99,6 +99,11 @@ class DispatchServiceStub:
                 request_serializer=opscore_dot_v1_dot_dispatch__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=opscore_dot_v1_dot_dispatch__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.ListTaskAttempts = channel.unary_unary(
+                '/opscore.v1.DispatchService/ListTaskAttempts',
+                request_serializer=opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsRequest.SerializeToString,
+                response_deserializer=opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsResponse.FromString,
+                _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/opscore.v1.DispatchService/CancelTask',
                 request_serializer=opscore_dot_v1_dot_dispatch__pb2.CancelTaskRequest.SerializeToString,
@@ -276,6 +281,26 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskAttempts(self, request, context):
+        """Lists the attempts of one task, newest first, in pages.
+
+        Every attempt that ended is kept as long as the task is: the agent that
+        held it, when it was assigned and when it ended, how it ended (`outcome`),
+        the error it ended with (type, message, and details such as the handler's
+        traceback) and the last progress it reported. An attempt's record is
+        written in the same transaction as the change that ended it. While the
+        task is ASSIGNED, its current attempt comes first, with outcome
+        TASK_ATTEMPT_OUTCOME_RUNNING and no `end_time`. An assignment that never
+        left the server (the agent's stream broke before it was sent) is not an
+        attempt: the task is queued again under the same attempt number.
+
+        Errors: NOT_FOUND for an unknown task; INVALID_ARGUMENT for a bad
+        `page_size` or `page_token`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelTask(self, request, context):
         """Cancels a task that has not finished.
 
@@ -337,6 +362,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=opscore_dot_v1_dot_dispatch__pb2.ListTasksRequest.FromString,
                     response_serializer=opscore_dot_v1_dot_dispatch__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ListTaskAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskAttempts,
+                    request_deserializer=opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsRequest.FromString,
+                    response_serializer=opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
@@ -607,6 +637,33 @@ class DispatchService:
             '/opscore.v1.DispatchService/ListTasks',
             opscore_dot_v1_dot_dispatch__pb2.ListTasksRequest.SerializeToString,
             opscore_dot_v1_dot_dispatch__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opscore.v1.DispatchService/ListTaskAttempts',
+            opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsRequest.SerializeToString,
+            opscore_dot_v1_dot_dispatch__pb2.ListTaskAttemptsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -162,6 +162,22 @@ class DispatchServiceStub:
     """Returns one task. Errors: NOT_FOUND."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListTasksRequest, _dispatch_pb2.ListTasksResponse]
     """Lists tasks, newest first, optionally filtered, in pages."""
+    ListTaskAttempts: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListTaskAttemptsRequest, _dispatch_pb2.ListTaskAttemptsResponse]
+    """Lists the attempts of one task, newest first, in pages.
+
+    Every attempt that ended is kept as long as the task is: the agent that
+    held it, when it was assigned and when it ended, how it ended (`outcome`),
+    the error it ended with (type, message, and details such as the handler's
+    traceback) and the last progress it reported. An attempt's record is
+    written in the same transaction as the change that ended it. While the
+    task is ASSIGNED, its current attempt comes first, with outcome
+    TASK_ATTEMPT_OUTCOME_RUNNING and no `end_time`. An assignment that never
+    left the server (the agent's stream broke before it was sent) is not an
+    attempt: the task is queued again under the same attempt number.
+
+    Errors: NOT_FOUND for an unknown task; INVALID_ARGUMENT for a bad
+    `page_size` or `page_token`.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.CancelTaskRequest, _dispatch_pb2.CancelTaskResponse]
     """Cancels a task that has not finished.
 
@@ -307,6 +323,22 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     """Returns one task. Errors: NOT_FOUND."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListTasksRequest, _dispatch_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Lists tasks, newest first, optionally filtered, in pages."""
+    ListTaskAttempts: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListTaskAttemptsRequest, _dispatch_pb2.ListTaskAttemptsResponse]  # type: ignore[assignment]
+    """Lists the attempts of one task, newest first, in pages.
+
+    Every attempt that ended is kept as long as the task is: the agent that
+    held it, when it was assigned and when it ended, how it ended (`outcome`),
+    the error it ended with (type, message, and details such as the handler's
+    traceback) and the last progress it reported. An attempt's record is
+    written in the same transaction as the change that ended it. While the
+    task is ASSIGNED, its current attempt comes first, with outcome
+    TASK_ATTEMPT_OUTCOME_RUNNING and no `end_time`. An assignment that never
+    left the server (the agent's stream broke before it was sent) is not an
+    attempt: the task is queued again under the same attempt number.
+
+    Errors: NOT_FOUND for an unknown task; INVALID_ARGUMENT for a bad
+    `page_size` or `page_token`.
+    """
     CancelTask: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.CancelTaskRequest, _dispatch_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """Cancels a task that has not finished.
 
@@ -503,6 +535,28 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_pb2.ListTasksResponse, _abc.Awaitable[_dispatch_pb2.ListTasksResponse]]:
         """Lists tasks, newest first, optionally filtered, in pages."""
+
+    @_abc_1.abstractmethod
+    def ListTaskAttempts(
+        self,
+        request: _dispatch_pb2.ListTaskAttemptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.ListTaskAttemptsResponse, _abc.Awaitable[_dispatch_pb2.ListTaskAttemptsResponse]]:
+        """Lists the attempts of one task, newest first, in pages.
+
+        Every attempt that ended is kept as long as the task is: the agent that
+        held it, when it was assigned and when it ended, how it ended (`outcome`),
+        the error it ended with (type, message, and details such as the handler's
+        traceback) and the last progress it reported. An attempt's record is
+        written in the same transaction as the change that ended it. While the
+        task is ASSIGNED, its current attempt comes first, with outcome
+        TASK_ATTEMPT_OUTCOME_RUNNING and no `end_time`. An assignment that never
+        left the server (the agent's stream broke before it was sent) is not an
+        attempt: the task is queued again under the same attempt number.
+
+        Errors: NOT_FOUND for an unknown task; INVALID_ARGUMENT for a bad
+        `page_size` or `page_token`.
+        """
 
     @_abc_1.abstractmethod
     def CancelTask(

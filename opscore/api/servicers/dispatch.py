@@ -178,6 +178,16 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             tasks=[c.task(t) for t in page.items], next_page_token=page.next_page_token
         )
 
+    async def ListTaskAttempts(
+        self, request: pb.ListTaskAttemptsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTaskAttemptsResponse:
+        page = await self.engine.list_attempts(
+            request.task_id, request.page_size, request.page_token
+        )
+        return pb.ListTaskAttemptsResponse(
+            attempts=[c.task_attempt(a) for a in page.items], next_page_token=page.next_page_token
+        )
+
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
@@ -218,7 +228,7 @@ def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.Server
     if isinstance(message, Assignment):
         task = message.task
         return (
-            pb.ServerMessage(assignment=pb.TaskAssignment(task=c.task(task))),
+            pb.ServerMessage(assignment=c.assignment(task)),
             512 + len(task.input or b""),
         )
     if isinstance(message, Cancellation):
@@ -237,7 +247,7 @@ def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.Server
 
 def _stream_message(message: Assignment | Cancellation) -> pb.SubscribeTasksResponse:
     if isinstance(message, Assignment):
-        return pb.SubscribeTasksResponse(assignment=pb.TaskAssignment(task=c.task(message.task)))
+        return pb.SubscribeTasksResponse(assignment=c.assignment(message.task))
     return pb.SubscribeTasksResponse(
         cancellation=pb.TaskCancellation(
             task_id=message.task_id, attempt=message.attempt, reason=message.reason
