@@ -1,18 +1,17 @@
 """Agent registry, state reports, history and liveness.
 
-All agents live in memory (the registry is small and read on every dispatch
-decision); every change is recorded in storage and acknowledged only after commit.
+Agents live in storage (opscore.storage.api); every change runs as an operation
+and is acknowledged only after commit. Liveness deadlines are the storage's: it
+calls back `_silent` once an agent with no open stream anywhere has been quiet
+for `agent_timeout`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import bisect
-import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from opscore import limits
@@ -29,101 +28,71 @@ from opscore.models import (
     StateTransition,
 )
 from opscore.payload import Payload
-from opscore.storage import Store
-from opscore.storage.store import clamp_page_size, decode_cursor, encode_cursor
+from opscore.storage.api import Storage, Tx
 
 log = logging.getLogger("opscore.lifecycle")
 
-# Called synchronously, before the commit, so reactions (ending task attempts) are
-# part of the same transaction as the change that caused them.
-AgentListener = Callable[[AgentEventType, Agent], None]
+# Awaited inside the operation, before its commit, so reactions (ending task
+# attempts) are part of the same transaction as the change that caused them.
+AgentListener = Callable[[Tx, AgentEventType, Agent], Awaitable[None]]
 
 
 class LifecycleEngine:
     def __init__(
         self,
-        store: Store,
+        storage: Storage,
         *,
         agent_timeout: timedelta = timedelta(seconds=30),
         encode_event: Callable[[AgentEvent], bytes] = lambda e: b"",
         response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
     ) -> None:
-        self.store = store
+        self.storage = storage
         self.agent_timeout = agent_timeout
         self.response_budget = response_budget
         self.events: Broadcast[AgentEvent] = Broadcast(encode_event)
         self.listeners: list[AgentListener] = []
-        self._clear()
-
-    def _clear(self) -> None:
-        self.agents: dict[str, Agent] = {}
-        # Agent ids in order, so ListAgents pages by bisection instead of sorting.
-        self._ids: list[str] = []
-        self._liveness: dict[str, asyncio.TimerHandle] = {}
+        storage.on_agent_silent = self._silent
+        storage.subscribe("agent_event", self._on_event_elsewhere)
 
     def reset(self, error: OpsCoreError) -> None:
-        """Forget every agent (memory may be ahead of the database) and end every
-        watch with `error`; `start()` then reloads."""
+        """End every watch with `error` (state is rebuilt under them)."""
         self.events.end_all(error)
-        self.stop()
-        self._clear()
-
-    async def start(self) -> None:
-        now = utcnow()
-        agents = await self.store.load_agents()
-        self._ids = sorted(a.agent_id for a in agents)
-        for agent in agents:
-            self.agents[agent.agent_id] = agent
-            # Nobody could reach us while we were down: every agent gets a full
-            # agent_timeout from now to reconnect before it is marked OFFLINE.
-            agent.last_seen_time = max(agent.last_seen_time, now)
-            self._arm_liveness(agent)
-
-    def stop(self) -> None:
-        for handle in self._liveness.values():
-            handle.cancel()
-        self._liveness.clear()
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, agent_id: str) -> Agent:
+    async def get(self, agent_id: str) -> Agent:
         v.require_id(agent_id, "agent_id")
-        agent = self.agents.get(agent_id)
+        agent = await self.storage.read_agent(agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} is not registered", reason="AGENT_NOT_FOUND")
         return agent
 
-    def snapshot(self, agent: Agent) -> Agent:
+    async def get_for_update(self, tx: Tx, agent_id: str) -> Agent:
+        v.require_id(agent_id, "agent_id")
+        agent = await tx.agent(agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id!r} is not registered", reason="AGENT_NOT_FOUND")
+        return agent
+
+    @staticmethod
+    def snapshot(agent: Agent) -> Agent:
         return dataclasses.replace(agent, metadata=dict(agent.metadata))
 
-    def list(
+    async def list(
         self, state: AgentState, capability: str, page_size: int, page_token: str
     ) -> Page[Agent]:
-        """Ordered by id. Costs the agents it steps over, never a sort of all of them."""
+        """Ordered by id."""
         self._check_state(state, "state", allow_unspecified=True)
-        limit = clamp_page_size(page_size)
-        after = decode_cursor(page_token, str)[0] if page_token else ""
-        page: list[Agent] = []
-        used = 0
-        more = False
-        for agent_id in self._ids[bisect.bisect_right(self._ids, after) :]:
-            a = self.agents[agent_id]
-            if (state and a.state != state) or (capability and capability not in a.capabilities):
-                continue
-            size = _agent_size(a)
-            if len(page) >= limit or (page and used + size > self.response_budget):
-                more = True
-                break
-            used += size
-            page.append(self.snapshot(a))
-        token = encode_cursor(page[-1].agent_id) if more else ""
-        return Page(page, token)
+        items, token = await self.storage.list_agents(
+            int(state), capability, page_size, page_token, self.response_budget
+        )
+        return Page(items, token)
 
     async def list_transitions(
         self, agent_id: str, page_size: int, page_token: str
     ) -> Page[StateTransition]:
-        self.get(agent_id)
-        items, token = await self.store.list_transitions(
+        await self.get(agent_id)
+        items, token = await self.storage.list_transitions(
             agent_id, page_size, page_token, self.response_budget
         )
         return Page(items, token)
@@ -147,75 +116,70 @@ class LifecycleEngine:
         v.max_len(contact_endpoint, "contact_endpoint", 1024)
         caps = v.capabilities(list(capabilities), "capabilities")
         meta = v.metadata(dict(metadata or {}))
-        self.store.check_writable()
-        with self.store.atomic():
-            snap, created, event, transition, now = self._register(
-                agent_id or str(uuid.uuid4()), name, version, caps, contact_endpoint, meta
-            )
-        await self.store.commit()
-        self._publish(event, snap, transition, now)
-        return snap, created
+        self.storage.check_writable()
+        agent_id = agent_id or str(uuid.uuid4())
 
-    def _register(
-        self,
-        agent_id: str,
-        name: str,
-        version: str,
-        caps: tuple[str, ...],
-        contact_endpoint: str,
-        meta: dict[str, str],
-    ) -> tuple[Agent, bool, AgentEventType, StateTransition | None, datetime]:
-        now = utcnow()
-        agent = self.agents.get(agent_id)
-        created = agent is None
-        if agent is None:
-            agent = Agent(
-                agent_id=agent_id,
-                name=name,
-                version=version,
-                capabilities=caps,
-                contact_endpoint=contact_endpoint,
-                metadata=meta,
-                state=AgentState.UNSPECIFIED,
-                state_details=None,
-                register_time=now,
-                state_change_time=now,
-                last_seen_time=now,
-            )
-            self.agents[agent_id] = agent
-            bisect.insort(self._ids, agent_id)
-            event = AgentEventType.REGISTERED
-            transition = self._transition(agent, AgentState.INITIALIZING, None, now, "server")
-        else:
-            event = AgentEventType.REGISTERED if agent.deregistered else AgentEventType.UPDATED
-            agent.name, agent.version, agent.capabilities = name, version, caps
-            agent.contact_endpoint, agent.metadata = contact_endpoint, meta
-            agent.last_seen_time = now
-            transition = None
-            if agent.deregistered:
-                agent.deregistered = False
-                transition = self._transition(agent, AgentState.INITIALIZING, None, now, "server")
-        self.store.put_agent(agent)
-        self._notify(event, agent)
-        self._arm_liveness(agent)
-        return self.snapshot(agent), created, event, transition, now
+        async def op(tx: Tx) -> tuple[Agent, bool]:
+            agent = await tx.agent(agent_id)
+            now = utcnow()
+            with tx.atomic():
+                created = agent is None
+                if agent is None:
+                    agent = Agent(
+                        agent_id=agent_id,
+                        name=name,
+                        version=version,
+                        capabilities=caps,
+                        contact_endpoint=contact_endpoint,
+                        metadata=meta,
+                        state=AgentState.UNSPECIFIED,
+                        state_details=None,
+                        register_time=now,
+                        state_change_time=now,
+                        last_seen_time=now,
+                    )
+                    event = AgentEventType.REGISTERED
+                    transition = self._transition(tx, agent, AgentState.INITIALIZING, None, now)
+                else:
+                    event = (
+                        AgentEventType.REGISTERED if agent.deregistered else AgentEventType.UPDATED
+                    )
+                    agent.name, agent.version, agent.capabilities = name, version, caps
+                    agent.contact_endpoint, agent.metadata = contact_endpoint, meta
+                    agent.last_seen_time = now
+                    transition = None
+                    if agent.deregistered:
+                        agent.deregistered = False
+                        transition = self._transition(tx, agent, AgentState.INITIALIZING, None, now)
+                tx.put_agent(agent)
+                await self._notify(tx, event, agent)
+                tx.watch_liveness(agent)
+                snap = self.snapshot(agent)
+                self._publish_after_commit(tx, event, snap, transition, now)
+                return snap, created
+
+        return await self.storage.run(op)
 
     async def deregister(self, agent_id: str) -> Agent:
-        agent = self.get(agent_id)
-        self.store.check_writable()
-        now = utcnow()
-        transition = None
-        with self.store.atomic():
-            if not agent.deregistered:
-                agent.deregistered = True
-                if agent.state != AgentState.FINISHED:
-                    transition = self._transition(agent, AgentState.FINISHED, None, now, "server")
-                self.store.put_agent(agent)
-                self._notify(AgentEventType.DEREGISTERED, agent)
-            snap = self.snapshot(agent)
-        await self.store.commit()
-        self._publish(AgentEventType.DEREGISTERED, snap, transition, now)
-        return snap
+        v.require_id(agent_id, "agent_id")
+        self.storage.check_writable()
+
+        async def op(tx: Tx) -> Agent:
+            agent = await self.get_for_update(tx, agent_id)
+            now = utcnow()
+            transition = None
+            with tx.atomic():
+                if not agent.deregistered:
+                    agent.deregistered = True
+                    if agent.state != AgentState.FINISHED:
+                        transition = self._transition(tx, agent, AgentState.FINISHED, None, now)
+                    tx.put_agent(agent)
+                    await self._notify(tx, AgentEventType.DEREGISTERED, agent)
+                snap = self.snapshot(agent)
+                self._publish_after_commit(tx, AgentEventType.DEREGISTERED, snap, transition, now)
+                return snap
+
+        return await self.storage.run(op)
 
     async def report_state(
         self,
@@ -226,21 +190,29 @@ class LifecycleEngine:
         *,
         wait: bool = True,
     ) -> tuple[Agent, StateTransition]:
+        return await self.storage.run(
+            lambda tx: self.report_state_in(tx, agent_id, state, details, observe_time),
+            wait=wait,
+        )
+
+    async def report_state_in(
+        self,
+        tx: Tx,
+        agent_id: str,
+        state: int,
+        details: Payload,
+        observe_time: datetime | None,
+    ) -> tuple[Agent, StateTransition]:
         """`state` is the raw enum number from the request; unknown values are refused."""
-        agent = self.get(agent_id)
-        state = self._check_state(state, "state")
-        if state == AgentState.OFFLINE:
+        v.require_id(agent_id, "agent_id")
+        checked = self._check_state(state, "state")
+        if checked == AgentState.OFFLINE:
             raise InvalidArgument(
                 "agents cannot report AGENT_STATE_OFFLINE; the server sets it when an agent "
                 "stops being live",
                 field="state",
             )
         v.payload_size(details, "details", v.MAX_DETAILS)
-        if agent.deregistered:
-            raise FailedPrecondition(
-                f"agent {agent_id!r} is deregistered; register it again first",
-                reason="AGENT_DEREGISTERED",
-            )
         now = utcnow()
         if observe_time is not None and observe_time > now + limits.MAX_CLOCK_SKEW:
             # A report from the future would freeze the state for good: every later
@@ -251,108 +223,112 @@ class LifecycleEngine:
                 f"({now.isoformat()}); fix the agent's clock or leave observe_time unset",
                 field="observe_time",
             )
-        self.store.check_writable()
+        self.storage.check_writable()
+        agent = await self.get_for_update(tx, agent_id)
+        if agent.deregistered:
+            raise FailedPrecondition(
+                f"agent {agent_id!r} is deregistered; register it again first",
+                reason="AGENT_DEREGISTERED",
+            )
         observed = observe_time or now
-        with self.store.atomic():
+        with tx.atomic():
             agent.last_seen_time = now
             out_of_order = observed < agent.state_change_time
-            transition = self._transition(agent, state, details, observed, "agent", out_of_order)
-            self.store.put_agent(agent)
+            transition = self._transition(
+                tx, agent, checked, details, observed, "agent", out_of_order
+            )
+            tx.put_agent(agent)
             if not out_of_order:
-                self._notify(AgentEventType.STATE_CHANGED, agent)
-            self._arm_liveness(agent)
+                await self._notify(tx, AgentEventType.STATE_CHANGED, agent)
+            tx.watch_liveness(agent)
             snap = self.snapshot(agent)
-        if wait:
-            await self.store.commit()
-            self._publish(AgentEventType.STATE_CHANGED, snap, transition, now)
-        else:
-            self._publish_after_commit(AgentEventType.STATE_CHANGED, snap, transition, now)
-        return snap, transition
+            self._publish_after_commit(tx, AgentEventType.STATE_CHANGED, snap, transition, now)
+            return snap, transition
 
     async def heartbeat(self, agent_id: str) -> Agent:
-        agent = self.get(agent_id)
-        self.store.check_writable()
-        with self.store.atomic():
-            self.touch(agent)
-            snap = self.snapshot(agent)
-        await self.store.commit()
-        return snap
+        v.require_id(agent_id, "agent_id")
+        self.storage.check_writable()
+
+        async def op(tx: Tx) -> Agent:
+            agent = await self.get_for_update(tx, agent_id)
+            with tx.atomic():
+                await self._touch(tx, agent)
+                return self.snapshot(agent)
+
+        return await self.storage.run(op)
 
     # ------------------------------------------------------------------ liveness
 
-    def touch(self, agent: Agent) -> None:
-        """A sign of life from `agent` (any RPC naming it). Caller commits."""
+    async def touch(self, tx: Tx, agent_id: str) -> None:
+        """A sign of life from the agent (a call naming it). Inside the caller's
+        atomic change."""
+        agent = await tx.agent(agent_id)
+        if agent is not None:
+            await self._touch(tx, agent)
+
+    async def _touch(self, tx: Tx, agent: Agent) -> None:
         now = utcnow()
-        agent.last_seen_time = now
         if agent.state == AgentState.OFFLINE and not agent.deregistered:
+            agent.last_seen_time = now
             back = agent.state_before_offline or AgentState.IDLE
-            transition = self._transition(agent, back, None, now, "server")
-            self._notify(AgentEventType.STATE_CHANGED, agent)
-            self._publish_after_commit(AgentEventType.STATE_CHANGED, agent, transition, now)
-            self.store.put_agent(agent)
+            transition = self._transition(tx, agent, back, None, now)
+            await self._notify(tx, AgentEventType.STATE_CHANGED, agent)
+            self._publish_after_commit(
+                tx, AgentEventType.STATE_CHANGED, self.snapshot(agent), transition, now
+            )
+            tx.put_agent(agent)
         elif agent.open_subscriptions == 0:
             # With a stream open the agent is live regardless, so the hot path
             # (task results) does not rewrite the agent row on every call.
-            self.store.put_agent(agent)
-        self._arm_liveness(agent)
+            agent.last_seen_time = now
+            tx.put_agent(agent)
+        else:
+            agent.last_seen_time = now
+        tx.watch_liveness(agent)
 
-    def subscription_opened(self, agent: Agent) -> None:
-        """Opening a subscription says the agent is ready. Caller commits."""
-        agent.open_subscriptions += 1
+    async def subscription_opened(self, tx: Tx, agent: Agent) -> None:
+        """Opening a subscription says the agent is ready. Inside the caller's change."""
+        tx.stream_opened(agent)
         now = utcnow()
         agent.last_seen_time = now
         if agent.state in (AgentState.INITIALIZING, AgentState.OFFLINE, AgentState.UNSPECIFIED):
-            transition = self._transition(agent, AgentState.IDLE, None, now, "server")
-            self._publish_after_commit(AgentEventType.STATE_CHANGED, agent, transition, now)
-            self._notify(AgentEventType.STATE_CHANGED, agent)
-        self.store.put_agent(agent)
+            transition = self._transition(tx, agent, AgentState.IDLE, None, now)
+            self._publish_after_commit(
+                tx, AgentEventType.STATE_CHANGED, self.snapshot(agent), transition, now
+            )
+            await self._notify(tx, AgentEventType.STATE_CHANGED, agent)
+        tx.put_agent(agent)
 
-    def subscription_closed(self, agent: Agent) -> None:
-        agent.open_subscriptions = max(0, agent.open_subscriptions - 1)
-        agent.last_seen_time = utcnow()
-        self.store.put_agent(agent)
-        self._arm_liveness(agent)
-
-    def is_live(self, agent: Agent, now: datetime | None = None) -> bool:
-        if agent.open_subscriptions > 0:
-            return True
-        return (now or utcnow()) - agent.last_seen_time < self.agent_timeout
-
-    def _arm_liveness(self, agent: Agent) -> None:
-        if agent.agent_id in self._liveness or agent.open_subscriptions > 0:
-            return
-        if agent.deregistered or agent.state in (AgentState.OFFLINE, AgentState.FINISHED):
-            return
-        loop = asyncio.get_running_loop()
-        delay = (agent.last_seen_time + self.agent_timeout - utcnow()).total_seconds()
-        self._liveness[agent.agent_id] = loop.call_later(
-            max(0.0, delay), self._liveness_due, agent.agent_id
-        )
-
-    def _liveness_due(self, agent_id: str) -> None:
-        # A timer has no caller: a failure half-way rebuilds state (atomic, which
-        # logs it); the event loop must not see it.
-        with contextlib.suppress(Exception), self.store.atomic():
-            self._mark_offline_if_silent(agent_id)
-
-    def _mark_offline_if_silent(self, agent_id: str) -> None:
-        self._liveness.pop(agent_id, None)
-        agent = self.agents.get(agent_id)
+    async def subscription_closed(self, tx: Tx, agent_id: str) -> None:
+        agent = await tx.agent(agent_id)
         if agent is None:
             return
+        tx.stream_closed(agent)
+        agent.last_seen_time = utcnow()
+        tx.put_agent(agent)
+        tx.watch_liveness(agent)
+
+    async def _silent(self, tx: Tx, agent_id: str) -> None:
+        """Storage says the agent has had no open stream and no call for the agent
+        timeout. Re-checked here, then it goes OFFLINE."""
+        agent = await tx.agent(agent_id)
+        if agent is None or agent.open_subscriptions > 0:
+            return
         now = utcnow()
-        if agent.open_subscriptions > 0 or self.is_live(agent, now):
-            # Seen since the timer was set: wait for the new deadline.
-            self._arm_liveness(agent)
+        if now - agent.last_seen_time < self.agent_timeout:
+            tx.watch_liveness(agent)  # seen since: wait for the new deadline
             return
         if agent.deregistered or agent.state in (AgentState.OFFLINE, AgentState.FINISHED):
             return
-        agent.state_before_offline = agent.state
-        transition = self._transition(agent, AgentState.OFFLINE, None, now, "server")
-        self.store.put_agent(agent)
-        log.info("agent offline", extra={"agent_id": agent_id})
-        self._notify(AgentEventType.OFFLINE, agent)
-        self._publish_after_commit(AgentEventType.OFFLINE, agent, transition, now)
+        with tx.atomic():
+            agent.state_before_offline = agent.state
+            transition = self._transition(tx, agent, AgentState.OFFLINE, None, now)
+            tx.put_agent(agent)
+            log.info("agent offline", extra={"agent_id": agent_id})
+            await self._notify(tx, AgentEventType.OFFLINE, agent)
+            self._publish_after_commit(
+                tx, AgentEventType.OFFLINE, self.snapshot(agent), transition, now
+            )
 
     # ------------------------------------------------------------------ helpers
 
@@ -368,13 +344,14 @@ class LifecycleEngine:
             raise InvalidArgument(f"{field} is required", field=field)
         return s
 
+    @staticmethod
     def _transition(
-        self,
+        tx: Tx,
         agent: Agent,
         to_state: AgentState,
         details: Payload,
         observe_time: datetime,
-        source: str,
+        source: str = "server",
         out_of_order: bool = False,
     ) -> StateTransition:
         agent.history_seq += 1
@@ -393,39 +370,48 @@ class LifecycleEngine:
             agent.state = to_state
             agent.state_details = details
             agent.state_change_time = observe_time
-        self.store.add_transition(t)
+        tx.add_transition(t)
         return t
 
-    def _notify(self, event: AgentEventType, agent: Agent) -> None:
+    async def _notify(self, tx: Tx, event: AgentEventType, agent: Agent) -> None:
         for listener in self.listeners:
-            listener(event, agent)
-
-    def _publish(
-        self,
-        event: AgentEventType,
-        agent: Agent,
-        transition: StateTransition | None,
-        when: datetime,
-    ) -> None:
-        if len(self.events):
-            self.events.publish(AgentEvent(event, agent, transition, when))
+            await listener(tx, event, agent)
 
     def _publish_after_commit(
         self,
+        tx: Tx,
         event: AgentEventType,
         agent: Agent,
         transition: StateTransition | None,
         when: datetime,
     ) -> None:
-        """For changes the server makes on its own: commit, then tell watchers."""
-        snap = self.snapshot(agent)
-        fut = self.store.batch()
+        """Watchers here hear of it once it is committed; other servers on the same
+        database are told too, and read it back from storage."""
+        seq = transition.sequence if transition is not None else 0
+        tx.publish("agent_event", f"{agent.agent_id} {int(event)} {seq}")
 
-        def done(f: asyncio.Future[None]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                self._publish(event, snap, transition, when)
+        def done() -> None:
+            if len(self.events):
+                self.events.publish(AgentEvent(event, agent, transition, when))
 
-        fut.add_done_callback(done)
+        tx.after_commit(done)
+
+    def _on_event_elsewhere(self, payload: str) -> None:
+        """An agent event committed by another server: tell the watchers here."""
+        if not len(self.events):
+            return
+        agent_id, kind, seq = payload.split(" ")
+
+        async def show() -> None:
+            agent = await self.storage.read_agent(agent_id)
+            if agent is None:
+                return
+            transition = None
+            if int(seq):
+                transition = await self.storage.read_transition(agent_id, int(seq))
+            self.events.publish(AgentEvent(AgentEventType(int(kind)), agent, transition, utcnow()))
+
+        self.storage.spawn_read(show(), what="relay an agent event")
 
     def watch(
         self, agent_ids: list[str], capability: str, event_types: list[int]
@@ -454,17 +440,3 @@ class LifecycleEngine:
             )
 
         return self.events.watch(accept)
-
-
-def _agent_size(a: Agent) -> int:
-    """About what an Agent message takes on the wire, to cut pages to fit."""
-    return (
-        200
-        + len(a.agent_id)
-        + len(a.name)
-        + len(a.version)
-        + len(a.contact_endpoint)
-        + sum(len(c) + 2 for c in a.capabilities)
-        + sum(len(k) + len(val) + 4 for k, val in a.metadata.items())
-        + len(a.state_details or b"")
-    )

@@ -45,7 +45,7 @@ from opscore.netcheck import check_port_free
 from opscore.observability.assembly import Observability
 from opscore.security.authn import Authenticator
 from opscore.security.tls import ServerCertificates
-from opscore.storage import Store
+from opscore.storage import Storage, open_storage
 from opscore.workflow.engine import WorkflowEngine
 
 log = logging.getLogger("opscore.server")
@@ -72,7 +72,7 @@ class OpsCoreServer:
     # tools; users configure --otlp-endpoint). Given, it turns tracing on.
     span_exporter: Any = None
     observability: Observability = field(init=False)
-    store: Store = field(init=False)
+    storage: Storage = field(init=False)
     lifecycle: LifecycleEngine = field(init=False)
     dispatch: DispatchEngine = field(init=False)
     workflow: WorkflowEngine = field(init=False)
@@ -92,29 +92,31 @@ class OpsCoreServer:
         cfg = self.config
         budget = cfg.max_message_bytes - _RESPONSE_MARGIN
         obs = self.observability = Observability(cfg, span_exporter=self.span_exporter)
-        self.store = Store(cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes)
+        self.storage = open_storage(
+            cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes, agent_timeout=cfg.agent_timeout
+        )
         self.lifecycle = LifecycleEngine(
-            self.store,
+            self.storage,
             agent_timeout=cfg.agent_timeout,
             encode_event=convert.agent_event_bytes,
             response_budget=budget,
         )
         self.dispatch = DispatchEngine(
-            self.store,
+            self.storage,
             self.lifecycle,
             max_subscriptions_per_agent=cfg.max_subscriptions_per_agent,
             response_budget=budget,
             observer=obs.observer,
         )
         self.workflow = WorkflowEngine(
-            self.store,
+            self.storage,
             self.dispatch,
             encode_event=convert.session_event_bytes,
             response_budget=budget,
             observer=obs.observer,
         )
         obs.attach(
-            store=self.store,
+            store=self.storage,
             lifecycle=self.lifecycle,
             dispatch=self.dispatch,
             workflow=self.workflow,
@@ -188,7 +190,7 @@ class OpsCoreServer:
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         try:
             self.observability.listen()
-            await self.store.open()
+            await self.storage.open()
         except BaseException:
             self.observability.close()
             await server.stop(None)
@@ -199,11 +201,11 @@ class OpsCoreServer:
                 await self.workflow.load_directory(cfg.workflows_dir)
         except BaseException:
             self._stop_engines()
-            await self.store.close()
+            await self.storage.close()
             self.observability.close()
             await server.stop(None)
             raise
-        self.store.on_failure = self._on_storage_failure
+        self.storage.on_failure = self._on_storage_failure
         await server.start()
         self._server = server
         await self._set_health(SERVING)
@@ -260,13 +262,9 @@ class OpsCoreServer:
             self.certificates.request_reload()
 
     async def _load(self) -> None:
-        await self.lifecycle.start()
-        await self.dispatch.start()
-        await self.workflow.start()
+        await self.storage.load()
 
     def _stop_engines(self) -> None:
-        self.dispatch.stop()
-        self.lifecycle.stop()
         self.workflow.stop()
 
     async def _set_health(self, status: int) -> None:
@@ -292,9 +290,9 @@ class OpsCoreServer:
         # Refuse every change from now on: whatever is in memory may be ahead of
         # the database until the engines are rebuilt.
         if isinstance(error, ResourceExhausted):
-            self.store.refusing = error
+            self.storage.refusing = error
         else:
-            self.store.refusing = Unavailable(
+            self.storage.refusing = Unavailable(
                 "the server is rebuilding its state after a storage error; retry shortly",
                 reason="RECOVERING",
             )
@@ -323,7 +321,7 @@ class OpsCoreServer:
             self.dispatch.reset(ended)
             self.lifecycle.reset(ended)
             self.workflow.reset(ended)
-            self.store.discard_pending(ended)
+            self.storage.reset(ended)
             await asyncio.sleep(self._pause)
             try:
                 await self._load()
@@ -333,7 +331,7 @@ class OpsCoreServer:
                 continue
             if not self._fault_again:
                 break
-        self.store.refusing = None
+        self.storage.refusing = None
         await self._set_health(SERVING)
         log.warning("state rebuilt from the database; serving again")
         # A quiet spell after this recovery lets the next one start with a short pause.
@@ -372,7 +370,7 @@ class OpsCoreServer:
                 "calls still running %.0f s after the drain grace; stopping anyway", _STOP_MARGIN
             )
         self._stop_engines()
-        await self.store.close()
+        await self.storage.close()
         self.interceptor.close()
         # Last: the final spans (streams ended by the drain) are flushed here.
         self.observability.stop_watch()

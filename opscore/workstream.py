@@ -19,6 +19,7 @@ from opscore.dispatch import Ack, DispatchEngine, Subscription
 from opscore.errors import InvalidArgument, OpsCoreError
 from opscore.models import TaskError
 from opscore.payload import Payload
+from opscore.storage.api import Tx
 
 log = logging.getLogger("opscore.workstream")
 
@@ -83,43 +84,44 @@ class WorkStream:
         self.agent_id = sub.agent.agent_id
 
     async def handle(self, items: list[Item]) -> None:
-        """Apply `items` in order; queue one Ack for each, behind its commit."""
-        store = self.engine.store
+        """Apply `items` in order, in one operation; queue one Ack for each, behind
+        the commit of that operation."""
+        await self.engine.storage.run(lambda tx: self._apply_all(tx, items), wait=False)
+
+    async def _apply_all(self, tx: Tx, items: list[Item]) -> None:
         for item in items:
             try:
-                ack = await self._apply(item)
+                ack = await self._apply(tx, item)
             except OpsCoreError as exc:
                 ack = Ack(item.id, exc)
             except Exception as exc:  # a bug; atomic sections already rebuild state
                 log.exception("work stream item failed", extra={"agent_id": self.agent_id})
                 ack = Ack(item.id, _internal(exc))
-            self.sub.push((store.batch(), ack))
+            self.sub.push((tx.committed, ack))
 
-    async def _apply(self, item: Item) -> Ack:
+    async def _apply(self, tx: Tx, item: Item) -> Ack:
         engine, agent = self.engine, self.agent_id
         match item:
             case Completion():
-                task = await engine.complete(
-                    item.task_id, agent, item.attempt, item.output, wait=False
-                )
+                task = await engine.complete_in(tx, item.task_id, agent, item.attempt, item.output)
                 return Ack(item.id, task_state=task.state)
             case Failure():
-                task = await engine.fail(
-                    item.task_id, agent, item.attempt, item.error, item.non_retryable, wait=False
+                task = await engine.fail_in(
+                    tx, item.task_id, agent, item.attempt, item.error, item.non_retryable
                 )
                 return Ack(item.id, task_state=task.state)
             case Heartbeat():
-                lease, cancelled = await engine.heartbeat(
-                    item.task_id, agent, item.attempt, item.progress, wait=False
+                lease, cancelled = await engine.heartbeat_in(
+                    tx, item.task_id, agent, item.attempt, item.progress
                 )
                 return Ack(item.id, lease_expire_time=lease, cancel_requested=cancelled)
             case StateReport():
-                await engine.lifecycle.report_state(
-                    agent, item.state, item.details, item.observe_time, wait=False
+                await engine.lifecycle.report_state_in(
+                    tx, agent, item.state, item.details, item.observe_time
                 )
                 return Ack(item.id)
             case Capacity():
-                engine.set_capacity(self.sub, item.max_in_flight)
+                await engine.set_capacity_in(tx, self.sub, item.max_in_flight)
                 return Ack(item.id)
             case Refused():
                 raise item.error

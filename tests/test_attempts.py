@@ -106,7 +106,7 @@ async def test_agent_offline_and_deregistered_end_attempts(make_harness):
     await assignment(sub)
     await sub.close()  # the stream ends; no further sign of life: OFFLINE after 300 ms
     await eventually(
-        lambda: h.server.lifecycle.agents["gone"].state == lpb.AGENT_STATE_OFFLINE,
+        lambda: h.server.storage.agents["gone"].state == lpb.AGENT_STATE_OFFLINE,
         what="agent OFFLINE",
     )
     sub2 = await subscribe(h, "dereg")

@@ -338,8 +338,14 @@ async def test_complete_fencing_and_idempotent_repeat(harness):
     await expect_error(
         D.CompleteTask(pb.CompleteTaskRequest(task_id=t.task_id, agent_id="a2", attempt=1)),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "leased to agent 'a1'",
+        "leased to another attempt, not to 'a2' attempt 1",
     )
+    # The refusal names no other agent: an agent learns nothing about who holds it.
+    err = await expect_error(
+        D.CompleteTask(pb.CompleteTaskRequest(task_id=t.task_id, agent_id="a2", attempt=1)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "'a1'" not in err.details()
     await expect_error(
         D.CompleteTask(pb.CompleteTaskRequest(task_id=t.task_id, agent_id="a1", attempt=2)),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -775,7 +781,7 @@ async def test_a_cancelled_call_does_not_fail_the_others_in_its_commit(harness):
             for _ in range(10)
         ]
         await eventually(
-            lambda: harness.server.lifecycle.agents["a1"].history_seq >= 11,
+            lambda: harness.server.storage.agents["a1"].history_seq >= 11,
             what="all ten reports applied in memory, waiting for their commit",
         )
         for call in calls[:5]:

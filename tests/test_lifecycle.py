@@ -357,4 +357,4 @@ async def test_concurrent_reports_all_recorded(harness):
     seqs = [t.sequence for t in hist.transitions]
     assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 101
     # Group commit: far fewer commits than calls.
-    assert harness.server.store.commits < 100
+    assert harness.server.storage.store.commits < 100

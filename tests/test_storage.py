@@ -12,7 +12,7 @@ import pytest
 from opscore_proto.v1 import lifecycle_pb2 as pb
 
 from opscore.clock import to_micros
-from opscore.storage import SCHEMA_VERSION, Store, apply_migrations, migrations
+from opscore.storage.sqlite import SCHEMA_VERSION, Store, apply_migrations, migrations
 from tests.conftest import eventually
 
 S = pb.AgentState
@@ -159,7 +159,7 @@ async def test_newer_database_is_refused(tmp_path: Path):
 
 
 async def test_wal_and_synchronous_full_by_default(harness):
-    store = harness.server.store
+    store = harness.server.storage.store
     assert pragma(Path(harness.config.db), "journal_mode") == "wal"
     assert store.sync == "full"
     cursor = await store._writer.execute("PRAGMA synchronous")
@@ -168,7 +168,7 @@ async def test_wal_and_synchronous_full_by_default(harness):
 
 async def test_sync_normal_reaches_the_store(make_harness):
     h = await make_harness(sync="normal")
-    store = h.server.store
+    store = h.server.storage.store
     assert store.sync == "normal"
     cursor = await store._writer.execute("PRAGMA synchronous")
     assert (await cursor.fetchone())[0] == 1  # NORMAL
@@ -190,8 +190,8 @@ async def test_concurrent_writes_share_commits_and_wait_for_them(harness):
     agents = [f"agent-{i}" for i in range(20)]
     for agent_id in agents:
         await harness.register(agent_id)
-    store = harness.server.store
-    engine = harness.server.lifecycle
+    store = harness.server.storage.store
+    engine = harness.server.storage
     states = [S.AGENT_STATE_IDLE, S.AGENT_STATE_ACTIVE]
     blocker = sqlite3.connect(harness.config.db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")

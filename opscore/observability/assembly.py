@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from opscore.observability.endpoint import MetricsEndpoint
     from opscore.observability.metrics import Metrics, RpcMetrics
     from opscore.observability.tracing import RpcTracer, Tracing
-    from opscore.storage import Store
+    from opscore.storage.api import Storage as Store
     from opscore.workflow.engine import WorkflowEngine
 
 

@@ -43,7 +43,7 @@ from opscore.workflow.models import Session, SessionState
 if TYPE_CHECKING:
     from opscore.dispatch import DispatchEngine
     from opscore.lifecycle import LifecycleEngine
-    from opscore.storage import Store
+    from opscore.storage.api import Storage as Store
     from opscore.workflow.engine import WorkflowEngine
 
 log = logging.getLogger("opscore.metrics")
@@ -375,13 +375,11 @@ class EngineCollector(Collector):
             if (pinned not in agents_with_stream) if pinned else (cap not in caps):
                 without[label(cap)] += n
         agents = {s.name: 0 for s in AgentState if s != AgentState.UNSPECIFIED}
-        for a in self._lifecycle.agents.values():
-            if not a.deregistered:
-                agents[a.state.name] = agents.get(a.state.name, 0) + 1
+        for state, n in self._store.agent_counts().items():
+            agents[state.name] = agents.get(state.name, 0) + n
         sessions = {SessionState.PENDING.name: 0, SessionState.RUNNING.name: 0}
-        for live in self._workflow.live.values():
-            name = live.session.state.name
-            sessions[name] = sessions.get(name, 0) + 1
+        for sstate, n in self._store.session_counts().items():
+            sessions[sstate.name] = sessions.get(sstate.name, 0) + n
         return _Snapshot(
             ready=ready,
             without_agent=without,

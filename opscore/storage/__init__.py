@@ -1,5 +1,23 @@
-"""Storage: the schema, its migrations and every SQL statement live here."""
+"""Storage: one interface (opscore.storage.api) the engines use, one package per
+backend (opscore.storage.sqlite, opscore.storage.postgres)."""
 
-from opscore.storage.store import SCHEMA_VERSION, Store, apply_migrations, migrations
+from opscore.storage.api import Storage, Tx
 
-__all__ = ["SCHEMA_VERSION", "Store", "apply_migrations", "migrations"]
+__all__ = ["Storage", "Tx", "open_storage"]
+
+
+def open_storage(url: str, **options: object) -> Storage:
+    """The backend for a --db value: a PostgreSQL URL, or an SQLite file path
+    (also as `sqlite:PATH` or `sqlite:///PATH`)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from opscore.storage.postgres.backend import PostgresStorage
+
+        return PostgresStorage(url, **options)  # type: ignore[arg-type,return-value]
+    from opscore.storage.sqlite.backend import SQLiteStorage
+
+    path = url
+    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            break
+    return SQLiteStorage(path, **options)  # type: ignore[arg-type,return-value]

@@ -4,9 +4,10 @@ Session tasks are ordinary dispatch tasks carrying `session_id`; the engine reac
 to their events synchronously (a dispatch listener), so a task's result and its
 effect on the session land in the same commit and are applied exactly once.
 
-Running sessions live in memory with per-task counters of unfinished
-dependencies: a completion costs time proportional to the task's dependents, never
-to the size of the session.
+A running session's live state (its plan and per-task counters of unfinished
+dependencies) is built from its rows by this engine and kept by storage
+(opscore.storage.api): a completion costs time proportional to the task's
+dependents, never to the size of the session.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from opscore.events import Broadcast, FellBehind
 from opscore.models import Page, Task, TaskError, TaskState
 from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.payload import Payload
-from opscore.storage import Store
+from opscore.storage.api import Storage, Tx
 from opscore.workflow.definitions import Definition, Plan, content_hash, parse_source, validate
 from opscore.workflow.models import (
     TERMINAL_EVENTS,
@@ -85,14 +86,14 @@ _OFF_LOOP_SOURCE_BYTES = 64 * 1024
 class WorkflowEngine:
     def __init__(
         self,
-        store: Store,
+        storage: Storage,
         dispatch: DispatchEngine,
         *,
         encode_event: Callable[[StoredEvent], bytes] = lambda e: e.body,
         response_budget: int = limits.DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
         observer: EngineObserver = NO_OBSERVER,
     ) -> None:
-        self.store = store
+        self.storage = storage
         self.dispatch = dispatch
         self.response_budget = response_budget
         self.observer = observer
@@ -104,21 +105,16 @@ class WorkflowEngine:
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._source_parser = SourceParser()
         self._closed = False
-        self._clear()
-        dispatch.listeners.append(self._on_task_event)
-
-    def _clear(self) -> None:
-        self.live: dict[str, _Live] = {}
-        self._keys: dict[str, str] = {}
         self._watchers: dict[str, Broadcast[StoredEvent]] = {}
-        self._unpublished: dict[asyncio.Future[None], list[StoredEvent]] = {}
+        dispatch.listeners.append(self._on_task_event)
+        storage.build_session = self._build_live
+        storage.subscribe("session_event", self._on_event_elsewhere)
 
     def reset(self, error: OpsCoreError) -> None:
-        """Forget running sessions (memory may be ahead of the database) and end
-        every watch with `error`; `start()` then reloads."""
+        """End every watch with `error` (state is rebuilt under them)."""
         for b in list(self._watchers.values()):
             b.close(error)
-        self._clear()
+        self._watchers = {}
 
     def stop(self) -> None:
         self._parser.shutdown(wait=False, cancel_futures=True)
@@ -163,24 +159,21 @@ class WorkflowEngine:
 
     # ------------------------------------------------------------------ start
 
-    async def start(self) -> None:
-        for session, body, last_seq in await self.store.load_open_sessions():
-            definition = Definition.FromString(body)
-            plan = await self.plan_for(definition, hashlib.sha256(body).hexdigest())
-            live = _Live(session, plan, {}, 0, last_seq)
-            for tid, pt in plan.tasks.items():
-                run = session.runs[tid]
-                if run.task_id:
-                    live.by_task[run.task_id] = tid
-                if pt.replaces:
-                    continue
-                if not self._resolved(live, tid):
-                    live.open_nodes += 1
-                live.pending[tid] = sum(not self._resolved(live, d) for d in pt.depends_on)
-            self.live[session.session_id] = live
-            if session.idempotency_key:
-                self._keys[session.idempotency_key] = session.session_id
-        log.info("workflow state loaded", extra={"running_sessions": len(self.live)})
+    async def _build_live(self, session: Session, body: bytes, last_seq: int) -> _Live:
+        """A running session's live state from its rows (storage calls it)."""
+        definition = Definition.FromString(body)
+        plan = await self.plan_for(definition, hashlib.sha256(body).hexdigest())
+        live = _Live(session, plan, {}, 0, last_seq)
+        for tid, pt in plan.tasks.items():
+            run = session.runs[tid]
+            if run.task_id:
+                live.by_task[run.task_id] = tid
+            if pt.replaces:
+                continue
+            if not self._resolved(live, tid):
+                live.open_nodes += 1
+            live.pending[tid] = sum(not self._resolved(live, d) for d in pt.depends_on)
+        return live
 
     async def load_directory(self, directory: str) -> int:
         """Create every definition in DIR; refuse (ConfigError) on the first bad file."""
@@ -203,10 +196,13 @@ class WorkflowEngine:
     async def create_definition(self, definition: Definition) -> tuple[Definition, bool]:
         self._check_accepting()
         await self._off_loop(len(definition.tasks) > _OFF_LOOP_TASKS, validate, definition)
-        async with self._definition_lock:
-            digest = content_hash(definition)
+        digest = content_hash(definition)
+
+        async def op(tx: Tx) -> tuple[Definition, bool]:
+            # Serializes creations of one id, across servers too.
+            await tx.lock_definition(definition.id)
             if definition.version:
-                existing = await self.store.get_definition(definition.id, definition.version)
+                existing = await tx.definition(definition.id, definition.version)
                 if existing is not None:
                     body, stored_hash = existing
                     if stored_hash == digest:
@@ -219,7 +215,7 @@ class WorkflowEngine:
                     )
                 version = definition.version
             else:
-                latest = await self.store.get_definition(definition.id)
+                latest = await tx.definition(definition.id, 0)
                 if latest is not None:
                     body, stored_hash = latest
                     if stored_hash == digest:
@@ -231,15 +227,13 @@ class WorkflowEngine:
             stored.CopyFrom(definition)
             stored.version = version
             stored.create_time.FromDatetime(utcnow())
-            self.store.put_definition(
-                stored.id,
-                version,
-                stored.SerializeToString(deterministic=True),
-                digest,
-                utcnow(),
+            tx.put_definition(
+                stored.id, version, stored.SerializeToString(deterministic=True), digest, utcnow()
             )
-            await self.store.commit()
-        return stored, True
+            return stored, True
+
+        async with self._definition_lock:
+            return await self.storage.run(op)
 
     async def get_definition(self, definition_id: str, version: int = 0) -> Definition:
         return (await self._stored_definition(definition_id, version))[0]
@@ -249,7 +243,7 @@ class WorkflowEngine:
         v.require_id(definition_id, "definition_id", what="definition id")
         if version < 0:
             raise InvalidArgument("version must not be negative", field="version")
-        found = await self.store.get_definition(definition_id, version)
+        found = await self.storage.get_definition(definition_id, version)
         if found is None:
             which = f" version {version}" if version else ""
             raise NotFound(
@@ -261,18 +255,21 @@ class WorkflowEngine:
     def _check_accepting(self) -> None:
         if self.dispatch.draining:
             raise Unavailable("server is shutting down; retry against the restarted server")
-        self.dispatch._check_recovering()
+        self.storage.check_writable()
 
     async def list_definitions(self, page_size: int, page_token: str) -> Page[Definition]:
-        bodies, token = await self.store.list_definitions(
+        bodies, token = await self.storage.list_definitions(
             page_size, page_token, self.response_budget
         )
         return Page([Definition.FromString(b) for b in bodies], token)
 
     async def delete_definition(self, definition_id: str, version: int = 0) -> int:
         v.require_id(definition_id, "definition_id", what="definition id")
-        async with self._definition_lock:
-            versions = await self.store.definition_versions(definition_id)
+        self._check_accepting()
+
+        async def op(tx: Tx) -> int:
+            await tx.lock_definition(definition_id)
+            versions = await tx.definition_versions(definition_id)
             doomed = versions if version == 0 else [x for x in versions if x == version]
             if not doomed:
                 which = f" version {version}" if version else ""
@@ -281,9 +278,11 @@ class WorkflowEngine:
                     reason="DEFINITION_NOT_FOUND",
                 )
             for x in doomed:
-                self.store.delete_definition(definition_id, x)
-            await self.store.commit()
-        return len(doomed)
+                tx.delete_definition(definition_id, x)
+            return len(doomed)
+
+        async with self._definition_lock:
+            return await self.storage.run(op)
 
     # ------------------------------------------------------------------ sessions
 
@@ -306,11 +305,6 @@ class WorkflowEngine:
         v.max_len(idempotency_key, "idempotency_key", limits.MAX_IDEMPOTENCY_KEY_CHARS)
         if agent_id:
             v.require_id(agent_id, "agent_id")
-            agent = self.dispatch.lifecycle.agents.get(agent_id)
-            if agent is None or agent.deregistered:
-                raise NotFound(
-                    f"agent_id {agent_id!r} is not a registered agent", reason="AGENT_NOT_FOUND"
-                )
         if inline is not None:
             definition = Definition()
             definition.CopyFrom(inline)
@@ -321,18 +315,31 @@ class WorkflowEngine:
         else:
             definition, digest = await self._stored_definition(definition_id, version)
             plan = await self.plan_for(definition, digest)
-        if idempotency_key:
-            prior = await self._session_for_key(idempotency_key)
-            if prior is not None:
-                return prior, False
-        self._check_accepting()  # again: the reads above awaited
-        with self.store.atomic():
-            snap = self._start_session(definition, plan, input, agent_id, idempotency_key)
-        await self.store.commit()
-        return snap, True
 
-    def _start_session(
+        async def op(tx: Tx) -> tuple[Session, bool]:
+            if agent_id:
+                agent = await tx.agent(agent_id)
+                if agent is None or agent.deregistered:
+                    raise NotFound(
+                        f"agent_id {agent_id!r} is not a registered agent",
+                        reason="AGENT_NOT_FOUND",
+                    )
+            if idempotency_key:
+                prior = await tx.session_by_key(idempotency_key)
+                if prior is not None:
+                    return self._snapshot(prior), False
+            self._check_accepting()  # again: the reads above may have waited
+            with tx.atomic():
+                session = await self._start_session(
+                    tx, definition, plan, input, agent_id, idempotency_key
+                )
+                return session, True
+
+        return await self.storage.run(op)
+
+    async def _start_session(
         self,
+        tx: Tx,
         definition: Definition,
         plan: Plan,
         input: Payload,
@@ -360,39 +367,21 @@ class WorkflowEngine:
             open_nodes=sum(not t.replaces for t in plan.tasks.values()),
             event_seq=0,
         )
-        self.live[session.session_id] = live
-        if idempotency_key:
-            self._keys[idempotency_key] = session.session_id
-        self.store.put_session(session)
-        self.store.put_session_definition(
+        tx.add_session(session.session_id, live)
+        tx.put_session(session)
+        tx.put_session_definition(
             session.session_id, definition.SerializeToString(deterministic=True)
         )
         for run in session.runs.values():
-            self.store.put_run(session.session_id, run)
-        self._event(live, EventType.SESSION_STARTED)
+            tx.put_run(session.session_id, run)
+        self._event(tx, live, EventType.SESSION_STARTED)
         for tid in plan.roots:
-            self._start_task(live, tid)
+            await self._start_task(tx, live, tid)
         return self._snapshot(session)
-
-    async def _session_for_key(self, key: str) -> Session | None:
-        sid = self._keys.get(key)
-        if sid is not None and sid in self.live:
-            return self._snapshot(self.live[sid].session)
-        found = await self.store.get_session_by_key(key)
-        if found is not None:
-            return found
-        # A concurrent start with the same key may have won while we read.
-        sid = self._keys.get(key)
-        if sid is not None and sid in self.live:
-            return self._snapshot(self.live[sid].session)
-        return None
 
     async def get_session(self, session_id: str) -> Session:
         v.require_id(session_id, "session_id", what="session id")
-        live = self.live.get(session_id)
-        if live is not None:
-            return self._snapshot(live.session)
-        found = await self.store.get_session(session_id)
+        found = await self.storage.get_session(session_id)
         if found is None:
             raise NotFound(f"session {session_id} does not exist", reason="SESSION_NOT_FOUND")
         return found
@@ -406,36 +395,35 @@ class WorkflowEngine:
             raise InvalidArgument(
                 f"state {state} is not a known SessionState", field="state"
             ) from None
-        items, token = await self.store.list_sessions(
+        items, token = await self.storage.list_sessions(
             state, definition_id, page_size, page_token, self.response_budget
         )
-        out = []
-        for s in items:
-            live = self.live.get(s.session_id)
-            if live is not None:
-                s = dataclasses.replace(live.session, runs={})
-            out.append(s)
-        return Page(out, token)
+        return Page(items, token)
 
     async def cancel_session(self, session_id: str, reason: str = "") -> Session:
         v.require_id(session_id, "session_id", what="session id")
         v.max_len(reason, "reason", limits.MAX_REASON_CHARS)
-        live = self.live.get(session_id)
-        if live is None:
-            stored = await self.get_session(session_id)
-            if stored.state == SessionState.CANCELLED:
-                return stored
-            raise FailedPrecondition(
-                f"session {session_id} already finished as {stored.state.name}",
-                reason="SESSION_FINISHED",
-            )
-        why = reason or "session cancelled"
         self._check_accepting()
-        with self.store.atomic():
-            self._finish_session(live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why)
-            snap = self._snapshot(live.session)
-        await self.store.commit()
-        return snap
+        why = reason or "session cancelled"
+
+        async def op(tx: Tx) -> Session:
+            live = await tx.session(session_id)
+            if live is None:
+                stored = await self.get_session(session_id)
+                if stored.state == SessionState.CANCELLED:
+                    return stored
+                raise FailedPrecondition(
+                    f"session {session_id} already finished as {stored.state.name}",
+                    reason="SESSION_FINISHED",
+                )
+            assert isinstance(live, _Live)
+            with tx.atomic():
+                await self._finish_session(
+                    tx, live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why
+                )
+                return self._snapshot(live.session)
+
+        return await self.storage.run(op)
 
     # ------------------------------------------------------------------ watch
 
@@ -462,7 +450,9 @@ class WorkflowEngine:
             if on_ready is not None:
                 await on_ready()
             while True:  # the stored history, a bounded slice at a time
-                rows = await self.store.list_session_events(session_id, last, self.response_budget)
+                rows = await self.storage.list_session_events(
+                    session_id, last, self.response_budget
+                )
                 if not rows:
                     break
                 for seq, body in rows:
@@ -489,7 +479,7 @@ class WorkflowEngine:
 
     # ------------------------------------------------------------------ engine core
 
-    def _start_task(self, live: _Live, tid: str, *, replacing: str = "") -> None:
+    async def _start_task(self, tx: Tx, live: _Live, tid: str, *, replacing: str = "") -> None:
         """Enqueue workflow task `tid` with its input built from its upstream."""
         s = live.session
         pt = live.plan.tasks[tid]
@@ -524,25 +514,26 @@ class WorkflowEngine:
                 "an assignment may carry; make the upstream outputs smaller",
                 "InputTooLarge",
             )
-            task = self.dispatch.create_failed_task(spec, pt.retry_policy, error)
+            task = self.dispatch.create_failed_task(tx, spec, pt.retry_policy, error)
         else:
-            task = self.dispatch.create_task(spec, pt.retry_policy, None)
+            task = await self.dispatch.create_task(tx, spec, pt.retry_policy, None)
         run = s.runs[tid]
         run.task_id = task.task_id
         run.state = RunState.RUNNING
         run.start_time = utcnow()
         live.by_task[task.task_id] = tid
-        self.store.put_run(s.session_id, run)
+        tx.put_run(s.session_id, run)
         kind = EventType.FALLBACK_STARTED if replacing else EventType.TASK_QUEUED
-        self._event(live, kind, tid, task_id=task.task_id)
+        self._event(tx, live, kind, tid, task_id=task.task_id)
         if task.state == TaskState.FAILED:
-            self._on_task_event("failed", task)
+            await self._on_task_event(tx, "failed", task)
             return
         # The assignment may already have happened inside create_task; its event
         # was recorded then, before TASK_QUEUED. Keep the story in order.
         if task.state == TaskState.ASSIGNED and run.attempt == 0:
             run.attempt = task.attempt
             self._event(
+                tx,
                 live,
                 EventType.TASK_ASSIGNED,
                 tid,
@@ -586,10 +577,11 @@ class WorkflowEngine:
             run = live.session.runs[live.plan.tasks[run.workflow_task_id].fallback]
         return run.output
 
-    def _on_task_event(self, kind: str, task: Task) -> None:
-        live = self.live.get(task.session_id)
+    async def _on_task_event(self, tx: Tx, kind: str, task: Task) -> None:
+        live = await tx.session(task.session_id)
         if live is None:
             return
+        assert isinstance(live, _Live)
         tid = live.by_task.get(task.task_id)
         if tid is None:
             return
@@ -599,6 +591,7 @@ class WorkflowEngine:
         if kind == "assigned":
             if run.task_id:  # else _start_task records it once the run is linked
                 self._event(
+                    tx,
                     live,
                     EventType.TASK_ASSIGNED,
                     tid,
@@ -606,12 +599,13 @@ class WorkflowEngine:
                     attempt=task.attempt,
                     agent_id=task.assigned_agent_id,
                 )
-            self.store.put_run(s.session_id, run)
+            tx.put_run(s.session_id, run)
             return
         if kind == "retrying":
             run.error = task.last_error
-            self.store.put_run(s.session_id, run)
+            tx.put_run(s.session_id, run)
             self._event(
+                tx,
                 live,
                 EventType.TASK_RETRYING,
                 tid,
@@ -623,8 +617,9 @@ class WorkflowEngine:
         run.finish_time = utcnow()
         if kind == "completed":
             run.state, run.output = RunState.COMPLETED, task.output
-            self.store.put_run(s.session_id, run)
+            tx.put_run(s.session_id, run)
             self._event(
+                tx,
                 live,
                 EventType.TASK_COMPLETED,
                 tid,
@@ -633,19 +628,22 @@ class WorkflowEngine:
                 output=task.output,
             )
             if not s.is_final:
-                self._resolve(live, tid)
+                await self._resolve(tx, live, tid)
             return
         if kind == "cancelled":
             run.state = RunState.CANCELLED
-            self.store.put_run(s.session_id, run)
-            self._event(live, EventType.TASK_CANCELLED, tid, task_id=task.task_id)
+            tx.put_run(s.session_id, run)
+            self._event(tx, live, EventType.TASK_CANCELLED, tid, task_id=task.task_id)
             if not s.is_final:
-                self._fail_session(live, tid, TaskError(f"task {tid} was cancelled", "Cancelled"))
+                await self._fail_session(
+                    tx, live, tid, TaskError(f"task {tid} was cancelled", "Cancelled")
+                )
             return
         # failed permanently
         run.state, run.error = RunState.FAILED, task.last_error
-        self.store.put_run(s.session_id, run)
+        tx.put_run(s.session_id, run)
         self._event(
+            tx,
             live,
             EventType.TASK_FAILED,
             tid,
@@ -658,13 +656,13 @@ class WorkflowEngine:
         fallback = live.plan.tasks[tid].fallback
         if fallback:
             run.state = RunState.REPLACED
-            self.store.put_run(s.session_id, run)
-            self._start_task(live, fallback, replacing=tid)
+            tx.put_run(s.session_id, run)
+            await self._start_task(tx, live, fallback, replacing=tid)
             return
         err = task.last_error or TaskError("failed")
-        self._fail_session(live, tid, err)
+        await self._fail_session(tx, live, tid, err)
 
-    def _resolve(self, live: _Live, tid: str) -> None:
+    async def _resolve(self, tx: Tx, live: _Live, tid: str) -> None:
         """Task `tid` completed: credit the principal it stands for, start what is ready."""
         principal = tid
         while live.plan.tasks[principal].replaces:
@@ -673,7 +671,7 @@ class WorkflowEngine:
         for dependent in live.plan.tasks[principal].dependents:
             live.pending[dependent] -= 1
             if live.pending[dependent] == 0:
-                self._start_task(live, dependent)
+                await self._start_task(tx, live, dependent)
         if live.open_nodes == 0:
             out = struct_pb2.Struct()
             for sink in live.plan.sinks:
@@ -692,21 +690,27 @@ class WorkflowEngine:
                     "outputs smaller",
                     "OutputTooLarge",
                 )
-                self._finish_session(
-                    live, SessionState.FAILED, EventType.SESSION_FAILED, "session output too large"
+                await self._finish_session(
+                    tx,
+                    live,
+                    SessionState.FAILED,
+                    EventType.SESSION_FAILED,
+                    "session output too large",
                 )
                 return
             live.session.output = output
-            self._finish_session(live, SessionState.COMPLETED, EventType.SESSION_COMPLETED)
+            await self._finish_session(
+                tx, live, SessionState.COMPLETED, EventType.SESSION_COMPLETED
+            )
 
-    def _fail_session(self, live: _Live, tid: str, err: TaskError) -> None:
+    async def _fail_session(self, tx: Tx, live: _Live, tid: str, err: TaskError) -> None:
         live.session.error = TaskError(f"task {tid!r} failed: {err.message}", err.type, err.details)
-        self._finish_session(
-            live, SessionState.FAILED, EventType.SESSION_FAILED, f"session failed: task {tid}"
+        await self._finish_session(
+            tx, live, SessionState.FAILED, EventType.SESSION_FAILED, f"session failed: task {tid}"
         )
 
-    def _finish_session(
-        self, live: _Live, state: SessionState, event: EventType, reason: str = ""
+    async def _finish_session(
+        self, tx: Tx, live: _Live, state: SessionState, event: EventType, reason: str = ""
     ) -> None:
         s = live.session
         now = utcnow()
@@ -715,13 +719,13 @@ class WorkflowEngine:
         # Mark final first: the cancellations below come back as task events.
         for run in s.runs.values():
             if run.state == RunState.RUNNING:
-                task = self.dispatch.tasks.get(run.task_id)
+                task = await tx.task(run.task_id)
                 if task is not None and not task.is_final:
-                    self.dispatch.cancel_open(task, reason)
+                    await self.dispatch.cancel_open(tx, task, reason)
                 if run.state == RunState.RUNNING:
                     run.state = RunState.CANCELLED
                     run.finish_time = now
-                    self.store.put_run(s.session_id, run)
+                    tx.put_run(s.session_id, run)
             elif run.state == RunState.WAITING:
                 is_fallback = live.plan.tasks[run.workflow_task_id].replaces
                 run.state = (
@@ -729,27 +733,23 @@ class WorkflowEngine:
                     if is_fallback and state == SessionState.COMPLETED
                     else RunState.CANCELLED
                 )
-                self.store.put_run(s.session_id, run)
-        self.store.put_session(s)
+                tx.put_run(s.session_id, run)
+        tx.put_session(s)
         self.observer.session_finished(s)
         self._event(
+            tx,
             live,
             event,
             output=s.output if state == SessionState.COMPLETED else None,
             error=s.error if state == SessionState.FAILED else None,
         )
-        del self.live[s.session_id]
-        if s.idempotency_key:
-            # Storage answers for it once this commit lands; until then the key
-            # must stay resolvable, so it is dropped only after the commit.
-            key = s.idempotency_key
-            fut = self.store.batch()
-            fut.add_done_callback(lambda f, k=key: self._keys.pop(k, None))
+        tx.session_done(s.session_id)
 
     # ------------------------------------------------------------------ events
 
     def _event(
         self,
+        tx: Tx,
         live: _Live,
         kind: EventType,
         tid: str = "",
@@ -780,25 +780,34 @@ class WorkflowEngine:
             if error.details:
                 msg.error.details.MergeFromString(error.details)
         body = msg.SerializeToString()
-        self.store.add_session_event(s.session_id, live.event_seq, body)
+        tx.add_session_event(s.session_id, live.event_seq, body)
+        stored = StoredEvent(s.session_id, live.event_seq, body, kind in TERMINAL_EVENTS)
         # Published once committed, whether or not anyone watches now: a watcher
         # that subscribes before the commit but reads storage before it lands
-        # would otherwise miss the event.
-        fut = self.store.batch()
-        pending = self._unpublished.get(fut)
-        if pending is None:
-            pending = self._unpublished[fut] = []
-            fut.add_done_callback(self._publish)
-        pending.append(StoredEvent(s.session_id, live.event_seq, body, kind in TERMINAL_EVENTS))
+        # would otherwise miss the event. Other servers read it back from storage.
+        tx.after_commit(lambda: self._publish(stored))
+        tx.publish("session_event", f"{s.session_id} {live.event_seq}")
 
-    def _publish(self, fut: asyncio.Future[None]) -> None:
-        events = self._unpublished.pop(fut, [])
-        if fut.cancelled() or fut.exception() is not None or not self._watchers:
-            return  # a failed batch is retried; watchers then read it from storage
-        for e in events:
-            b = self._watchers.get(e.session_id)
-            if b is not None:
-                b.publish(e)
+    def _publish(self, event: StoredEvent) -> None:
+        b = self._watchers.get(event.session_id)
+        if b is not None:
+            b.publish(event)
+
+    def _on_event_elsewhere(self, payload: str) -> None:
+        """Another server committed a session event: watchers here read it back."""
+        session_id, _, seq = payload.partition(" ")
+        b = self._watchers.get(session_id)
+        if b is None:
+            return
+
+        async def relay() -> None:
+            for got, body in await self.storage.list_session_events(
+                session_id, int(seq) - 1, self.response_budget
+            ):
+                if got == int(seq):
+                    self._publish(_stored(session_id, got, body))
+
+        self.storage.spawn_read(relay(), what="relay a session event")
 
     # ------------------------------------------------------------------ introspection
 

@@ -220,7 +220,7 @@ async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> N
         end = StreamEnd(exc)
     except Exception as exc:  # the call broke under us (client gone, transport error)
         end = StreamEnd(Unavailable(f"work stream read failed: {exc}"))
-    sub.push((work.engine.store.batch(), end))
+    sub.push((None, end))  # after the answers queued before it, which wait for their commit
 
 
 def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.ServerMessage, int]:

@@ -38,12 +38,12 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
     async def GetAgent(
         self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAgentResponse:
-        return pb.GetAgentResponse(agent=c.agent(self.engine.get(request.agent_id)))
+        return pb.GetAgentResponse(agent=c.agent(await self.engine.get(request.agent_id)))
 
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        page = self.engine.list(
+        page = await self.engine.list(
             request.state, request.capability, request.page_size, request.page_token
         )
         return pb.ListAgentsResponse(
@@ -83,11 +83,15 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         watcher = self.engine.watch(
             list(request.agent_ids), request.capability, list(request.event_types)
         )
-        await stream_ready(context)
         try:
+            await stream_ready(context)
             async for _event, data in watcher:
                 yield data  # encoded once for every watcher (c.agent_event_bytes)
         except FellBehind as exc:
             raise FellBehind(
                 f"{exc.message}; list the agents again (ListAgents) to catch up, then watch again"
             ) from None
+        finally:
+            # At once: a generator closed from outside does not close the one it
+            # iterates until it is collected.
+            watcher.close()

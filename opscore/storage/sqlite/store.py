@@ -45,7 +45,7 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
-from opscore.storage.lock import DatabaseLock
+from opscore.storage.sqlite.lock import DatabaseLock
 from opscore.workflow.models import RunState, Session, SessionState, TaskRun
 
 log = logging.getLogger("opscore.storage")
@@ -74,7 +74,7 @@ class Migration:
 def migrations() -> list[Migration]:
     """Numbered migrations shipped with the package, in order."""
     found: list[Migration] = []
-    folder = resources.files("opscore.storage") / "migrations"
+    folder = resources.files("opscore.storage.sqlite") / "migrations"
     for entry in folder.iterdir():
         name = entry.name
         if not name.endswith(".sql"):
@@ -893,6 +893,13 @@ class Store:
     async def load_agents(self) -> list[Agent]:
         rows = await self._fetchall(f"SELECT {_AGENT_COLS} FROM agents")
         return [_agent_from_row(r) for r in rows]
+
+    async def get_transition(self, agent_id: str, sequence: int) -> StateTransition | None:
+        rows = await self._fetchall(
+            f"SELECT {_TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ? AND sequence = ?",
+            [agent_id, sequence],
+        )
+        return _transition_from_row(rows[0]) if rows else None
 
     async def list_transitions(
         self, agent_id: str, page_size: int, page_token: str, budget: int
