@@ -783,7 +783,7 @@ class Agent:
         backoff = _Backoff()
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while not self._half_close.is_set():
                 started = loop.time()
                 try:
                     await self._stream_once()
