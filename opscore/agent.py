@@ -95,7 +95,7 @@ from opscore.client.errors import (
 )
 from opscore.limits import MAX_DETAILS_BYTES
 
-__all__ = ["Agent", "Handler", "NonRetryableError", "TaskContext"]
+__all__ = ["TRANSPORTS", "Agent", "Handler", "NonRetryableError", "TaskContext"]
 
 log = logging.getLogger("opscore.agent")
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
-from opscore_proto.v1 import dispatch_pb2, dispatch_pb2_grpc
+from opscore_proto.v1 import dispatch_pb2, dispatch_pb2_grpc, lifecycle_pb2, lifecycle_pb2_grpc
 
 try:
     from tests.support.procserver import REPO_ROOT, running_server
@@ -151,6 +153,61 @@ def test_node_work_stream_agent(tmp_path: Path) -> None:
         }, context
         assert json_format.MessageToDict(task.progress) == {"stage": "working"}, context
         assert task.assigned_agent_id == "node-interop-worker", context
+        assert server.terminate() == 0, server.log_tail()
+
+
+def _docs_node_agent() -> str:
+    """The minimal Node.js agent of docs/agents.md, as printed there."""
+    doc = (REPO_ROOT / "docs" / "agents.md").read_text()
+    start = doc.index("```js\n", doc.index("### Agents in other languages")) + len("```js\n")
+    return doc[start : doc.index("```\n", start)]
+
+
+def test_docs_node_agent_works_and_leaves_cleanly(tmp_path: Path) -> None:
+    """The Node.js agent the docs print completes a task, and on SIGTERM
+    pauses, half-closes and exits 0 with its stream ended."""
+    assert NODE is not None
+    (tmp_path / "agent.js").write_text(_docs_node_agent())
+    (tmp_path / "protos").symlink_to(REPO_ROOT / "protos")
+    env = {**os.environ, "NODE_PATH": str(REPO_ROOT / "node_modules")}
+    env.pop("OPSCORE_API_KEY", None)
+    with running_server(tmp_path) as server:
+        agent = subprocess.Popen(
+            [NODE, str(tmp_path / "agent.js"), server.target],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with grpc.insecure_channel(server.target) as channel:
+                dispatch = dispatch_pb2_grpc.DispatchServiceStub(channel)
+                lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+                text = json_format.ParseDict({"text": "one two three"}, struct_pb2.Struct())
+                queued = dispatch.EnqueueTask(
+                    dispatch_pb2.EnqueueTaskRequest(capability="text.count", input=text),
+                    timeout=10,
+                ).task
+                deadline = time.monotonic() + 20
+                while True:
+                    task = dispatch.GetTask(
+                        dispatch_pb2.GetTaskRequest(task_id=queued.task_id), timeout=10
+                    ).task
+                    if task.state == dispatch_pb2.TASK_STATE_COMPLETED:
+                        break
+                    assert agent.poll() is None, agent.communicate()
+                    assert time.monotonic() < deadline, f"not completed: {task}"
+                    time.sleep(0.05)
+                assert json_format.MessageToDict(task.output) == {"words": 3}
+                agent.send_signal(signal.SIGTERM)
+                _, err = agent.communicate(timeout=20)
+                assert agent.returncode == 0, err
+                got = lifecycle.GetAgent(lifecycle_pb2.GetAgentRequest(agent_id="node-counter-1"))
+                assert got.agent.open_subscriptions == 0
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.communicate()
         assert server.terminate() == 0, server.log_tail()
 
 
