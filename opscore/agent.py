@@ -354,10 +354,16 @@ class _StateReporter:
     async def send(
         self, state: int, details: Mapping[str, Any] | None = None, *, unary: bool = False
     ) -> None:
-        """Report `state`: on the work stream when the agent works on one (and
-        `unary` is not set), else with ReportState."""
+        """Report `state`: on the work stream when the agent works on one, else
+        (or with `unary`) with ReportState."""
+        if unary:
+            # Not behind the lock: at a re-registration the loop's report may be
+            # waiting for the very stream that registering is to reopen.
+            await self.agent.client.report_state(self.agent.agent_id, state, details=details)
+            self.sent = state
+            return
         async with self._lock:
-            await self.agent._report_state(state, details, unary=unary)
+            await self.agent._report_state(state, details)
             self.sent = state
 
     def start(self) -> None:
@@ -816,7 +822,8 @@ class Agent:
             self._outbox.close()
 
     async def _stream_once(self) -> None:
-        """One work stream, from hello to its end (None: ended OK)."""
+        """One work stream, from hello to its end: returns when the server
+        ended it with OK, raises how else it ended."""
         assert self._outbox is not None
         stream = self.client.connect(self.agent_id, max_in_flight=self.max_in_flight)
         writer: asyncio.Task[None] | None = None
@@ -932,10 +939,8 @@ class Agent:
             connection.cancel()
             await asyncio.wait({connection})
 
-    async def _report_state(
-        self, state: int, details: Mapping[str, Any] | None, *, unary: bool
-    ) -> None:
-        if not unary and self._streaming():
+    async def _report_state(self, state: int, details: Mapping[str, Any] | None) -> None:
+        if self._streaming():
             item = dispatch_pb2.AgentMessage(
                 state_report=dispatch_pb2.AgentStateReport(
                     state=state,  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from opscore_proto.v1 import lifecycle_pb2
 
 from opscore import workstream
 from opscore.agent import TRANSPORTS, Agent, TaskContext
-from opscore.client import OpsCoreClient, TaskRetry, to_dict
+from opscore.client import OpsCoreClient, RetryConfig, TaskRetry, to_dict
 from opscore.client._workstream import Outbox
 from opscore.limits import MAX_PAYLOAD_BYTES
 from tests.conftest import Harness, eventually
@@ -393,3 +394,46 @@ async def test_an_item_whose_answer_was_lost_is_sent_again_and_accepted_once(
 def test_unknown_transport_is_refused():
     with pytest.raises(ValueError, match="transport must be one of connect, subscribe"):
         Agent("x", transport="carrier-pigeon")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_registers_again_with_a_server_that_lost_its_database(
+    harness, client, transport, monkeypatch
+):
+    """The server comes back with an empty database while the agent's IDLE
+    report waits for a stream: the hello gets NOT_FOUND, the agent registers
+    again (without waiting behind that report) and takes new work."""
+    monkeypatch.setattr("opscore.agent._MIN_ANSWER_WAIT", 0.2)
+    own = client_for(harness, retry=RetryConfig(max_attempts=2))
+    agent = make_agent(harness, transport=transport, client=own)
+    release = asyncio.Event()
+
+    @agent.task("job")
+    async def job(task: TaskContext) -> str:
+        if task.input.get("hold"):
+            await release.wait()
+        return "done"
+
+    try:
+        async with running(agent, client) as run:
+            await client.enqueue_task(
+                "job", input={"hold": True}, timeout=timedelta(milliseconds=300)
+            )
+            await eventually(lambda: agent.in_flight == 1, what="the task to start")
+            await harness.stop()
+            for leftover in Path(harness.config.db).parent.glob("opscore.db*"):
+                leftover.unlink()
+            release.set()  # its result cannot be sent before the lease ends: given up
+            await eventually(lambda: agent.in_flight == 0, what="the result given up")
+            await eventually(
+                lambda: (
+                    agent._reporter is not None and agent._reporter.wanted == S.AGENT_STATE_IDLE
+                ),
+                what="IDLE to report",
+            )
+            await harness.start()
+            await subscribed(client, "worker-1", run)
+            fresh = await client.enqueue_task("job")
+            assert (await finished(client, fresh.task_id)).state == T.TASK_STATE_COMPLETED
+    finally:
+        await own.close()
