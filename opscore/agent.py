@@ -33,7 +33,10 @@ What `run()` does:
    details (`{"traceback": ..., "exception_type": "module.Class"}`), and logs
    the failure at WARNING with the traceback. `NonRetryableError` fails the
    task for good. An output that is not JSON-like fails it for good too,
-   naming the key and the type (`output['when']: datetime is not JSON-like`).
+   naming the key and the type (`output['when']: datetime is not JSON-like`),
+   and so does one the server refuses (larger than 1 MiB, nested too deep).
+   A result the server ignores (the lease was lost, the task finished
+   meanwhile) is dropped with a warning.
 5. Honours cancellations (from the stream, or a heartbeat answering
    `cancel_requested`) by cancelling the handler's asyncio task; no result is
    sent. A thread cannot be interrupted: a sync handler should check
