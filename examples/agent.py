@@ -2,6 +2,7 @@
 
     python examples/agent.py                      # server at $OPSCORE_TARGET or 127.0.0.1:50051
     python examples/agent.py --target host:50051 --agent-id text-1 --max-in-flight 4
+    python examples/agent.py --transport subscribe   # SubscribeTasks + unary results
 
 - `text.summarize`: counts the words and sentences of a text and keeps its first
   sentences as the "summary".
@@ -31,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from opscore.agent import Agent, NonRetryableError, TaskContext
+from opscore.agent import TRANSPORTS, Agent, NonRetryableError, TaskContext
 from opscore.client.errors import UnauthenticatedError, UnavailableError, connection_problem
 
 log = logging.getLogger("example-agent")
@@ -132,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="connect",
+        help="connect: one work stream for everything (default); subscribe: the older "
+        "SubscribeTasks stream with a unary call per result",
+    )
+    parser.add_argument(
         "--wait-for-server",
         type=float,
         default=0.0,
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target,
         api_key=args.api_key,
         max_in_flight=args.max_in_flight,
+        transport=args.transport,
         startup_timeout=None if args.wait_for_server < 0 else args.wait_for_server,
     )
     log.info("connecting to %s as %s", agent.client.target, agent_id)

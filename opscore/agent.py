@@ -1,4 +1,4 @@
-"""The Agent worker: register, subscribe, run handlers, report results.
+"""The Agent worker: register, connect, run handlers, report results.
 
     from opscore.agent import Agent, TaskContext
 
@@ -16,11 +16,15 @@ What `run()` does:
 
 1. Registers the agent with the capabilities of its handlers (retrying while the
    server is unreachable) and reports `IDLE`.
-2. Opens a task subscription with `max_in_flight` and runs each assignment's
-   handler in its own asyncio task: `async def` handlers on the event loop, plain
-   functions in a thread pool. While tasks run the agent reports `ACTIVE`, and
-   `IDLE` again once it has none (at most one report per half second).
-3. Sends `HeartbeatTask` automatically (every third of the task's
+2. Opens its work stream (DispatchService.Connect) with `max_in_flight` and runs
+   each assignment's handler in its own asyncio task: `async def` handlers on
+   the event loop, plain functions in a thread pool. Results, heartbeats and
+   state reports go back on the same stream, each answered by the server; the
+   ones ready at the same moment travel in one message. While tasks run the
+   agent reports `ACTIVE`, and `IDLE` again once it has none (at most one
+   report per half second). `transport="subscribe"` uses the older shape
+   instead: a SubscribeTasks stream and one unary call per result.
+3. Sends heartbeats automatically (every third of the task's
    `heartbeat_timeout`) while a handler runs, and at once when the handler
    reports progress.
 4. Completes the task with the handler's return value (a dict is the output;
@@ -29,19 +33,26 @@ What `run()` does:
    details (`{"traceback": ..., "exception_type": "module.Class"}`), and logs
    the failure at WARNING with the traceback. `NonRetryableError` fails the
    task for good. An output that is not JSON-like fails it for good too,
-   naming the key and the type (`output['when']: datetime is not JSON-like`).
+   naming the key and the type (`output['when']: datetime is not JSON-like`),
+   and so does one the server refuses (larger than 1 MiB, nested too deep).
+   A result the server ignores (the lease was lost, the task finished
+   meanwhile) is dropped with a warning.
 5. Honours cancellations (from the stream, or a heartbeat answering
    `cancel_requested`) by cancelling the handler's asyncio task; no result is
    sent. A thread cannot be interrupted: a sync handler should check
    `task.cancelled` now and then.
 6. Reconnects with jittered backoff when the server goes away (draining or
-   unreachable), keeping the tasks it holds; registers again if the server no
-   longer knows it. A stream that ends normally means the agent was
-   deregistered: `run()` then cancels its handlers and returns.
-7. On SIGTERM or SIGINT (or `shutdown()`), stops taking work, lets the tasks it
-   holds finish (up to `shutdown_timeout`, after which they are cancelled and
-   failed as retryable so another agent picks them up), reports `FINISHED` and
-   returns. A second signal skips the wait.
+   unreachable), keeping the tasks it holds, and sends again what the server
+   had not answered (results are idempotent); an assignment it already runs,
+   re-sent by the server after the reconnect, is ignored. Registers again if
+   the server no longer knows it. A stream the server ends normally means the
+   agent was deregistered: `run()` then cancels its handlers and returns.
+7. On SIGTERM or SIGINT (or `shutdown()`), stops taking work (capacity 0 on
+   the work stream; the subscription is closed in the older shape), lets the
+   tasks it holds finish (up to `shutdown_timeout`, after which they are
+   cancelled and failed as retryable so another agent picks them up), sends
+   their results, reports `FINISHED`, half-closes the stream and returns. A
+   second signal skips the wait.
 
 Logging: the agent logs to the `opscore.agent` logger. When the application has
 configured no logging at all, `run()` adds a handler to the `opscore` logger
@@ -69,14 +80,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
+from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2
 
 from opscore.client import OpsCoreClient, TLSConfig
 from opscore.client._tracing import handler_span, record_failure
+from opscore.client._workstream import Outbox, WorkStream, error_from_result, on_refusal
 from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
 from opscore.client.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     OpsCoreError,
     UnauthenticatedError,
@@ -85,7 +98,7 @@ from opscore.client.errors import (
 )
 from opscore.limits import MAX_DETAILS_BYTES
 
-__all__ = ["Agent", "Handler", "NonRetryableError", "TaskContext"]
+__all__ = ["TRANSPORTS", "Agent", "Handler", "NonRetryableError", "TaskContext"]
 
 log = logging.getLogger("opscore.agent")
 
@@ -100,6 +113,21 @@ _FINISHED = lifecycle_pb2.AGENT_STATE_FINISHED
 # the server's limit, or the failure itself is refused and the attempt lingers
 # until its lease ends. Characters of the traceback's tail kept at most:
 _TRACEBACK_LIMIT = 16_000
+#: The shapes an agent can work in (see DispatchService in the protos).
+TRANSPORTS = ("connect", "subscribe")
+# Errors that reconnecting cannot fix: `run()` raises them.
+_FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED")
+# How long a graceful end waits for the server to answer FINISHED and to end
+# the half-closed stream, each.
+_CLOSING_WAIT = 10.0
+# A result whose lease has passed by our clock is still sent (the server's
+# clock decides): its answer is awaited at least this long.
+_MIN_ANSWER_WAIT = 5.0
+
+
+class _StreamGone(Exception):
+    """The work stream has ended for good (deregistered, shut down): send the
+    item with the unary call instead."""
 
 
 class _DefaultHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -326,9 +354,19 @@ class _StateReporter:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
-    async def send(self, state: int, details: Mapping[str, Any] | None = None) -> None:
-        async with self._lock:
+    async def send(
+        self, state: int, details: Mapping[str, Any] | None = None, *, unary: bool = False
+    ) -> None:
+        """Report `state`: on the work stream when the agent works on one, else
+        (or with `unary`) with ReportState."""
+        if unary:
+            # Not behind the lock: at a re-registration the loop's report may be
+            # waiting for the very stream that registering is to reopen.
             await self.agent.client.report_state(self.agent.agent_id, state, details=details)
+            self.sent = state
+            return
+        async with self._lock:
+            await self.agent._report_state(state, details)
             self.sent = state
 
     def start(self) -> None:
@@ -357,8 +395,13 @@ class _StateReporter:
     async def close(self) -> None:
         self._closing.set()
         self._changed.set()
-        if self._task is not None:
-            await self._task
+        if self._task is not None and not self._task.done():
+            # A report waiting for a stream that does not come back is given up.
+            _, pending = await asyncio.wait({self._task}, timeout=_CLOSING_WAIT)
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class Agent:
@@ -381,7 +424,11 @@ class Agent:
     how long `run()` waits for an unreachable server at start before raising
     `UnavailableError`: None (the default) waits for as long as it takes, so
     agents and server can start in any order; 0 gives up after the client's
-    own retries (a few seconds).
+    own retries (a few seconds). `transport` is the shape the agent works in:
+    "connect" (the default: one work stream carries assignments, results,
+    heartbeats and state reports) or "subscribe" (SubscribeTasks, with a unary
+    call per result and heartbeat, for servers or proxies without
+    bidirectional streams).
     """
 
     def __init__(
@@ -401,9 +448,13 @@ class Agent:
         startup_timeout: Seconds | None = None,
         client: OpsCoreClient | None = None,
         env: Mapping[str, str] | None = None,
+        transport: str = "connect",
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        self.transport = transport
         env = os.environ if env is None else env
         self.name = name
         self.agent_id: str = agent_id or env.get("OPSCORE_AGENT_ID", "")
@@ -429,7 +480,13 @@ class Agent:
         self._deregistered = False
         self._stop_event: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
-        self._sub_task: asyncio.Task[str] | None = None
+        self._sub_task: asyncio.Task[Any] | None = None
+        # The work stream: what the agent says on it, until answered; the stream
+        # open now (None between streams); set when the agent half-closes.
+        self._outbox: Outbox | None = None
+        self._stream: WorkStream | None = None
+        self._half_close = asyncio.Event()
+        self._finished_reported = False
         self._reporter: _StateReporter | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stragglers: set[asyncio.Task[None]] = set()
@@ -514,6 +571,9 @@ class Agent:
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
+        self._outbox = Outbox() if self.transport == "connect" else None
+        self._half_close = asyncio.Event()
+        self._finished_reported = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_in_flight, thread_name_prefix="opscore-handler"
         )
@@ -541,8 +601,8 @@ class Agent:
         self._stopping = True
         if self._stop_event is not None:
             self._stop_event.set()
-        if self._sub_task is not None:
-            self._sub_task.cancel()
+        if self._sub_task is not None and self.transport == "subscribe":
+            self._sub_task.cancel()  # the work stream stays open to carry the results
 
     async def shutdown(self, *, graceful: bool = True) -> None:
         """`request_shutdown()`, then wait until `run()` has finished."""
@@ -607,7 +667,7 @@ class Agent:
                 self.agent_id = agent.agent_id
                 if self._reporter is None:
                     self._reporter = _StateReporter(self)
-                await self._reporter.send(_ACTIVE if self._held else _IDLE)
+                await self._reporter.send(_ACTIVE if self._held else _IDLE, unary=True)
             except (UnavailableError, NotFoundError) as exc:
                 delay = backoff.next()
                 if (
@@ -633,6 +693,28 @@ class Agent:
         return False
 
     async def _work(self) -> None:
+        """Work until shutdown or deregistration, in the agent's transport."""
+        if self.transport == "subscribe":
+            await self._work_subscribed()
+        else:
+            await self._work_connected()
+
+    def _ended(self, exc: BaseException | None) -> bool:
+        """Handle how a stream ended, the same for both shapes: True to open a
+        new one. Raises the errors that retrying cannot fix."""
+        if exc is None or isinstance(exc, FailedPreconditionError):
+            if exc is None:
+                log.info("agent %s was deregistered; stopping", self.agent_id)
+            else:
+                log.info("agent %s is deregistered: %s", self.agent_id, exc)
+            self._deregistered = True
+            self._force()
+            return False
+        if not isinstance(exc, OpsCoreError) or exc.code.name in _FATAL:
+            raise exc
+        return True
+
+    async def _work_subscribed(self) -> None:
         """Hold a subscription open until shutdown or deregistration."""
         backoff = _Backoff()
         loop = asyncio.get_running_loop()
@@ -648,11 +730,6 @@ class Agent:
             if sub.cancelled():
                 return  # shutdown requested: stop taking work
             exc = sub.exception()
-            if exc is None:
-                log.info("agent %s was deregistered; stopping", self.agent_id)
-                self._deregistered = True
-                self._force()
-                return
             if loop.time() - started > 5.0:
                 backoff.reset()
             if isinstance(exc, NotFoundError):
@@ -660,20 +737,8 @@ class Agent:
                 if not await self._join():
                     return
                 continue
-            if isinstance(exc, FailedPreconditionError):
-                log.info("agent %s is deregistered: %s", self.agent_id, exc)
-                self._deregistered = True
-                self._force()
+            if not self._ended(exc):
                 return
-            if isinstance(exc, OpsCoreError) and exc.code.name in (
-                "UNAUTHENTICATED",
-                "PERMISSION_DENIED",
-                "INVALID_ARGUMENT",
-                "UNIMPLEMENTED",
-            ):
-                raise exc
-            if not isinstance(exc, OpsCoreError):
-                raise exc
             delay = backoff.next()
             log.warning("task stream ended (%s); reconnecting in %.1fs", exc, delay)
             await self._pause(delay)
@@ -686,12 +751,209 @@ class Agent:
                 if kind == "assignment":
                     self._accept(message.assignment.task, message.assignment.trace_context)
                 elif kind == "cancellation":
-                    c = message.cancellation
-                    held = self._held.get(c.task_id)
-                    if held is not None and held.ctx.attempt == c.attempt:
-                        log.info("task %s cancelled: %s", c.task_id, c.reason)
-                        held.ctx._cancel(c.reason or "cancelled", "server")
+                    self._cancelled(message.cancellation)
         return "deregistered"
+
+    def _cancelled(self, c: dispatch_pb2.TaskCancellation) -> None:
+        held = self._held.get(c.task_id)
+        if held is not None and held.ctx.attempt == c.attempt:
+            log.info("task %s cancelled: %s", c.task_id, c.reason)
+            held.ctx._cancel(c.reason or "cancelled", "server")
+
+    # ------------------------------------------------------------------ work stream
+
+    def _streaming(self) -> bool:
+        """True while results go on the work stream (it may be reconnecting)."""
+        return self._outbox is not None and not self._outbox.closed
+
+    async def _work_connected(self) -> None:
+        """Keep the work stream until shutdown or deregistration; on shutdown,
+        end it gracefully (`_drain`)."""
+        assert self._stop_event is not None
+        connection = asyncio.create_task(self._connection(), name="opscore-agent-stream")
+        self._sub_task = connection
+        stop = asyncio.create_task(self._stop_event.wait())
+        try:
+            await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not connection.done():
+                await self._drain(connection)
+            if connection.done():
+                connection.result()  # raise what ended it
+        finally:
+            stop.cancel()
+            connection.cancel()
+            self._sub_task = None
+
+    async def _connection(self) -> None:
+        """Open the work stream, and again whenever it breaks, until the agent
+        half-closes it or is deregistered. When it returns, nothing more goes on
+        a stream: whatever waits for an answer is sent with unary calls."""
+        assert self._outbox is not None
+        backoff = _Backoff()
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._half_close.is_set():
+                started = loop.time()
+                try:
+                    await self._stream_once()
+                    exc: OpsCoreError | None = None
+                except OpsCoreError as error:
+                    exc = error
+                if self._half_close.is_set():
+                    return  # our own graceful end (or as good as it gets)
+                if loop.time() - started > 5.0:
+                    backoff.reset()
+                if isinstance(exc, NotFoundError):
+                    if self._stopping:
+                        log.warning("the server no longer knows agent %s", self.agent_id)
+                        return
+                    log.warning(
+                        "the server does not know agent %s; registering again", self.agent_id
+                    )
+                    if not await self._join():
+                        return
+                    continue
+                if not self._ended(exc):
+                    return
+                delay = backoff.next()
+                log.warning("work stream ended (%s); reconnecting in %.1fs", exc, delay)
+                if self._stopping:
+                    await asyncio.sleep(delay)  # results still to deliver: no shortcut
+                else:
+                    await self._pause(delay)
+        finally:
+            self._outbox.close()
+
+    async def _stream_once(self) -> None:
+        """One work stream, from hello to its end: returns when the server
+        ended it with OK, raises how else it ended."""
+        assert self._outbox is not None
+        stream = self.client.connect(self.agent_id, max_in_flight=self.max_in_flight)
+        writer: asyncio.Task[None] | None = None
+        try:
+            accepted = await stream.open()
+            log.info(
+                "agent %s work stream open (max_in_flight %d)",
+                self.agent_id,
+                accepted.max_in_flight,
+            )
+            self._stream = stream
+            self._outbox.rewind()
+            if self._stopping:
+                self._pause_stream()
+            writer = asyncio.create_task(self._write(stream), name="opscore-agent-writer")
+            # Read without pause: the server stops reading an agent that does
+            # not read, so nothing here may wait.
+            while (messages := await stream.read()) is not None:
+                for message in messages:
+                    kind = message.WhichOneof("message")
+                    if kind == "result":
+                        self._outbox.resolve(message.result)
+                    elif kind == "assignment":
+                        self._accept(message.assignment.task, message.assignment.trace_context)
+                    elif kind == "cancellation":
+                        self._cancelled(message.cancellation)
+        finally:
+            self._stream = None
+            if writer is not None:
+                writer.cancel()
+            stream.cancel()
+
+    async def _write(self, stream: WorkStream) -> None:
+        """Send whatever the outbox holds, all of it in one message, as soon as
+        the previous write is done; half-close once the outbox has ended."""
+        assert self._outbox is not None
+        try:
+            while batch := await self._outbox.take():
+                await stream.send(batch)
+            if self._half_close.is_set():
+                await stream.done_writing()
+        except OpsCoreError:
+            pass  # the stream broke: its reader says how
+
+    def _pause_stream(self) -> None:
+        """Ask for no more assignments (capacity 0), ahead of anything queued."""
+        assert self._outbox is not None
+        item = dispatch_pb2.AgentMessage(capacity=dispatch_pb2.StreamCapacity(max_in_flight=0))
+        on_refusal(
+            self._outbox.submit(item, first=True),
+            lambda exc: log.warning("the server refused to pause the work stream: %s", exc),
+        )
+
+    async def _ask(
+        self, message: dispatch_pb2.AgentMessage, deadline: datetime | None = None
+    ) -> dispatch_pb2.AgentMessageResult:
+        """Send `message` on the work stream and wait for its answer; raise the
+        error a unary call would have raised when it is refused. `deadline`:
+        give up then (DeadlineExceededError), though never sooner than
+        `_MIN_ANSWER_WAIT` from now (the server's clock decides, not ours).
+        Raises `_StreamGone` when no stream will carry it."""
+        assert self._outbox is not None
+        if deadline is not None:
+            deadline = max(deadline, datetime.now(UTC) + timedelta(seconds=_MIN_ANSWER_WAIT))
+        future = self._outbox.submit(message)
+        try:
+            while not future.done():
+                timeout = None
+                if deadline is not None:
+                    timeout = (deadline - datetime.now(UTC)).total_seconds()
+                    if timeout <= 0:
+                        raise DeadlineExceededError("no answer on the work stream in time")
+                await asyncio.wait({future}, timeout=timeout)
+        finally:
+            if not future.done():
+                self._outbox.withdraw(message.id)
+        result = future.result()
+        if result is None:
+            raise _StreamGone
+        error = error_from_result(result)
+        if error is not None:
+            raise error
+        return result
+
+    async def _drain(self, connection: asyncio.Task[None]) -> None:
+        """The graceful end of the work stream: no new work, the held tasks
+        finished and their results sent on it, FINISHED reported, half-closed,
+        and the server's end of the stream awaited."""
+        assert self._outbox is not None
+        if self._stream is not None:
+            self._pause_stream()
+        await self._wait_for_running(graceful=True, keep_alive=False)
+        if self._reporter is not None:
+            await self._reporter.close()
+        if not self._deregistered and not connection.done():
+            report = dispatch_pb2.AgentMessage(
+                state_report=dispatch_pb2.AgentStateReport(
+                    state=_FINISHED, details=to_struct({"reason": "shutdown"}, "details")
+                )
+            )
+            until = datetime.now(UTC) + timedelta(seconds=_CLOSING_WAIT)
+            try:
+                await self._ask(report, until)
+                self._finished_reported = True
+                log.info("agent %s finished", self.agent_id)
+            except (OpsCoreError, _StreamGone) as exc:
+                log.debug("FINISHED not reported on the work stream: %r", exc)
+        self._half_close.set()
+        self._outbox.end()
+        _, pending = await asyncio.wait({connection}, timeout=_CLOSING_WAIT)
+        if pending:
+            log.warning("the server did not end the work stream; closing it")
+            connection.cancel()
+            await asyncio.wait({connection})
+
+    async def _report_state(self, state: int, details: Mapping[str, Any] | None) -> None:
+        if self._streaming():
+            item = dispatch_pb2.AgentMessage(
+                state_report=dispatch_pb2.AgentStateReport(
+                    state=state,  # type: ignore[arg-type]
+                    details=to_struct(details, "details"),
+                )
+            )
+            with contextlib.suppress(_StreamGone):
+                await self._ask(item)
+                return
+        await self.client.report_state(self.agent_id, state, details=details)
 
     # ------------------------------------------------------------------ tasks
 
@@ -816,24 +1078,37 @@ class Agent:
         try:
             struct = to_struct(output, "output")
         except TypeError as exc:
-            message = f"the handler's output is not JSON-like: {exc}"
-            log.warning(
-                "task %s (%s) attempt %d failed for good: %s",
-                ctx.task_id,
-                ctx.capability or ctx.name,
-                ctx.attempt,
-                message,
-                extra={"task_id": ctx.task_id, "attempt": ctx.attempt},
-            )
-            await self._send_failure(ctx, message, "InvalidOutput", None, non_retryable=True)
+            await self._invalid_output(ctx, f"the handler's output is not JSON-like: {exc}")
             return
-        sent = await self._deliver(
+        refused = await self._deliver(
             ctx,
             "result",
+            lambda: dispatch_pb2.AgentMessage(
+                completion=dispatch_pb2.TaskCompletion(
+                    task_id=ctx.task_id, attempt=ctx.attempt, output=struct
+                )
+            ),
             lambda: self.client.complete_task(ctx.task_id, self.agent_id, ctx.attempt, struct),
         )
-        if sent:
+        if refused is None:
             log.info("task %s attempt %d completed", ctx.task_id, ctx.attempt)
+        elif isinstance(refused, InvalidArgumentError):
+            # JSON-like but still refused (too large, too deep): fail it, or the
+            # attempt would linger until its lease ends.
+            await self._invalid_output(
+                ctx, f"the server refused the handler's output: {refused.message}"
+            )
+
+    async def _invalid_output(self, ctx: TaskContext, message: str) -> None:
+        log.warning(
+            "task %s (%s) attempt %d failed for good: %s",
+            ctx.task_id,
+            ctx.capability or ctx.name,
+            ctx.attempt,
+            message,
+            extra={"task_id": ctx.task_id, "attempt": ctx.attempt},
+        )
+        await self._send_failure(ctx, message, "InvalidOutput", None, non_retryable=True)
 
     async def _send_failure(
         self,
@@ -844,9 +1119,21 @@ class Agent:
         *,
         non_retryable: bool = False,
     ) -> None:
-        await self._deliver(
+        refused = await self._deliver(
             ctx,
             "failure",
+            lambda: dispatch_pb2.AgentMessage(
+                failure=dispatch_pb2.TaskFailure(
+                    task_id=ctx.task_id,
+                    attempt=ctx.attempt,
+                    error=common_pb2.TaskError(
+                        message=message,
+                        type=error_type,
+                        details=to_struct(details, "details"),
+                    ),
+                    non_retryable=non_retryable,
+                )
+            ),
             lambda: self.client.fail_task(
                 ctx.task_id,
                 self.agent_id,
@@ -857,18 +1144,31 @@ class Agent:
                 non_retryable=non_retryable,
             ),
         )
+        if isinstance(refused, InvalidArgumentError):
+            log.error("could not send failure of task %s: %s", ctx.task_id, refused)
 
     async def _deliver(
-        self, ctx: TaskContext, what: str, send: Callable[[], Awaitable[Any]]
-    ) -> bool:
-        """Send a result, outlasting a server restart: keep trying while the lease
-        may still hold (results are idempotent). A fenced answer means the
-        attempt no longer counts. True if the server took it."""
+        self,
+        ctx: TaskContext,
+        what: str,
+        item: Callable[[], dispatch_pb2.AgentMessage],
+        call: Callable[[], Awaitable[Any]],
+    ) -> OpsCoreError | None:
+        """Send a result (the work stream's `item`, or the unary `call`),
+        outlasting a server restart: keep trying while the lease may still hold
+        (results are idempotent). A fenced answer means the attempt no longer
+        counts. Returns None if the server took it, else why not (an
+        InvalidArgumentError is the caller's to report)."""
         backoff = _Backoff(0.5, 5.0)
         while True:
             try:
-                await send()
-                return True
+                if self._streaming():
+                    await self._ask(item(), ctx.lease_expire_time)
+                else:
+                    await call()
+                return None
+            except _StreamGone:
+                continue  # the stream ended for good: the unary call, now
             except (FailedPreconditionError, NotFoundError) as exc:
                 log.warning(
                     "%s of task %s attempt %d ignored by the server: %s",
@@ -877,17 +1177,38 @@ class Agent:
                     ctx.attempt,
                     exc,
                 )
-                return False
+                return exc
             except (UnavailableError, DeadlineExceededError) as exc:
                 lease = ctx.lease_expire_time
                 if self._forced or (lease is not None and lease <= datetime.now(UTC)):
                     log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
-                    return False
+                    return exc
                 log.warning("sending %s of task %s failed (%s); retrying", what, ctx.task_id, exc)
                 await asyncio.sleep(backoff.next())
+            except InvalidArgumentError as exc:
+                return exc
             except OpsCoreError as exc:
                 log.error("could not send %s of task %s: %s", what, ctx.task_id, exc)
-                return False
+                return exc
+
+    async def _heartbeat(
+        self, ctx: TaskContext, progress: dict[str, Any] | None
+    ) -> tuple[datetime | None, bool]:
+        """One heartbeat: the new end of the lease, and whether the task was
+        cancelled."""
+        if self._streaming():
+            item = dispatch_pb2.AgentMessage(
+                heartbeat=dispatch_pb2.TaskHeartbeat(
+                    task_id=ctx.task_id,
+                    attempt=ctx.attempt,
+                    progress=to_struct(progress, "progress"),
+                )
+            )
+            with contextlib.suppress(_StreamGone):
+                result = await self._ask(item)
+                return to_datetime(result, "lease_expire_time"), result.cancel_requested
+        resp = await self.client.heartbeat_task(ctx.task_id, self.agent_id, ctx.attempt, progress)
+        return to_datetime(resp, "lease_expire_time"), resp.cancel_requested
 
     async def _heartbeats(self, ctx: TaskContext) -> None:
         """Keep the lease alive and carry progress, until the runner cancels it."""
@@ -901,9 +1222,7 @@ class Agent:
                 return
             progress = ctx._take_progress()
             try:
-                resp = await self.client.heartbeat_task(
-                    ctx.task_id, self.agent_id, ctx.attempt, progress
-                )
+                lease, cancel_requested = await self._heartbeat(ctx, progress)
             except (FailedPreconditionError, NotFoundError) as exc:
                 ctx._cancel(f"lease lost: {exc.message}", "server")
                 return
@@ -911,11 +1230,11 @@ class Agent:
                 log.warning("heartbeat of task %s failed: %s", ctx.task_id, exc)
                 ctx._restore_progress(progress)
                 continue
-            if resp.cancel_requested:
+            if cancel_requested:
                 ctx._cancel("cancelled", "server")
                 return
-            if resp.HasField("lease_expire_time"):
-                ctx.lease_expire_time = to_datetime(resp, "lease_expire_time")
+            if lease is not None:
+                ctx.lease_expire_time = lease
 
     # ------------------------------------------------------------------ shutdown
 
@@ -929,39 +1248,49 @@ class Agent:
             with contextlib.suppress(OpsCoreError):
                 await self.client.heartbeat(self.agent_id)
 
+    async def _wait_for_running(self, *, graceful: bool, keep_alive: bool) -> None:
+        """Let the held tasks finish (and send their results) for up to
+        `shutdown_timeout`, then cancel them; at once unless `graceful`.
+        `keep_alive`: prove liveness meanwhile (no stream is open)."""
+        if not self._held:
+            return
+        if graceful and not self._forced:
+            log.info("waiting for %d running task(s)", len(self._held))
+        stop_keep_alive = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_alive(stop_keep_alive)) if keep_alive else None
+        try:
+            runners = {h.runner for h in self._held.values()}
+            if not graceful:
+                for held in list(self._held.values()):
+                    held.runner.cancel()
+            _, pending = await asyncio.wait(runners, timeout=self.shutdown_timeout)
+            if pending:
+                log.warning(
+                    "%d task(s) still running after %.0fs; cancelling them",
+                    len(pending),
+                    self.shutdown_timeout,
+                )
+                self._force()
+                await asyncio.wait(pending, timeout=10.0)
+        finally:
+            if keeper is not None:
+                stop_keep_alive.set()
+                await asyncio.wait({keeper}, timeout=2.0)
+
     async def _finish(self, graceful: bool) -> None:
         try:
-            if self._held:
-                if graceful and not self._forced:
-                    log.info("waiting for %d running task(s)", len(self._held))
-                stop_keep_alive = asyncio.Event()
-                keep_alive = asyncio.create_task(self._keep_alive(stop_keep_alive))
-                try:
-                    runners = {h.runner for h in self._held.values()}
-                    if not graceful:
-                        for held in list(self._held.values()):
-                            held.runner.cancel()
-                    _, pending = await asyncio.wait(runners, timeout=self.shutdown_timeout)
-                    if pending:
-                        log.warning(
-                            "%d task(s) still running after %.0fs; cancelling them",
-                            len(pending),
-                            self.shutdown_timeout,
-                        )
-                        self._force()
-                        await asyncio.wait(pending, timeout=10.0)
-                finally:
-                    stop_keep_alive.set()
-                    await asyncio.wait({keep_alive}, timeout=2.0)
+            await self._wait_for_running(graceful=graceful, keep_alive=True)
             if self._reporter is not None:
                 await self._reporter.close()
-                if graceful and not self._deregistered:
+                if graceful and not self._deregistered and not self._finished_reported:
                     try:
-                        await self._reporter.send(_FINISHED, {"reason": "shutdown"})
+                        await self._reporter.send(_FINISHED, {"reason": "shutdown"}, unary=True)
                         log.info("agent %s finished", self.agent_id)
                     except OpsCoreError as exc:
                         log.warning("could not report FINISHED: %s", exc)
         finally:
+            if self._outbox is not None:
+                self._outbox.close()
             for held in list(self._held.values()):
                 held.runner.cancel()
             for task in list(self._stragglers):

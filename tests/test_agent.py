@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from opscore_proto.v1 import dispatch_pb2, lifecycle_pb2
 
-from opscore.agent import Agent, NonRetryableError, TaskContext
+from opscore.agent import TRANSPORTS, Agent, NonRetryableError, TaskContext
 from opscore.client import OpsCoreClient, TaskRetry, to_datetime, to_dict
 from tests.conftest import eventually
 from tests.support.sdk import client_for
@@ -31,6 +31,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def make_agent(harness: Any, agent_id: str = "worker-1", **kwargs: Any) -> Agent:
     kwargs.setdefault("env", {})
     return Agent("test-agent", agent_id=agent_id, target=harness.target, **kwargs)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each shape the Agent works in: the work stream (default) and SubscribeTasks."""
+    return str(request.param)
 
 
 async def subscribed(client: OpsCoreClient, agent_id: str, run: asyncio.Task[None]) -> None:
@@ -78,8 +84,8 @@ async def client(harness) -> AsyncIterator[OpsCoreClient]:
 # ---------------------------------------------------------------------- handlers
 
 
-async def test_async_and_sync_handlers_complete_tasks(harness, client):
-    agent = make_agent(harness, max_in_flight=2)
+async def test_async_and_sync_handlers_complete_tasks(harness, client, transport):
+    agent = make_agent(harness, transport=transport, max_in_flight=2)
     threads: list[str] = []
 
     @agent.task("text.upper")
@@ -107,8 +113,8 @@ async def test_async_and_sync_handlers_complete_tasks(harness, client):
     assert history[0] == S.AGENT_STATE_FINISHED
 
 
-async def test_failures_are_retried_and_non_retryable_ones_are_not(harness, client):
-    agent = make_agent(harness)
+async def test_failures_are_retried_and_non_retryable_ones_are_not(harness, client, transport):
+    agent = make_agent(harness, transport=transport)
     attempts: list[int] = []
 
     @agent.task("flaky")
@@ -137,8 +143,8 @@ async def test_failures_are_retried_and_non_retryable_ones_are_not(harness, clie
     assert to_dict(done_b.last_error.details)["k"] == 1
 
 
-async def test_max_in_flight_bounds_concurrency(harness, client):
-    agent = make_agent(harness, max_in_flight=2)
+async def test_max_in_flight_bounds_concurrency(harness, client, transport):
+    agent = make_agent(harness, transport=transport, max_in_flight=2)
     started: asyncio.Queue[str] = asyncio.Queue()
     release = asyncio.Event()
 
@@ -159,8 +165,8 @@ async def test_max_in_flight_bounds_concurrency(harness, client):
     assert all(r.state == T.TASK_STATE_COMPLETED for r in results)
 
 
-async def test_cancellation_cancels_the_handler(harness, client):
-    agent = make_agent(harness)
+async def test_cancellation_cancels_the_handler(harness, client, transport):
+    agent = make_agent(harness, transport=transport)
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -188,8 +194,8 @@ async def test_cancellation_cancels_the_handler(harness, client):
     assert not task.HasField("output") and not task.HasField("last_error")
 
 
-async def test_heartbeats_keep_a_long_task_alive_and_carry_progress(harness, client):
-    agent = make_agent(harness)
+async def test_heartbeats_keep_a_long_task_alive_and_carry_progress(harness, client, transport):
+    agent = make_agent(harness, transport=transport)
     release = asyncio.Event()
 
     @agent.task("long")
@@ -227,8 +233,8 @@ async def test_heartbeats_keep_a_long_task_alive_and_carry_progress(harness, cli
     assert to_dict(done.output) == {"result": "done"}
 
 
-async def test_reconnects_after_the_server_restarts(harness):
-    agent = make_agent(harness)
+async def test_reconnects_after_the_server_restarts(harness, transport):
+    agent = make_agent(harness, transport=transport)
     started = asyncio.Event()
     release = asyncio.Event()
 
@@ -261,8 +267,8 @@ async def test_reconnects_after_the_server_restarts(harness):
         await client.close()
 
 
-async def test_deregistration_stops_the_agent(harness, client):
-    agent = make_agent(harness)
+async def test_deregistration_stops_the_agent(harness, client, transport):
+    agent = make_agent(harness, transport=transport)
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -285,8 +291,8 @@ async def test_deregistration_stops_the_agent(harness, client):
     assert got.deregistered and got.state == S.AGENT_STATE_FINISHED
 
 
-async def test_shutdown_timeout_gives_unfinished_tasks_back(harness, client):
-    agent = make_agent(harness, shutdown_timeout=0.2)
+async def test_shutdown_timeout_gives_unfinished_tasks_back(harness, client, transport):
+    agent = make_agent(harness, transport=transport, shutdown_timeout=0.2)
     started = asyncio.Event()
 
     @agent.task("stuck")
@@ -307,8 +313,8 @@ async def test_shutdown_timeout_gives_unfinished_tasks_back(harness, client):
     assert (await client.get_agent("worker-1")).state == S.AGENT_STATE_FINISHED
 
 
-async def test_task_without_a_matching_handler_fails_for_good(harness, client):
-    agent = make_agent(harness)
+async def test_task_without_a_matching_handler_fails_for_good(harness, client, transport):
+    agent = make_agent(harness, transport=transport)
     agent.add_handler("a", lambda task: "a")
     agent.add_handler("b", lambda task: "b")
     with pytest.raises(ValueError, match="already registered"):
@@ -330,7 +336,10 @@ AGENT_SCRIPT = textwrap.dedent(
     from opscore.agent import Agent
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    agent = Agent("sigterm-test", agent_id="sig-agent", target=sys.argv[1])
+    agent = Agent(
+        "sigterm-test", agent_id="sig-agent", target=sys.argv[1], transport=sys.argv[2],
+        max_in_flight=2,
+    )
 
     @agent.task("blocking")
     def blocking(task):
@@ -345,7 +354,7 @@ AGENT_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-async def test_sigterm_finishes_held_work_then_exits(harness, client, tmp_path):
+async def test_sigterm_finishes_held_work_then_exits(harness, client, tmp_path, transport):
     script = tmp_path / "agent_script.py"
     script.write_text(AGENT_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPSCORE_")}
@@ -354,6 +363,7 @@ async def test_sigterm_finishes_held_work_then_exits(harness, client, tmp_path):
         sys.executable,
         str(script),
         harness.target,
+        transport,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -370,11 +380,17 @@ async def test_sigterm_finishes_held_work_then_exits(harness, client, tmp_path):
         await eventually(holding, what="task held by the agent")
         proc.send_signal(signal.SIGTERM)
 
-        # It stops taking work at once: its subscription closes...
-        async def unsubscribed() -> bool:
-            return (await client.get_agent("sig-agent")).open_subscriptions == 0
+        # It stops taking work at once, though it has room for one more task:
+        # the subscription closes, or the work stream asks for nothing more...
+        async def stopped_taking_work() -> bool:
+            if transport == "subscribe":
+                return (await client.get_agent("sig-agent")).open_subscriptions == 0
+            assert harness.server is not None
+            subs = harness.server.dispatch._subs_by_agent.get("sig-agent", ())
+            return len(subs) == 1 and next(iter(subs)).max_in_flight == 0
 
-        await eventually(unsubscribed, what="subscription closed after SIGTERM")
+        await eventually(stopped_taking_work, what="no new work taken after SIGTERM")
+        late = await client.enqueue_task("blocking")
         # ...while it still holds the task, which it then finishes.
         assert (await client.get_task(queued.task_id)).state == T.TASK_STATE_ASSIGNED
         assert proc.stdin is not None
@@ -393,6 +409,10 @@ async def test_sigterm_finishes_held_work_then_exits(harness, client, tmp_path):
     assert to_dict(done.output) == {"released_with": "go"}
     agent = await client.get_agent("sig-agent")
     assert agent.state == S.AGENT_STATE_FINISHED
+    assert agent.open_subscriptions == 0  # the stream ended with the agent
+    # The task queued after SIGTERM never reached it.
+    never = await client.get_task(late.task_id)
+    assert never.state == T.TASK_STATE_QUEUED and never.attempt == 0
 
 
 async def _idle(client: OpsCoreClient, agent_id: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from opscore_proto.v1 import dispatch_pb2
 
-from opscore.agent import Agent, NonRetryableError, TaskContext
+from opscore.agent import TRANSPORTS, Agent, NonRetryableError, TaskContext
 from opscore.client import TaskRetry, to_dict
 from opscore.limits import MAX_DETAILS_BYTES
 from tests.conftest import eventually
@@ -108,8 +108,9 @@ async def test_handler_failures_show_in_the_agents_terminal(harness, tmp_path):
     assert proc.returncode == 0, stderr
 
 
-async def test_oversized_error_details_still_fail_the_task(harness):
-    agent = Agent("big", agent_id="big-1", target=harness.target, env={})
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_oversized_error_details_still_fail_the_task(harness, transport):
+    agent = Agent("big", agent_id="big-1", target=harness.target, env={}, transport=transport)
 
     @agent.task("big")
     async def big(task: TaskContext) -> None:

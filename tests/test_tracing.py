@@ -20,7 +20,7 @@ from opentelemetry.trace import StatusCode
 from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import workflow_pb2 as wpb
 
-from opscore.agent import Agent, TaskContext
+from opscore.agent import TRANSPORTS, Agent, TaskContext
 from opscore.client import OpsCoreClient, TaskRetry
 from opscore.observability.tracecontext import attempt_traceparent, parse
 from tests.conftest import eventually
@@ -57,12 +57,13 @@ def parent_id(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
 
-async def test_task_trace_across_a_retry_and_a_reconnect(make_harness, spans):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_task_trace_across_a_retry_and_a_reconnect(make_harness, spans, transport):
     h = await make_harness(span_exporter=spans)
     release = asyncio.Event()
     calls: list[int] = []
 
-    agent = Agent("traced", agent_id="tr-1", target=h.target, env={})
+    agent = Agent("traced", agent_id="tr-1", target=h.target, env={}, transport=transport)
 
     @agent.task("trace.me")
     async def handle(ctx: TaskContext) -> dict[str, Any]:
@@ -119,11 +120,16 @@ async def test_task_trace_across_a_retry_and_a_reconnect(make_harness, spans):
         assert attempt.start_time <= handler.start_time
     assert handlers[0].status.status_code == StatusCode.ERROR
     assert any(e.name == "exception" for e in handlers[0].events)
-    # The agent's result calls carry its handler span: the server's RPC spans nest in it.
-    [fail_rpc] = named(mine, "opscore.v1.DispatchService/FailTask")
-    [complete_rpc] = named(mine, "opscore.v1.DispatchService/CompleteTask")
-    assert parent_id(fail_rpc) == handlers[0].context.span_id
-    assert parent_id(complete_rpc) == handlers[1].context.span_id
+    fail_rpcs = named(mine, "opscore.v1.DispatchService/FailTask")
+    complete_rpcs = named(mine, "opscore.v1.DispatchService/CompleteTask")
+    if transport == "subscribe":
+        # The agent's result calls carry its handler span: the server's RPC spans nest in it.
+        [fail_rpc], [complete_rpc] = fail_rpcs, complete_rpcs
+        assert parent_id(fail_rpc) == handlers[0].context.span_id
+        assert parent_id(complete_rpc) == handlers[1].context.span_id
+    else:
+        # The results went on the work stream: no result RPC at all.
+        assert fail_rpcs == [] and complete_rpcs == []
 
     [result] = named(mine, "task.result")
     assert parent_id(result) == enq.context.span_id

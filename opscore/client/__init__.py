@@ -14,7 +14,10 @@ of `opscore.client.errors`, and retry UNAVAILABLE where a call is safe to repeat
 TLS and mTLS: `tls=TLSConfig.from_files(ca=..., cert=..., key=...)` (or the
 `OPSCORE_TLS*` variables; see `opscore.client.tls`).
 
-To run an agent, see `opscore.agent.Agent`.
+To run an agent, see `opscore.agent.Agent`. `OpsCoreClient.connect()` opens an
+agent's work stream (`WorkStream`, with `Outbox` to keep what it sends until
+answered) for those who drive it themselves; the blocking client has no
+equivalent.
 """
 
 from opscore.client import errors
@@ -27,6 +30,7 @@ from opscore.client._client import (
     enqueue_request,
 )
 from opscore.client._sync import OpsCoreClientSync
+from opscore.client._workstream import Outbox, WorkStream
 from opscore.client.convert import to_datetime, to_dict, to_timedelta
 from opscore.client.errors import (
     AlreadyExistsError,
@@ -59,6 +63,7 @@ __all__ = [
     "OpsCoreClient",
     "OpsCoreClientSync",
     "OpsCoreError",
+    "Outbox",
     "Page",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -68,6 +73,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "WorkStream",
     "enqueue_request",
     "errors",
     "to_datetime",

@@ -40,6 +40,7 @@ from opscore_proto.v1 import (
 
 from opscore.client._resume import AgentWatchState
 from opscore.client._tracing import trace_metadata
+from opscore.client._workstream import WorkStream, hello
 from opscore.client.convert import (
     Seconds,
     enum_value,
@@ -744,6 +745,20 @@ class OpsCoreClient:
         ) as stream:
             async for message in stream:
                 yield message
+
+    def connect(
+        self, agent_id: str, *, capabilities: Iterable[str] = (), max_in_flight: int = 1
+    ) -> WorkStream:
+        """The agent's work stream (DispatchService.Connect), not yet open:
+        `await stream.open()` says hello and returns the server's
+        `ConnectAccepted`; then `read()` the ServerMessages (assignments,
+        cancellations, results) and `send()` AgentMessages. Nothing is retried:
+        when it raises `UnavailableError`, open a new one. The proto comments
+        give the rules; `opscore.agent.Agent` follows them for you."""
+        self._ensure_channel()
+        request_id = uuid.uuid4().hex
+        call = self._dispatch.Connect(metadata=self._metadata(request_id))
+        return WorkStream(call, request_id, hello(agent_id, capabilities, max_in_flight))
 
     async def complete_task(
         self, task_id: str, agent_id: str, attempt: int, output: StructLike | None = None

@@ -44,6 +44,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "connection_problem",
+    "error_class",
     "error_from_rpc",
 ]
 
@@ -205,6 +206,11 @@ _CLASS_BY_CODE[grpc.StatusCode.UNKNOWN] = InternalError
 _CLASS_BY_CODE[grpc.StatusCode.DATA_LOSS] = InternalError
 
 
+def error_class(code: grpc.StatusCode) -> type[OpsCoreError]:
+    """The `OpsCoreError` subclass raised for a status code."""
+    return _CLASS_BY_CODE.get(code, OpsCoreError)
+
+
 def _metadata_value(metadata: object, key: str) -> str | bytes | None:
     for item in metadata or ():  # type: ignore[attr-defined]
         k, v = item
@@ -242,7 +248,7 @@ def error_from_rpc(err: grpc.RpcError, *, request_id: str = "", method: str = ""
                 violations.extend(
                     FieldViolation(v.field, v.description) for v in bad.field_violations
                 )
-    cls = _CLASS_BY_CODE.get(code, OpsCoreError)
+    cls = error_class(code)
     return cls(
         message or code.name.replace("_", " ").lower(),
         code=code,

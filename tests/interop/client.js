@@ -46,13 +46,16 @@ function loadPackages(grpc, protoLoader) {
     oneofs: true,
     includeDirs: [path.join(repoRoot, 'protos'), protobufjsDir],
   };
-  const lifecycleDef = protoLoader.loadSync('opscore/v1/lifecycle.proto', options);
+  const opscoreDef = protoLoader.loadSync(
+    ['opscore/v1/lifecycle.proto', 'opscore/v1/dispatch.proto'],
+    options,
+  );
   const healthDef = protoLoader.loadSync(path.join(__dirname, 'health.proto'), {
     ...options,
     includeDirs: [__dirname],
   });
   return {
-    opscore: grpc.loadPackageDefinition(lifecycleDef).opscore.v1,
+    opscore: grpc.loadPackageDefinition(opscoreDef).opscore.v1,
     health: grpc.loadPackageDefinition(healthDef).grpc.health.v1,
   };
 }
@@ -105,7 +108,7 @@ function structGetString(struct, key) {
   return value ? value.stringValue : undefined;
 }
 
-async function run(target) {
+function setup() {
   let grpc;
   let protoLoader;
   try {
@@ -114,12 +117,15 @@ async function run(target) {
   } catch (e) {
     fail('setup', `cannot load @grpc/grpc-js / @grpc/proto-loader (run npm install): ${e.message}`);
   }
-  let pkgs;
   try {
-    pkgs = loadPackages(grpc, protoLoader);
+    return { grpc, pkgs: loadPackages(grpc, protoLoader) };
   } catch (e) {
     fail('load-protos', e.message);
   }
+}
+
+async function run(target) {
+  const { grpc, pkgs } = setup();
 
   const deadlineMs = Number(process.env.INTEROP_DEADLINE_MS || 10000);
   const metadata = new grpc.Metadata();
@@ -208,10 +214,12 @@ async function run(target) {
   }
 }
 
-async function main() {
+// Runs `run(target)` as a program: its report as one JSON line on stdout (exit
+// 0), or `<name> FAILED at <step>: <reason>` on stderr (exit 1).
+async function main(name, run) {
   const target = process.argv[2];
   if (!target) {
-    process.stderr.write('usage: node tests/interop/client.js HOST:PORT\n');
+    process.stderr.write(`usage: node ${path.relative(process.cwd(), process.argv[1])} HOST:PORT\n`);
     process.exit(2);
   }
   try {
@@ -220,9 +228,21 @@ async function main() {
     process.exit(0);
   } catch (e) {
     const step = e instanceof StepError ? e.step : 'unexpected';
-    process.stderr.write(`interop client FAILED at ${step}: ${e.message}\n`);
+    process.stderr.write(`${name} FAILED at ${step}: ${e.message}\n`);
     process.exit(1);
   }
 }
 
-main();
+module.exports = {
+  StepError,
+  channelCredentials,
+  fail,
+  main,
+  setup,
+  structFromStrings,
+  structGetString,
+  unary,
+  waitForReady,
+};
+
+if (require.main === module) main('interop client', run);
