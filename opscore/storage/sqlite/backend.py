@@ -39,12 +39,8 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage.api import Operation
-from opscore.storage.sqlite.store import (
-    Store,
-    clamp_page_size,
-    decode_cursor,
-    encode_cursor,
-)
+from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor
+from opscore.storage.sqlite.store import Store
 from opscore.workflow.models import Session, SessionState, TaskRun
 
 log = logging.getLogger("opscore.storage")

@@ -13,8 +13,6 @@ Reads use a second connection; WAL lets them run beside the writer.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -30,9 +28,8 @@ from typing import Any
 
 import aiosqlite
 
-from opscore import limits
 from opscore.clock import from_micros, to_micros
-from opscore.errors import InvalidArgument, OpsCoreError, ResourceExhausted, Unavailable
+from opscore.errors import OpsCoreError, ResourceExhausted, Unavailable
 from opscore.models import (
     Agent,
     AgentState,
@@ -45,6 +42,7 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
+from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor, fit, nbytes
 from opscore.storage.sqlite.lock import DatabaseLock
 from opscore.workflow.models import RunState, Session, SessionState, TaskRun
 
@@ -554,61 +552,6 @@ def _resolve(batch: _Batch, error: OpsCoreError | None) -> None:
 # --------------------------------------------------------------------------- cursors
 
 
-def encode_cursor(*values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
-
-
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def decode_cursor(token: str, *types: type) -> list[Any]:
-    """The values of a page token this server issued, each of the type given.
-
-    Anything else (forged, truncated, from another list, absurdly large) is the
-    client's mistake and gets INVALID_ARGUMENT, never a crash in the query.
-    """
-    try:
-        if len(token) > limits.MAX_PAGE_TOKEN_CHARS:
-            raise ValueError("too long")
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        values = json.loads(raw)
-        if not isinstance(values, list) or len(values) != len(types):
-            raise ValueError("wrong shape")
-        for value, kind in zip(values, types, strict=True):
-            if type(value) is not kind:
-                raise ValueError("wrong type")
-            if kind is int and not _INT64[0] <= value <= _INT64[1]:
-                raise ValueError("out of range")
-        return values
-    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
-        raise InvalidArgument(
-            "page_token is not one this server issued for this list; pass "
-            "next_page_token unchanged, or leave it empty for the first page",
-            field="page_token",
-        ) from exc
-
-
-def clamp_page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument("page_size must not be negative", field="page_size")
-    return 100 if page_size == 0 else min(page_size, 1000)
-
-
-def _fit(sizes: Iterable[int], budget: int) -> int:
-    """How many leading items fit in `budget` bytes (always at least one)."""
-    used = n = 0
-    for size in sizes:
-        used += size + 64  # the message's own fields, ids and times
-        if n and used > budget:
-            break
-        n += 1
-    return n
-
-
-def _nbytes(*values: bytes | str | None) -> int:
-    return sum(len(v) for v in values if v)
-
-
 def storage_error(exc: BaseException) -> OpsCoreError:
     """The error the calls of a batch that could not commit are answered with."""
     text = str(exc)
@@ -914,7 +857,7 @@ class Store:
         sql += " ORDER BY sequence DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        n = _fit((_nbytes(r[4]) for r in rows[:limit]), budget)
+        n = fit((nbytes(r[4]) for r in rows[:limit]), budget)
         items = [_transition_from_row(r) for r in rows[:n]]
         token = encode_cursor(items[-1].sequence) if len(rows) > n else ""
         return items, token
@@ -955,12 +898,10 @@ class Store:
         params.append(limit + 1 - len(found))
         found += [_attempt_from_row(r) for r in await self._fetchall(sql, params)]
         sizes = (
-            _nbytes(a.progress, a.error.message, a.error.details)
-            if a.error
-            else _nbytes(a.progress)
+            nbytes(a.progress, a.error.message, a.error.details) if a.error else nbytes(a.progress)
             for a in found[:limit]
         )
-        n = _fit(sizes, budget)
+        n = fit(sizes, budget)
         items = found[:n]
         token = encode_cursor(items[-1].attempt) if len(found) > n else ""
         return items, token
@@ -999,7 +940,7 @@ class Store:
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
         # rowid, then _TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
-        n = _fit((_nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
+        n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
         items = [_task_from_row(r[1:]) for r in rows[:n]]
         token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
         return items, token
@@ -1045,7 +986,7 @@ class Store:
             "ORDER BY d.definition_id LIMIT ?",
             [after, limit + 1],
         )
-        n = _fit((len(r[1]) for r in rows[:limit]), budget)
+        n = fit((len(r[1]) for r in rows[:limit]), budget)
         token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
         return [r[1] for r in rows[:n]], token
 
@@ -1115,7 +1056,7 @@ class Store:
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
         # rowid, then _SESSION_COLS: input 5, output 6, error message/details 7/9
-        n = _fit((_nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
+        n = fit((nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
         token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
         return [_session_from_row(r[1:]) for r in rows[:n]], token
 
@@ -1128,5 +1069,5 @@ class Store:
             "ORDER BY sequence LIMIT 1000",
             [session_id, after],
         )
-        n = _fit((len(r[1]) for r in rows), budget)
+        n = fit((len(r[1]) for r in rows), budget)
         return [(r[0], r[1]) for r in rows[:n]]

@@ -1,0 +1,68 @@
+"""Paging shared by the backends: opaque page tokens and pages cut to fit a
+response's byte budget."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from opscore import limits
+from opscore.errors import InvalidArgument
+
+
+def encode_cursor(*values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def decode_cursor(token: str, *types: type) -> list[Any]:
+    """The values of a page token this server issued, each of the type given.
+
+    Anything else (forged, truncated, from another list, absurdly large) is the
+    client's mistake and gets INVALID_ARGUMENT, never a crash in the query.
+    """
+    try:
+        if len(token) > limits.MAX_PAGE_TOKEN_CHARS:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        values = json.loads(raw)
+        if not isinstance(values, list) or len(values) != len(types):
+            raise ValueError("wrong shape")
+        for value, kind in zip(values, types, strict=True):
+            if type(value) is not kind:
+                raise ValueError("wrong type")
+            if kind is int and not _INT64[0] <= value <= _INT64[1]:
+                raise ValueError("out of range")
+        return values
+    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
+        raise InvalidArgument(
+            "page_token is not one this server issued for this list; pass "
+            "next_page_token unchanged, or leave it empty for the first page",
+            field="page_token",
+        ) from exc
+
+
+def clamp_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size must not be negative", field="page_size")
+    return 100 if page_size == 0 else min(page_size, 1000)
+
+
+def fit(sizes: Iterable[int], budget: int) -> int:
+    """How many leading items fit in `budget` bytes (always at least one)."""
+    used = n = 0
+    for size in sizes:
+        used += size + 64  # the message's own fields, ids and times
+        if n and used > budget:
+            break
+        n += 1
+    return n
+
+
+def nbytes(*values: bytes | str | None) -> int:
+    return sum(len(v) for v in values if v)
