@@ -14,50 +14,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from opscore.clock import from_micros, to_micros
+from opscore.clock import to_micros
 from opscore.errors import OpsCoreError, ResourceExhausted, Unavailable
 from opscore.models import (
     Agent,
-    AgentState,
-    AttemptOutcome,
-    RetryPolicy,
     StateTransition,
     Task,
     TaskAttempt,
-    TaskError,
     TaskFilter,
-    TaskState,
 )
 from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor, fit, nbytes
+from opscore.storage.rows import (
+    AGENT_COLS,
+    ATTEMPT_COLS,
+    RUN_COLS,
+    SESSION_COLS,
+    SESSION_NCOLS,
+    TASK_COLS,
+    TASK_MUTABLE,
+    TRANSITION_COLS,
+    agent_from_row,
+    agent_row,
+    attempt_from_row,
+    attempt_row,
+    run_from_row,
+    run_row,
+    session_from_row,
+    session_row,
+    task_from_row,
+    task_row,
+    transition_from_row,
+    transition_row,
+)
 from opscore.storage.sqlite.lock import DatabaseLock
-from opscore.workflow.models import RunState, Session, SessionState, TaskRun
+from opscore.workflow.models import Session, TaskRun
 
 log = logging.getLogger("opscore.storage")
-
-_US = timedelta(microseconds=1)
-
-
-def _us(td: timedelta | None) -> int | None:
-    return None if td is None else td // _US
-
-
-def _td(us: int | None) -> timedelta | None:
-    return None if us is None else us * _US
-
 
 # --------------------------------------------------------------------------- migrations
 
@@ -131,311 +135,12 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
-# --------------------------------------------------------------------------- row codecs
-
-_AGENT_COLS = (
-    "agent_id, name, version, capabilities, contact_endpoint, metadata, state, "
-    "state_details, register_time, state_change_time, last_seen_time, deregistered, "
-    "state_before_offline, history_seq"
-)
-
-
-def _agent_row(a: Agent) -> tuple[Any, ...]:
-    return (
-        a.agent_id,
-        a.name,
-        a.version,
-        json.dumps(list(a.capabilities)),
-        a.contact_endpoint,
-        json.dumps(a.metadata, sort_keys=True),
-        int(a.state),
-        a.state_details,
-        to_micros(a.register_time),
-        to_micros(a.state_change_time),
-        to_micros(a.last_seen_time),
-        int(a.deregistered),
-        int(a.state_before_offline),
-        a.history_seq,
-    )
-
-
-def _agent_from_row(r: Sequence[Any]) -> Agent:
-    return Agent(
-        agent_id=r[0],
-        name=r[1],
-        version=r[2],
-        capabilities=tuple(json.loads(r[3])),
-        contact_endpoint=r[4],
-        metadata=json.loads(r[5]),
-        state=AgentState(r[6]),
-        state_details=r[7],
-        register_time=from_micros(r[8]),  # type: ignore[arg-type]
-        state_change_time=from_micros(r[9]),  # type: ignore[arg-type]
-        last_seen_time=from_micros(r[10]),  # type: ignore[arg-type]
-        deregistered=bool(r[11]),
-        state_before_offline=AgentState(r[12]),
-        history_seq=r[13],
-    )
-
-
-_TRANSITION_COLS = (
-    "agent_id, sequence, from_state, to_state, details, observe_time, record_time, "
-    "source, out_of_order"
-)
-
-
-def _transition_row(t: StateTransition) -> tuple[Any, ...]:
-    return (
-        t.agent_id,
-        t.sequence,
-        int(t.from_state),
-        int(t.to_state),
-        t.details,
-        to_micros(t.observe_time),
-        to_micros(t.record_time),
-        t.source,
-        int(t.out_of_order),
-    )
-
-
-def _transition_from_row(r: Sequence[Any]) -> StateTransition:
-    return StateTransition(
-        agent_id=r[0],
-        sequence=r[1],
-        from_state=AgentState(r[2]),
-        to_state=AgentState(r[3]),
-        details=r[4],
-        observe_time=from_micros(r[5]),  # type: ignore[arg-type]
-        record_time=from_micros(r[6]),  # type: ignore[arg-type]
-        source=r[7],
-        out_of_order=bool(r[8]),
-    )
-
-
-_TASK_FIXED = (
-    "task_id, name, capability, agent_id, input, priority, max_attempts, "
-    "initial_backoff_us, backoff_multiplier, max_backoff_us, timeout_us, "
-    "heartbeat_timeout_us, idempotency_key, session_id, workflow_task_id, create_time"
-)
-_TASK_MUTABLE = (
-    "state",
-    "attempt",
-    "assigned_agent_id",
-    "lease_expire_time",
-    "attempt_deadline",
-    "schedule_time",
-    "output",
-    "error_message",
-    "error_type",
-    "error_details",
-    "progress",
-    "cancel_requested",
-    "update_time",
-    "finish_time",
-    "ready_seq",
-)
-# Added by migration 0004; last, so the positions of the others stay put.
-_TASK_ADDED = "trace_context"
-_TASK_COLS = _TASK_FIXED + ", " + ", ".join(_TASK_MUTABLE) + ", " + _TASK_ADDED
-
-
-def _task_row(t: Task) -> tuple[Any, ...]:
-    rp = t.retry_policy
-    err = t.last_error
-    return (
-        t.task_id,
-        t.name,
-        t.capability,
-        t.agent_id,
-        t.input,
-        t.priority,
-        rp.max_attempts,
-        _us(rp.initial_backoff),
-        rp.backoff_multiplier,
-        _us(rp.max_backoff),
-        _us(t.timeout),
-        _us(t.heartbeat_timeout),
-        t.idempotency_key or None,
-        t.session_id,
-        t.workflow_task_id,
-        to_micros(t.create_time),
-        int(t.state),
-        t.attempt,
-        t.assigned_agent_id,
-        to_micros(t.lease_expire_time),
-        to_micros(t.attempt_deadline),
-        to_micros(t.schedule_time),
-        t.output,
-        err.message if err else None,
-        err.type if err else None,
-        err.details if err else None,
-        t.progress,
-        int(t.cancel_requested),
-        to_micros(t.update_time),
-        to_micros(t.finish_time),
-        t.ready_seq,
-        t.trace_context or None,
-    )
-
-
-def _task_from_row(r: Sequence[Any]) -> Task:
-    return Task(
-        task_id=r[0],
-        name=r[1],
-        capability=r[2],
-        agent_id=r[3],
-        input=r[4],
-        priority=r[5],
-        retry_policy=RetryPolicy(r[6], _td(r[7]), r[8], _td(r[9])),  # type: ignore[arg-type]
-        timeout=_td(r[10]),  # type: ignore[arg-type]
-        heartbeat_timeout=_td(r[11]),
-        idempotency_key=r[12] or "",
-        session_id=r[13],
-        workflow_task_id=r[14],
-        create_time=from_micros(r[15]),  # type: ignore[arg-type]
-        state=TaskState(r[16]),
-        attempt=r[17],
-        assigned_agent_id=r[18],
-        lease_expire_time=from_micros(r[19]),
-        attempt_deadline=from_micros(r[20]),
-        schedule_time=from_micros(r[21]),
-        output=r[22],
-        last_error=TaskError(r[23], r[24] or "", r[25]) if r[23] is not None else None,
-        progress=r[26],
-        cancel_requested=bool(r[27]),
-        update_time=from_micros(r[28]),  # type: ignore[arg-type]
-        finish_time=from_micros(r[29]),
-        ready_seq=r[30],
-        trace_context=r[31] or "",
-    )
-
-
-_SESSION_COLS = (
-    "session_id, definition_id, definition_version, state, input, output, error_message, "
-    "error_type, error_details, agent_id, idempotency_key, create_time, update_time, finish_time, "
-    "trace_context"
-)
-_SESSION_NCOLS = 15
-
-
-def _session_row(x: Session) -> tuple[Any, ...]:
-    err = x.error
-    return (
-        x.session_id,
-        x.definition_id,
-        x.definition_version,
-        int(x.state),
-        x.input,
-        x.output,
-        err.message if err else None,
-        err.type if err else None,
-        err.details if err else None,
-        x.agent_id,
-        x.idempotency_key or None,
-        to_micros(x.create_time),
-        to_micros(x.update_time),
-        to_micros(x.finish_time),
-        x.trace_context or None,
-    )
-
-
-def _session_from_row(r: Sequence[Any]) -> Session:
-    return Session(
-        session_id=r[0],
-        definition_id=r[1],
-        definition_version=r[2],
-        state=SessionState(r[3]),
-        input=r[4],
-        output=r[5],
-        error=TaskError(r[6], r[7] or "", r[8]) if r[6] is not None else None,
-        agent_id=r[9],
-        idempotency_key=r[10] or "",
-        create_time=from_micros(r[11]),  # type: ignore[arg-type]
-        update_time=from_micros(r[12]),  # type: ignore[arg-type]
-        finish_time=from_micros(r[13]),
-        trace_context=r[14] or "",
-    )
-
-
-_RUN_COLS = (
-    "session_id, workflow_task_id, position, task_id, state, attempt, output, error_message, "
-    "error_type, error_details, start_time, finish_time"
-)
-
-
-def _run_row(session_id: str, run: TaskRun) -> tuple[Any, ...]:
-    err = run.error
-    return (
-        session_id,
-        run.workflow_task_id,
-        run.position,
-        run.task_id,
-        int(run.state),
-        run.attempt,
-        run.output,
-        err.message if err else None,
-        err.type if err else None,
-        err.details if err else None,
-        to_micros(run.start_time),
-        to_micros(run.finish_time),
-    )
-
-
-def _run_from_row(r: Sequence[Any]) -> TaskRun:
-    return TaskRun(
-        workflow_task_id=r[1],
-        position=r[2],
-        task_id=r[3],
-        state=RunState(r[4]),
-        attempt=r[5],
-        output=r[6],
-        error=TaskError(r[7], r[8] or "", r[9]) if r[7] is not None else None,
-        start_time=from_micros(r[10]),
-        finish_time=from_micros(r[11]),
-    )
-
-
-_ATTEMPT_COLS = (
-    "task_id, attempt, agent_id, outcome, assign_time, end_time, error_message, error_type, "
-    "error_details, progress"
-)
-
-
-def _attempt_row(a: TaskAttempt) -> tuple[Any, ...]:
-    err = a.error
-    return (
-        a.task_id,
-        a.attempt,
-        a.agent_id,
-        int(a.outcome),
-        to_micros(a.assign_time),
-        to_micros(a.end_time),
-        err.message if err else None,
-        err.type if err else None,
-        err.details if err else None,
-        a.progress,
-    )
-
-
-def _attempt_from_row(r: Sequence[Any]) -> TaskAttempt:
-    return TaskAttempt(
-        task_id=r[0],
-        attempt=r[1],
-        agent_id=r[2],
-        outcome=AttemptOutcome(r[3]),
-        assign_time=from_micros(r[4]),  # type: ignore[arg-type]
-        end_time=from_micros(r[5]),
-        error=TaskError(r[6], r[7] or "", r[8]) if r[6] is not None else None,
-        progress=r[9],
-    )
-
-
 # --------------------------------------------------------------------------- tables
 
 # Upsert statements by table, in the order a batch applies them.
 _UPSERT_SQL: dict[str, str] = {
     "agents": (
-        f"INSERT INTO agents ({_AGENT_COLS}) VALUES ({', '.join('?' * 14)}) "
+        f"INSERT INTO agents ({AGENT_COLS}) VALUES ({', '.join('?' * 14)}) "
         "ON CONFLICT(agent_id) DO UPDATE SET "
         + ", ".join(
             f"{c} = excluded.{c}"
@@ -456,9 +161,9 @@ _UPSERT_SQL: dict[str, str] = {
         )
     ),
     "tasks": (
-        f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 32)}) "
+        f"INSERT INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 32)}) "
         "ON CONFLICT(task_id) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in _TASK_MUTABLE)
+        + ", ".join(f"{c} = excluded.{c}" for c in TASK_MUTABLE)
     ),
 }
 _UPSERT_SQL.update(
@@ -468,7 +173,7 @@ _UPSERT_SQL.update(
             "(definition_id, version, body, content_hash, create_time) VALUES (?, ?, ?, ?, ?)"
         ),
         "sessions": (
-            f"INSERT INTO sessions ({_SESSION_COLS}) VALUES ({', '.join('?' * _SESSION_NCOLS)}) "
+            f"INSERT INTO sessions ({SESSION_COLS}) VALUES ({', '.join('?' * SESSION_NCOLS)}) "
             "ON CONFLICT(session_id) DO UPDATE SET "
             + ", ".join(
                 f"{c} = excluded.{c}"
@@ -485,16 +190,16 @@ _UPSERT_SQL.update(
         ),
         "session_definitions": "INSERT OR IGNORE INTO session_definitions VALUES (?, ?)",
         "session_task_runs": (
-            f"INSERT OR REPLACE INTO session_task_runs ({_RUN_COLS}) VALUES ({', '.join('?' * 12)})"
+            f"INSERT OR REPLACE INTO session_task_runs ({RUN_COLS}) VALUES ({', '.join('?' * 12)})"
         ),
         "task_attempts": (
-            f"INSERT OR REPLACE INTO task_attempts ({_ATTEMPT_COLS}) VALUES ({', '.join('?' * 10)})"
+            f"INSERT OR REPLACE INTO task_attempts ({ATTEMPT_COLS}) VALUES ({', '.join('?' * 10)})"
         ),
     }
 )
 _APPEND_SQL: dict[str, str] = {
     "agent_transitions": (
-        f"INSERT INTO agent_transitions ({_TRANSITION_COLS}) VALUES ({', '.join('?' * 9)})"
+        f"INSERT INTO agent_transitions ({TRANSITION_COLS}) VALUES ({', '.join('?' * 9)})"
     ),
     "session_events": "INSERT INTO session_events (session_id, sequence, body) VALUES (?, ?, ?)",
 }
@@ -784,17 +489,17 @@ class Store:
     # ---- write API (record now, durable after `await commit()`)
 
     def put_agent(self, agent: Agent) -> None:
-        self._pending.upserts["agents"][agent.agent_id] = _agent_row(agent)
+        self._pending.upserts["agents"][agent.agent_id] = agent_row(agent)
 
     def add_transition(self, t: StateTransition) -> None:
-        self._pending.appends["agent_transitions"].append(_transition_row(t))
+        self._pending.appends["agent_transitions"].append(transition_row(t))
 
     def put_task(self, task: Task) -> None:
-        self._pending.upserts["tasks"][task.task_id] = _task_row(task)
+        self._pending.upserts["tasks"][task.task_id] = task_row(task)
 
     def put_attempt(self, attempt: TaskAttempt) -> None:
         key = (attempt.task_id, attempt.attempt)
-        self._pending.upserts["task_attempts"][key] = _attempt_row(attempt)
+        self._pending.upserts["task_attempts"][key] = attempt_row(attempt)
 
     def put_definition(
         self, definition_id: str, version: int, body: bytes, content_hash: str, create_time: Any
@@ -815,14 +520,14 @@ class Store:
         self._pending.deletes["workflow_definitions"][key] = key
 
     def put_session(self, session: Session) -> None:
-        self._pending.upserts["sessions"][session.session_id] = _session_row(session)
+        self._pending.upserts["sessions"][session.session_id] = session_row(session)
 
     def put_session_definition(self, session_id: str, body: bytes) -> None:
         self._pending.upserts["session_definitions"][session_id] = (session_id, body)
 
     def put_run(self, session_id: str, run: TaskRun) -> None:
         key = (session_id, run.workflow_task_id)
-        self._pending.upserts["session_task_runs"][key] = _run_row(session_id, run)
+        self._pending.upserts["session_task_runs"][key] = run_row(session_id, run)
 
     def add_session_event(self, session_id: str, sequence: int, body: bytes) -> None:
         self._pending.appends["session_events"].append((session_id, sequence, body))
@@ -834,22 +539,22 @@ class Store:
         return list(await self._reader.execute_fetchall(sql, tuple(params)))
 
     async def load_agents(self) -> list[Agent]:
-        rows = await self._fetchall(f"SELECT {_AGENT_COLS} FROM agents")
-        return [_agent_from_row(r) for r in rows]
+        rows = await self._fetchall(f"SELECT {AGENT_COLS} FROM agents")
+        return [agent_from_row(r) for r in rows]
 
     async def get_transition(self, agent_id: str, sequence: int) -> StateTransition | None:
         rows = await self._fetchall(
-            f"SELECT {_TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ? AND sequence = ?",
+            f"SELECT {TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ? AND sequence = ?",
             [agent_id, sequence],
         )
-        return _transition_from_row(rows[0]) if rows else None
+        return transition_from_row(rows[0]) if rows else None
 
     async def list_transitions(
         self, agent_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[StateTransition], str]:
         limit = clamp_page_size(page_size)
         before = decode_cursor(page_token, int)[0] if page_token else None
-        sql = f"SELECT {_TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ?"
+        sql = f"SELECT {TRANSITION_COLS} FROM agent_transitions WHERE agent_id = ?"
         params: list[Any] = [agent_id]
         if before is not None:
             sql += " AND sequence < ?"
@@ -858,21 +563,21 @@ class Store:
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
         n = fit((nbytes(r[4]) for r in rows[:limit]), budget)
-        items = [_transition_from_row(r) for r in rows[:n]]
+        items = [transition_from_row(r) for r in rows[:n]]
         token = encode_cursor(items[-1].sequence) if len(rows) > n else ""
         return items, token
 
     async def load_open_tasks(self) -> list[Task]:
-        rows = await self._fetchall(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN (1, 2, 3)")
-        return [_task_from_row(r) for r in rows]
+        rows = await self._fetchall(f"SELECT {TASK_COLS} FROM tasks WHERE state IN (1, 2, 3)")
+        return [task_from_row(r) for r in rows]
 
     async def max_ready_seq(self) -> int:
         rows = await self._fetchall("SELECT COALESCE(MAX(ready_seq), 0) FROM tasks")
         return int(rows[0][0])
 
     async def get_task(self, task_id: str) -> Task | None:
-        rows = await self._fetchall(f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", [task_id])
-        return _task_from_row(rows[0]) if rows else None
+        rows = await self._fetchall(f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", [task_id])
+        return task_from_row(rows[0]) if rows else None
 
     async def list_attempts(
         self,
@@ -889,14 +594,14 @@ class Store:
         found: list[TaskAttempt] = []
         if running is not None and (before is None or running.attempt < before):
             found.append(running)
-        sql = f"SELECT {_ATTEMPT_COLS} FROM task_attempts WHERE task_id = ?"
+        sql = f"SELECT {ATTEMPT_COLS} FROM task_attempts WHERE task_id = ?"
         params: list[Any] = [task_id]
         if before is not None:
             sql += " AND attempt < ?"
             params.append(before)
         sql += " ORDER BY attempt DESC LIMIT ?"
         params.append(limit + 1 - len(found))
-        found += [_attempt_from_row(r) for r in await self._fetchall(sql, params)]
+        found += [attempt_from_row(r) for r in await self._fetchall(sql, params)]
         sizes = (
             nbytes(a.progress, a.error.message, a.error.details) if a.error else nbytes(a.progress)
             for a in found[:limit]
@@ -908,9 +613,9 @@ class Store:
 
     async def get_task_by_idempotency_key(self, key: str) -> Task | None:
         rows = await self._fetchall(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE idempotency_key = ?", [key]
+            f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key = ?", [key]
         )
-        return _task_from_row(rows[0]) if rows else None
+        return task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
         self, flt: TaskFilter, page_size: int, page_token: str, budget: int
@@ -933,15 +638,15 @@ class Store:
         if flt.session_id:
             where.append("session_id = ?")
             params.append(flt.session_id)
-        sql = f"SELECT rowid, {_TASK_COLS} FROM tasks"
+        sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY rowid DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        # rowid, then _TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
+        # rowid, then TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
-        items = [_task_from_row(r[1:]) for r in rows[:n]]
+        items = [task_from_row(r[1:]) for r in rows[:n]]
         token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
         return items, token
 
@@ -993,45 +698,45 @@ class Store:
     async def load_open_sessions(self) -> list[tuple[Session, bytes, int]]:
         """Sessions still running, each with its definition and last event sequence."""
         rows = await self._fetchall(
-            f"SELECT {_SESSION_COLS}, "
+            f"SELECT {SESSION_COLS}, "
             "(SELECT body FROM session_definitions d WHERE d.session_id = s.session_id), "
             "(SELECT COALESCE(MAX(sequence), 0) FROM session_events e "
             " WHERE e.session_id = s.session_id) "
             "FROM sessions s WHERE state IN (1, 2)"
         )
         out = []
-        n = _SESSION_NCOLS
+        n = SESSION_NCOLS
         for r in rows:
-            session = _session_from_row(r[:n])
+            session = session_from_row(r[:n])
             session.runs = await self.load_runs(session.session_id)
             out.append((session, r[n], r[n + 1]))
         return out
 
     async def load_runs(self, session_id: str) -> dict[str, TaskRun]:
         rows = await self._fetchall(
-            f"SELECT {_RUN_COLS} FROM session_task_runs WHERE session_id = ? ORDER BY position",
+            f"SELECT {RUN_COLS} FROM session_task_runs WHERE session_id = ? ORDER BY position",
             [session_id],
         )
-        return {r[1]: _run_from_row(r) for r in rows}
+        return {r[1]: run_from_row(r) for r in rows}
 
     async def get_session(self, session_id: str, *, with_runs: bool = True) -> Session | None:
         rows = await self._fetchall(
-            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", [session_id]
+            f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = ?", [session_id]
         )
         if not rows:
             return None
-        session = _session_from_row(rows[0])
+        session = session_from_row(rows[0])
         if with_runs:
             session.runs = await self.load_runs(session_id)
         return session
 
     async def get_session_by_key(self, key: str) -> Session | None:
         rows = await self._fetchall(
-            f"SELECT {_SESSION_COLS} FROM sessions WHERE idempotency_key = ?", [key]
+            f"SELECT {SESSION_COLS} FROM sessions WHERE idempotency_key = ?", [key]
         )
         if not rows:
             return None
-        session = _session_from_row(rows[0])
+        session = session_from_row(rows[0])
         session.runs = await self.load_runs(session.session_id)
         return session
 
@@ -1049,16 +754,16 @@ class Store:
         if definition_id:
             where.append("definition_id = ?")
             params.append(definition_id)
-        sql = f"SELECT rowid, {_SESSION_COLS} FROM sessions"
+        sql = f"SELECT rowid, {SESSION_COLS} FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY rowid DESC LIMIT ?"
         params.append(limit + 1)
         rows = await self._fetchall(sql, params)
-        # rowid, then _SESSION_COLS: input 5, output 6, error message/details 7/9
+        # rowid, then SESSION_COLS: input 5, output 6, error message/details 7/9
         n = fit((nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
         token = encode_cursor(rows[n - 1][0]) if len(rows) > n else ""
-        return [_session_from_row(r[1:]) for r in rows[:n]], token
+        return [session_from_row(r[1:]) for r in rows[:n]], token
 
     async def list_session_events(
         self, session_id: str, after: int, budget: int
