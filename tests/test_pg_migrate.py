@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -339,3 +340,34 @@ async def test_replica_tables(db: asyncpg.Connection):
     assert [tuple(r) for r in await db.fetch("SELECT replica_id, agent_id FROM agent_streams")] == [
         ("r2", "a1")
     ]
+
+
+async def test_a_migrated_copy_is_at_the_latest_schema(pg: PgCluster, pg_migrated_url: str):
+    conn = await connect(PgSettings.from_url(pg_migrated_url))
+    try:
+        assert await schema_version(conn) == SCHEMA_VERSION
+        assert (await migrate(conn)).applied == ()
+        copy = await catalog(conn)
+    finally:
+        await conn.close()
+    name = pg.create_database()
+    try:
+        conn = await connect(PgSettings.from_url(pg.url(name)))
+        try:
+            await migrate(conn)
+            assert await catalog(conn) == copy
+        finally:
+            await conn.close()
+    finally:
+        pg.drop_database(name)
+
+
+async def test_an_edited_migration_is_logged(
+    db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+):
+    await migrate(db)
+    await db.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 2")
+    with caplog.at_level(logging.WARNING, logger="opscore.storage.postgres"):
+        assert (await migrate(db)).version == SCHEMA_VERSION
+    warned = [r for r in caplog.records if "differs from the one shipped" in r.getMessage()]
+    assert [getattr(r, "applied", None) for r in warned] == ["0002_dispatch.sql"]

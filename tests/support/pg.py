@@ -6,8 +6,10 @@
         pg.restart()                      # pg_ctl restart -m immediate: an outage
         pg.stop(); pg.start()             # a longer one
 
-Tests use the fixtures instead: `pg` (the cluster, started once per session) and
-`pg_url` (a fresh, empty database per test, dropped afterwards). They are plain
+Tests use the fixtures instead: `pg` (the cluster, started once per session),
+`pg_url` (a fresh, empty database per test, dropped afterwards) and
+`pg_migrated_url` (the same, already at the latest schema: a copy of a template
+migrated once per session). They are plain
 pytest fixtures, registered for the whole suite by tests/conftest.py
 (`pytest_plugins`). Never import them into a test module: pytest would make that
 module a session fixture of its own, and so a second cluster.
@@ -27,6 +29,7 @@ and the temp dir is handed to it; otherwise as the current user.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -37,11 +40,14 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
 
+from opscore.storage.postgres.migrate import migrate
+from opscore.storage.postgres.pool import PgSettings, connect
 from tests.support.procserver import free_port
 
 SUPERUSER = "postgres"
@@ -101,6 +107,7 @@ class PgCluster:
         self.host = "127.0.0.1"
         self.port = 0
         self.root: Path | None = None
+        self._migrated_template: str | None = None
         self._as: list[str] = []
         if os.geteuid() == 0:
             try:
@@ -218,6 +225,7 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+            self._migrated_template = None
 
     @property
     def running(self) -> bool:
@@ -245,6 +253,25 @@ class PgCluster:
         _check_identifier(template)
         self.sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return name
+
+    def create_migrated_database(self) -> str:
+        """A database at the latest PostgreSQL schema: a copy of a template migrated
+        once per cluster (CREATE DATABASE copies it in milliseconds)."""
+        if self._migrated_template is None:
+
+            async def build(url: str) -> None:
+                conn = await connect(PgSettings.from_url(url))
+                try:
+                    await migrate(conn)
+                finally:
+                    await conn.close()
+
+            name = self.create_database(f"opscore_template_{os.getpid()}")
+            # Run in a thread: the caller may be inside a running event loop.
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, build(self.url(name))).result()
+            self._migrated_template = name
+        return self.create_database(template=self._migrated_template)
 
     def drop_database(self, name: str) -> None:
         _check_identifier(name)
@@ -373,6 +400,18 @@ def pg_url(pg: PgCluster) -> Iterator[str]:
     if not pg.running:
         pg.start()  # a previous test stopped it and failed before starting it again
     name = pg.create_database()
+    yield pg.url(name)
+    if not pg.running:
+        pg.start()
+    pg.drop_database(name)
+
+
+@pytest.fixture
+def pg_migrated_url(pg: PgCluster) -> Iterator[str]:
+    """A fresh database already at the latest PostgreSQL schema, dropped after the test."""
+    if not pg.running:
+        pg.start()
+    name = pg.create_migrated_database()
     yield pg.url(name)
     if not pg.running:
         pg.start()
