@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import eventually
 from tests.support.pg import (
     SERVER_USER,
     PgCluster,
@@ -84,3 +87,33 @@ def test_binaries_are_found_off_the_path(monkeypatch: pytest.MonkeyPatch) -> Non
     found = find_bindir()
     assert found is not None and (found / "initdb").exists()
     assert Path("/usr/lib/postgresql") in found.parents
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_a_killed_test_process_leaves_no_server_behind() -> None:
+    script = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "from tests.support.pg import PgCluster\n"
+        "c = PgCluster().start()\n"
+        "pid = (c.data_dir / 'postmaster.pid').read_text().split()[0]\n"
+        "print(c.root, pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == -9, err.decode()
+    root, pid = out.decode().split()
+
+    def gone() -> bool:
+        try:  # a zombie (exited, not yet reaped by init) counts as gone
+            running = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            running = False
+        return not running and not Path(root).exists()
+
+    await eventually(gone, timeout=30, what="the orphaned cluster to be stopped and removed")

@@ -37,6 +37,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -71,6 +72,16 @@ SETTINGS: dict[str, str] = {
 }
 
 _names = itertools.count(1)
+
+# Runs beside the test process: when that process is gone, however it went (a
+# SIGKILL, a CI timeout), the pipe it held closes and this stops the cluster and
+# deletes it, so no server outlives its tests. Waits on the pipe, not a timer.
+_REAPER = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[2:], capture_output=True, timeout=120)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
 
 
 def find_bindir() -> Path | None:
@@ -108,6 +119,7 @@ class PgCluster:
         self.port = 0
         self.root: Path | None = None
         self._migrated_template: str | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         self._as: list[str] = []
         if os.geteuid() == 0:
             try:
@@ -144,6 +156,29 @@ class PgCluster:
         if self.root is not None:
             return self
         self.root = Path(tempfile.mkdtemp(prefix="opscore-pg-"))
+        self._reaper = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _REAPER,
+                str(self.root),
+                *self._as,
+                str(self.bindir / "pg_ctl"),
+                "stop",
+                "-D",
+                str(self.data_dir),
+                "-m",
+                "immediate",
+                "-w",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            # Out of the terminal's process group: a Ctrl-C reaches pytest, whose
+            # teardown stops the cluster; the reaper stays for what that misses.
+            start_new_session=True,
+        )
         self.socket_dir.mkdir()
         if self._as:
             entry = pwd.getpwnam(SERVER_USER)
@@ -226,6 +261,17 @@ class PgCluster:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
             self._migrated_template = None
+            self._release_reaper()
+
+    def _release_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and reaper.stdin is not None:
+            reaper.stdin.close()  # it finds nothing left to do and exits
+            try:
+                reaper.wait(timeout=COMMAND_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
 
     @property
     def running(self) -> bool:
