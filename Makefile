@@ -7,11 +7,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := node_modules/.installed-stamp
 
-.PHONY: help install run test lint protos protos-check bench chaos clean
+.PHONY: help install run test lint protos protos-check bench chaos clean postgres
 
 help:
 	@echo "make run          serve on 127.0.0.1:50051 (db ./opscore.db, text logs); installs first"
-	@echo "make test         lint + full test suite; installs first"
+	@echo "make test         lint + full test suite; installs first (PostgreSQL too)"
 	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
 	@echo "make protos       regenerate generated/ from protos/"
 	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run)"
@@ -45,8 +45,23 @@ lint: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The PostgreSQL tests start a throwaway cluster of their own (tests/support/pg.py)
+# with Debian's server binaries: initdb on the PATH or under /usr/lib/postgresql.
+# Without them (and root), Debian's postgresql is installed; its own cluster is
+# never used.
+postgres:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq postgresql || (apt-get update -qq && apt-get install -y -qq postgresql); \
+	  else \
+	    echo "postgres: initdb not found and not root: install Debian's postgresql (apt-get install postgresql)"; \
+	    exit 1; \
+	  fi; \
+	fi
 
 BENCH_STAMP := $(VENV)/.bench-installed-stamp
 

@@ -24,6 +24,9 @@ from opscore_proto.v1 import (
 from opscore.config import Config
 from opscore.server import OpsCoreServer
 
+# The throwaway PostgreSQL cluster (`pg`, `pg_url`), one per session.
+pytest_plugins = ["tests.support.pg"]
+
 T = TypeVar("T")
 
 
