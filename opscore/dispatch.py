@@ -250,6 +250,7 @@ class DispatchEngine:
         storage.subscribe("ready", self._on_ready_elsewhere)
         storage.subscribe("cancel", self._on_cancel_elsewhere)
         storage.subscribe("released", self._on_released_elsewhere)
+        storage.subscribe("rescan", self._rescan)
 
     def _clear(self) -> None:
         self._subs_by_agent: dict[str, set[Subscription]] = {}
@@ -1037,6 +1038,24 @@ class DispatchEngine:
                     await self._fill(tx, sub)
 
         self.storage.spawn(op, what="take ready tasks")
+
+    def _rescan(self, _payload: str) -> None:
+        """Notifications may have been missed (the storage lost them while it
+        reconnected): every stream here looks again at its agent and the queues."""
+        subs = [s for group in self._subs_by_agent.values() for s in group if not s.closed]
+        if not subs:
+            return
+
+        async def op(tx: Tx) -> None:
+            with tx.atomic():
+                for sub in subs:
+                    agent = await tx.agent(sub.agent.agent_id, wait=False)
+                    if agent is not None:
+                        sub.agent = agent
+                    self._refresh(sub)
+                    await self._fill(tx, sub)
+
+        self.storage.spawn(op, what="rescan after lost notifications")
 
     def _on_cancel_elsewhere(self, payload: str) -> None:
         """Another server cancelled a task whose lease a stream here holds."""

@@ -261,8 +261,12 @@ class LifecycleEngine:
 
     async def touch(self, tx: Tx, agent_id: str) -> None:
         """A sign of life from the agent (a call naming it). Inside the caller's
-        atomic change."""
-        agent = await tx.agent(agent_id)
+        atomic change. An agent with a stream open here is live regardless, so the
+        hot path (task results on a work stream) does nothing at all; otherwise a
+        touch never waits for another operation holding the agent."""
+        if tx.streams_here(agent_id):
+            return
+        agent = await tx.agent(agent_id, wait=False)
         if agent is not None:
             await self._touch(tx, agent)
 
@@ -397,10 +401,20 @@ class LifecycleEngine:
         tx.after_commit(done)
 
     def _on_event_elsewhere(self, payload: str) -> None:
-        """An agent event committed by another server: tell the watchers here."""
+        """An agent event committed by another server: the streams of that agent
+        here follow it (its state gates their work), and the watchers here see it."""
+        agent_id, kind, seq = payload.split(" ")
+        if self.storage.streams_here(agent_id):
+
+            async def follow(tx: Tx) -> None:
+                agent = await tx.agent(agent_id)
+                if agent is not None:
+                    with tx.atomic():
+                        await self._notify(tx, AgentEventType(int(kind)), agent)
+
+            self.storage.spawn(follow, what="follow an agent changed elsewhere")
         if not len(self.events):
             return
-        agent_id, kind, seq = payload.split(" ")
 
         async def show() -> None:
             agent = await self.storage.read_agent(agent_id)

@@ -11,6 +11,7 @@ from typing import Any
 
 from opscore import limits
 from opscore.errors import InvalidArgument
+from opscore.models import Agent
 
 
 def encode_cursor(*values: Any) -> str:
@@ -66,3 +67,17 @@ def fit(sizes: Iterable[int], budget: int) -> int:
 
 def nbytes(*values: bytes | str | None) -> int:
     return sum(len(v) for v in values if v)
+
+
+def agent_size(a: Agent) -> int:
+    """About what an Agent message takes on the wire, to cut pages to fit."""
+    return (
+        200
+        + len(a.agent_id)
+        + len(a.name)
+        + len(a.version)
+        + len(a.contact_endpoint)
+        + sum(len(c) + 2 for c in a.capabilities)
+        + sum(len(k) + len(val) + 4 for k, val in a.metadata.items())
+        + len(a.state_details or b"")
+    )

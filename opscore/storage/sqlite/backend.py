@@ -39,7 +39,7 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage.api import Operation
-from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor
+from opscore.storage.pages import agent_size, clamp_page_size, decode_cursor, encode_cursor
 from opscore.storage.sqlite.store import Store
 from opscore.workflow.models import Session, SessionState, TaskRun
 
@@ -352,6 +352,10 @@ class SQLiteStorage:
         agent = self.agents.get(agent_id)
         return dataclasses.replace(agent, metadata=dict(agent.metadata)) if agent else None
 
+    def streams_here(self, agent_id: str) -> int:
+        agent = self.agents.get(agent_id)
+        return agent.open_subscriptions if agent is not None else 0
+
     async def read_transition(self, agent_id: str, sequence: int) -> StateTransition | None:
         return await self.store.get_transition(agent_id, sequence)
 
@@ -524,8 +528,11 @@ class _Tx:
 
     # ---- agents
 
-    async def agent(self, agent_id: str) -> Agent | None:
+    async def agent(self, agent_id: str, *, wait: bool = True) -> Agent | None:
         return self._s.agents.get(agent_id)
+
+    def streams_here(self, agent_id: str) -> int:
+        return self._s.streams_here(agent_id)
 
     def put_agent(self, agent: Agent) -> None:
         s = self._s
@@ -665,17 +672,3 @@ def _due_time(task: Task) -> datetime | None:
 def _session_snapshot(session: Session, with_runs: bool) -> Session:
     runs = {k: dataclasses.replace(r) for k, r in session.runs.items()} if with_runs else {}
     return dataclasses.replace(session, runs=runs)
-
-
-def agent_size(a: Agent) -> int:
-    """About what an Agent message takes on the wire, to cut pages to fit."""
-    return (
-        200
-        + len(a.agent_id)
-        + len(a.name)
-        + len(a.version)
-        + len(a.contact_endpoint)
-        + sum(len(c) + 2 for c in a.capabilities)
-        + sum(len(k) + len(val) + 4 for k, val in a.metadata.items())
-        + len(a.state_details or b"")
-    )
