@@ -114,7 +114,6 @@ async def test_from_scratch_in_one_go_equals_step_by_step(pg: PgCluster, db: asy
         "session_events",
         "task_attempts",
         "replicas",
-        "leases",
         "agent_streams",
         "schema_migrations",
     } <= tables
@@ -230,7 +229,7 @@ async def test_schema_mirrors_every_sqlite_table_and_column(db: asyncpg.Connecti
     assert sqlite_cols - pg_cols == set(), "SQLite columns missing in PostgreSQL"
     # What only PostgreSQL has: the replicas' tables, the history, listing order.
     extra = {t for t, _ in pg_cols - sqlite_cols}
-    only_pg = {"replicas", "leases", "agent_streams", "schema_migrations"}
+    only_pg = {"replicas", "agent_streams", "schema_migrations"}
     # 0004 (task_attempts, trace_context) is mirrored ahead of its SQLite migration,
     # which arrives with the observability branch.
     observability = (
@@ -242,6 +241,8 @@ async def test_schema_mirrors_every_sqlite_table_and_column(db: asyncpg.Connecti
         ("sessions", "seq"),
         ("tasks", "trace_context"),
         ("sessions", "trace_context"),
+        # Which replicas' cached copies of a running session are current.
+        ("sessions", "version"),
     }
 
 
@@ -328,15 +329,14 @@ async def test_replica_tables(db: asyncpg.Connection):
     assert (
         await db.fetchval("SELECT heartbeat_time FROM replicas WHERE replica_id = 'r1'") >= now_us
     )
-    await db.execute("INSERT INTO leases VALUES ('leader', 'r1', 0, opscore_now_us() + 10000000)")
     await db.execute("INSERT INTO agent_streams VALUES ('r1', 'a1', 2), ('r2', 'a1', 1)")
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute("INSERT INTO agent_streams VALUES ('r2', 'a2', 0)")
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await db.execute("INSERT INTO agent_streams VALUES ('r9', 'a2', 1)")
-    # A dead replica's row goes: its leases and stream records go with it.
+    # A dead replica's row goes: its stream records go with it.
     await db.execute("DELETE FROM replicas WHERE replica_id = 'r1'")
-    assert await db.fetchval("SELECT count(*) FROM leases") == 0
+    assert await db.fetchval("SELECT to_regclass('leases')") is None  # dropped by 0006
     assert [tuple(r) for r in await db.fetch("SELECT replica_id, agent_id FROM agent_streams")] == [
         ("r2", "a1")
     ]
