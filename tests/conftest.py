@@ -1,5 +1,10 @@
 """Test harness: a real in-process grpc.aio server on an ephemeral port, with a real
-SQLite file in tmp_path. Nothing of our own is mocked."""
+SQLite file in tmp_path, or a fresh database of the suite's real PostgreSQL
+cluster. Nothing of our own is mocked.
+
+A module (or test) marked `@pytest.mark.backends("sqlite", "postgres")` runs on
+each backend named; everything else runs on SQLite. A test inside such a module
+that looks at one backend's internals narrows the mark again."""
 
 from __future__ import annotations
 
@@ -90,9 +95,38 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     return replace(base, **overrides)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run the test on each storage backend named"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None:
+        metafunc.parametrize("backend", marker.args, indirect=True)
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend under test: "sqlite" unless the test is parametrized."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """--db for the backend under test: a file in tmp_path, or a fresh migrated
+    PostgreSQL database (dropped after the test)."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg_migrated_url"))
+    return str(tmp_path / "opscore.db")
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str) -> Config:
+    return make_config(tmp_path, db=db_url)
 
 
 @pytest.fixture
@@ -106,10 +140,13 @@ async def harness(config: Config) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
-async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+async def make_harness(
+    tmp_path: Path, db_url: str
+) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     made: list[Harness] = []
 
     async def make(span_exporter: Any = None, **overrides: Any) -> Harness:
+        overrides.setdefault("db", db_url)
         h = Harness(make_config(tmp_path, **overrides), span_exporter)
         made.append(h)
         return await h.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf import json_format
 from opscore_proto.v1 import common_pb2
 from opscore_proto.v1 import dispatch_pb2 as pb
@@ -15,6 +16,9 @@ from opscore.client import OpsCoreClient
 from tests.conftest import Harness, eventually, expect_error
 from tests.test_cli import opscore
 from tests.test_dispatch import assignment, complete, dur, enqueue, get, struct, subscribe
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 OUT = pb.TaskAttemptOutcome
 
@@ -105,10 +109,12 @@ async def test_agent_offline_and_deregistered_end_attempts(make_harness):
     sub = await subscribe(h, "gone")
     await assignment(sub)
     await sub.close()  # the stream ends; no further sign of life: OFFLINE after 300 ms
-    await eventually(
-        lambda: h.server.storage.agents["gone"].state == lpb.AGENT_STATE_OFFLINE,
-        what="agent OFFLINE",
-    )
+
+    async def offline() -> bool:
+        got = await h.lifecycle.GetAgent(lpb.GetAgentRequest(agent_id="gone"))
+        return got.agent.state == lpb.AGENT_STATE_OFFLINE
+
+    await eventually(offline, what="agent OFFLINE")
     sub2 = await subscribe(h, "dereg")
     second = await assignment(sub2)
     assert second.attempt == 2

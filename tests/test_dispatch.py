@@ -15,6 +15,9 @@ from opscore_proto.v1 import lifecycle_pb2 as lpb
 
 from tests.conftest import Harness, StreamReader, eventually, expect_error
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+
 TS = pb.TaskState
 
 
@@ -766,6 +769,7 @@ async def test_cancellation_arrives_before_the_task_that_takes_its_slot(harness)
     await sub.close()
 
 
+@pytest.mark.backends("sqlite")  # holds SQLite's write lock to stall the commit
 async def test_a_cancelled_call_does_not_fail_the_others_in_its_commit(harness):
     """Calls share one commit; a client giving up on one must not cancel the rest."""
     import sqlite3

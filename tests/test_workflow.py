@@ -16,6 +16,9 @@ from opscore.errors import ConfigError
 from tests.conftest import Harness, StreamReader, eventually, expect_error, make_config
 from tests.support.worker import Fail, Worker
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+
 SS = pb.SessionState
 RS = pb.TaskRunState
 E = pb.SessionEventType

@@ -20,6 +20,9 @@ from opscore_proto.v1 import lifecycle_pb2 as lpb
 from tests.conftest import Harness, eventually, expect_error
 from tests.test_dispatch import dur, enqueue, struct, subscribe
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+
 TS = pb.TaskState
 OK = 0
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
