@@ -75,7 +75,7 @@ import random
 import signal
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -413,9 +413,11 @@ class Agent:
     `name`, `version`, `metadata` and `contact_endpoint` describe the agent in
     the registry. `agent_id` should be stable across restarts of the same
     agent (default `$OPSCORE_AGENT_ID`; when neither is set the server
-    generates one on each start). `target` and `api_key` default to
-    `$OPSCORE_TARGET` and `$OPSCORE_API_KEY`, `tls` (a `TLSConfig`, True or
-    False) to the `OPSCORE_TLS*` variables; pass `client` to use one you
+    generates one on each start). `target` (HOST:PORT, or several replicas as a
+    list or comma-separated: the agent moves to the next one when its replica is
+    unavailable) and `api_key` default to `$OPSCORE_TARGET` and
+    `$OPSCORE_API_KEY`, `tls` (a `TLSConfig`, True or False) to the
+    `OPSCORE_TLS*` variables; pass `client` to use one you
     manage instead. `max_in_flight` is how many tasks run at once.
     `shutdown_timeout` is how long a graceful shutdown waits for running
     tasks. `liveness_interval` is how often the agent proves it is alive while
@@ -436,7 +438,7 @@ class Agent:
         name: str = "",
         *,
         agent_id: str | None = None,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         api_key: str | None = None,
         tls: bool | TLSConfig | None = None,
         version: str = "",

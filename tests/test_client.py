@@ -510,6 +510,25 @@ async def test_calls_not_safe_to_repeat_are_not_retried(harness, retry_log):
             await harness.start()
 
 
+async def test_several_targets_a_call_moves_on_from_one_that_is_down(harness, retry_log):
+    from tests.support.procserver import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    await harness.register("r1", ["c"])
+    retry = RetryConfig(max_attempts=5, max_backoff=timedelta(milliseconds=100))
+    async with OpsCoreClient(f"{dead}, {harness.target}", retry=retry, env={}) as c:
+        assert c.targets == (dead, harness.target) and c.target == dead
+        assert (await c.get_agent("r1")).agent_id == "r1"
+        assert c.target == harness.target  # and stays there
+        assert len(retry_log.records) == 1
+        task = await c.enqueue_task("c")
+        assert (await c.get_task(task.task_id)).task_id == task.task_id
+    async with OpsCoreClient([harness.target, dead], env={}) as c:
+        assert (await c.get_agent("r1")).agent_id == "r1" and c.target == harness.target
+    with pytest.raises(ValueError, match="no server target"):
+        OpsCoreClient(" , ", env={})
+
+
 # ---------------------------------------------------------------------- auth
 
 

@@ -18,6 +18,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -202,6 +203,15 @@ def enqueue_request(
 STREAM_READY = object()
 
 
+def parse_targets(target: str | Sequence[str]) -> tuple[str, ...]:
+    """`"a:1,b:2"` or `["a:1", "b:2"]` -> ("a:1", "b:2"); refuses an empty list."""
+    items = target.split(",") if isinstance(target, str) else list(target)
+    targets = tuple(t.strip() for t in items if t.strip())
+    if not targets:
+        raise ValueError(f"no server target in {target!r}: give HOST:PORT[,HOST:PORT...]")
+    return targets
+
+
 def _now_micros() -> int:
     return int(time.time() * 1_000_000)
 
@@ -214,12 +224,19 @@ class OpsCoreClient:
             print(task.task_id, task.state)
 
     `target` is HOST:PORT; it defaults to `$OPSCORE_TARGET`, then
-    `127.0.0.1:50051`. `api_key` defaults to `$OPSCORE_API_KEY`; it is sent on
-    every call as `authorization: Bearer <key>`. `tls` takes a `TLSConfig` (CA,
-    client certificate and key for mTLS), True for TLS with the system roots (or
+    `127.0.0.1:50051`. Several replicas of one deployment may be given, as a
+    list or comma-separated (`"a:50051,b:50051"`): the client uses one at a time
+    and moves to the next when a call or stream fails with UNAVAILABLE (the
+    replica is down, draining, or cannot reach the database), so a retried call
+    and a reconnecting stream land on another replica. One DNS name with several
+    addresses works too: gRPC tries its addresses in turn.
+
+    `api_key` defaults to `$OPSCORE_API_KEY`; it is sent on every call as
+    `authorization: Bearer <key>`. `tls` takes a `TLSConfig` (CA, client
+    certificate and key for mTLS), True for TLS with the system roots (or
     `root_certificates`), False for plaintext; by default the `OPSCORE_TLS*`
-    variables decide (see `opscore.client.tls`). `timeout` is the deadline of each
-    unary call (streams have none). `env` replaces `os.environ` for the
+    variables decide (see `opscore.client.tls`). `timeout` is the deadline of
+    each unary call (streams have none). `env` replaces `os.environ` for the
     defaults (tests).
 
     Every method raises an `opscore.client.errors.OpsCoreError` subclass on
@@ -242,7 +259,7 @@ class OpsCoreClient:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         api_key: str | None = None,
         tls: bool | TLSConfig | None = None,
@@ -253,7 +270,10 @@ class OpsCoreClient:
         env: Mapping[str, str] | None = None,
     ) -> None:
         env = os.environ if env is None else env
-        self.target: str = target or env.get("OPSCORE_TARGET") or DEFAULT_TARGET
+        self.targets: tuple[str, ...] = parse_targets(
+            target or env.get("OPSCORE_TARGET") or DEFAULT_TARGET
+        )
+        self._current = 0
         key = api_key if api_key is not None else env.get("OPSCORE_API_KEY", "")
         self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {key}"),) if key else ()
@@ -262,28 +282,56 @@ class OpsCoreClient:
         self._timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         self.retry = retry or RetryConfig()
         self._options = [*CHANNEL_OPTIONS, *channel_options]
-        self._channel: grpc.aio.Channel | None = None
+        # One channel per target, opened on first use and kept: calls still in
+        # flight on a replica the client moved away from finish there.
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._stubs_for = -1
         self._closed = False
 
     # ------------------------------------------------------------------ channel
 
-    def _ensure_channel(self) -> grpc.aio.Channel:
+    @property
+    def target(self) -> str:
+        """The target in use (one of `targets`)."""
+        return self.targets[self._current]
+
+    def _ensure_channel(self) -> int:
+        """Open the current target's channel if need be; point the stubs at it.
+        Returns the target's index, for `_failover`."""
         if self._closed:
             raise RuntimeError("the client is closed")
-        if self._channel is None:
+        index = self._current
+        channel = self._channels.get(index)
+        if channel is None:
+            target = self.targets[index]
             if self._tls is not None:
-                self._channel = grpc.aio.secure_channel(
-                    self.target,
+                channel = grpc.aio.secure_channel(
+                    target,
                     self._tls.credentials(),
                     options=[*self._options, *self._tls.channel_options()],
                 )
             else:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-            self._lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(self._channel)
-            self._dispatch = dispatch_pb2_grpc.DispatchServiceStub(self._channel)
-            self._workflow = workflow_pb2_grpc.WorkflowServiceStub(self._channel)
-            self._health = health_pb2_grpc.HealthStub(self._channel)
-        return self._channel
+                channel = grpc.aio.insecure_channel(target, options=self._options)
+            self._channels[index] = channel
+        if self._stubs_for != index:
+            self._lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+            self._dispatch = dispatch_pb2_grpc.DispatchServiceStub(channel)
+            self._workflow = workflow_pb2_grpc.WorkflowServiceStub(channel)
+            self._health = health_pb2_grpc.HealthStub(channel)
+            self._stubs_for = index
+        return index
+
+    def _failover(self, index: int) -> None:
+        """A call on target `index` failed with UNAVAILABLE: later calls go to the
+        next target. Several calls failing together move the client once."""
+        if len(self.targets) > 1 and index == self._current:
+            self._current = (index + 1) % len(self.targets)
+            log.info(
+                "target %s is unavailable; moving to %s",
+                self.targets[index],
+                self.target,
+                extra={"from_target": self.targets[index], "to_target": self.target},
+            )
 
     @property
     def closed(self) -> bool:
@@ -291,10 +339,11 @@ class OpsCoreClient:
         return self._closed
 
     async def close(self) -> None:
-        """Close the channel; calls in progress are cancelled. Idempotent."""
+        """Close the channels; calls in progress are cancelled. Idempotent."""
         self._closed = True
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
+        channels, self._channels = list(self._channels.values()), {}
+        self._stubs_for = -1
+        for channel in channels:
             await channel.close()
 
     async def __aenter__(self) -> OpsCoreClient:
@@ -322,9 +371,8 @@ class OpsCoreClient:
         retry: bool,
         timeout: Seconds | None = None,
     ) -> Any:
-        """Call a unary RPC; translate errors; retry UNAVAILABLE when `retry`."""
-        self._ensure_channel()
-        stub_method: Callable[..., Awaitable[Any]] = getattr(getattr(self, service), method)
+        """Call a unary RPC; translate errors; retry UNAVAILABLE when `retry`
+        (on the next target, when there are several)."""
         request_id = uuid.uuid4().hex
         metadata = self._metadata(request_id)
         deadline = self._timeout if timeout is None else timeout
@@ -333,10 +381,14 @@ class OpsCoreClient:
         delays = self.retry.delays() if retry else iter(())
         attempt = 1
         while True:
+            index = self._ensure_channel()
+            stub_method: Callable[..., Awaitable[Any]] = getattr(getattr(self, service), method)
             try:
                 return await stub_method(request, metadata=metadata, timeout=deadline)
             except grpc.aio.AioRpcError as err:
                 error = error_from_rpc(err, request_id=request_id, method=method)
+                if isinstance(error, UnavailableError):
+                    self._failover(index)
                 delay = next(delays, None) if isinstance(error, UnavailableError) else None
                 if delay is None:
                     raise error from err
@@ -362,7 +414,7 @@ class OpsCoreClient:
         consumer stops early. With `announce_ready`, `STREAM_READY` comes first,
         once the server has registered the stream (its initial metadata
         arrived): everything that happens from then on reaches this stream."""
-        self._ensure_channel()
+        index = self._ensure_channel()
         request_id = uuid.uuid4().hex
         call = getattr(getattr(self, service), method)(request, metadata=self._metadata(request_id))
         try:
@@ -373,7 +425,10 @@ class OpsCoreClient:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, request_id=request_id, method=method) from err
+            error = error_from_rpc(err, request_id=request_id, method=method)
+            if isinstance(error, UnavailableError):
+                self._failover(index)
+            raise error from err
         finally:
             call.cancel()
 
@@ -755,10 +810,15 @@ class OpsCoreClient:
         cancellations, results) and `send()` AgentMessages. Nothing is retried:
         when it raises `UnavailableError`, open a new one. The proto comments
         give the rules; `opscore.agent.Agent` follows them for you."""
-        self._ensure_channel()
+        index = self._ensure_channel()
         request_id = uuid.uuid4().hex
         call = self._dispatch.Connect(metadata=self._metadata(request_id))
-        return WorkStream(call, request_id, hello(agent_id, capabilities, max_in_flight))
+        return WorkStream(
+            call,
+            request_id,
+            hello(agent_id, capabilities, max_in_flight),
+            on_unavailable=lambda: self._failover(index),
+        )
 
     async def complete_task(
         self, task_id: str, agent_id: str, attempt: int, output: StructLike | None = None

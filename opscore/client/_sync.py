@@ -12,7 +12,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -61,7 +69,7 @@ class OpsCoreClientSync:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         api_key: str | None = None,
         tls: bool | TLSConfig | None = None,
@@ -81,13 +89,21 @@ class OpsCoreClientSync:
             channel_options=channel_options,
             env=env,
         )
-        self.target = self._client.target
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="opscore-client", daemon=True
         )
         self._thread.start()
         self._closed = False
+
+    @property
+    def target(self) -> str:
+        """The target in use (one of `targets`)."""
+        return self._client.target
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self._client.targets
 
     @property
     def retry(self) -> RetryConfig:

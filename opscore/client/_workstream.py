@@ -73,17 +73,29 @@ class WorkStream:
     """One Connect call of one agent. Read it continuously: the server stops
     reading an agent that does not read what it is sent."""
 
-    def __init__(self, call: Any, request_id: str, hello: dispatch_pb2.ConnectHello) -> None:
+    def __init__(
+        self,
+        call: Any,
+        request_id: str,
+        hello: dispatch_pb2.ConnectHello,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
         self._call = call
         self.request_id = request_id
         self.hello = hello
+        # Told when the stream fails with UNAVAILABLE: the client moves on to the
+        # next target, where the agent's next stream goes.
+        self._on_unavailable = on_unavailable
         #: The server's answer to the hello, once `open()` returned.
         self.accepted: dispatch_pb2.ConnectAccepted | None = None
         # ServerMessages that came with `accepted` (none today), for read().
         self._early: list[dispatch_pb2.ServerMessage] = []
 
     def _error(self, err: grpc.aio.AioRpcError) -> OpsCoreError:
-        return error_from_rpc(err, request_id=self.request_id, method=_METHOD)
+        error = error_from_rpc(err, request_id=self.request_id, method=_METHOD)
+        if isinstance(error, UnavailableError) and self._on_unavailable is not None:
+            self._on_unavailable()
+        return error
 
     async def open(self) -> dispatch_pb2.ConnectAccepted:
         """Say hello and wait for `accepted`. Raises what a bad hello gets
