@@ -207,7 +207,13 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "OPSCORE_LISTEN", f"HOST:PORT to listen on.  [default {DEFAULT_LISTEN}]"),
-    Setting("db", "OPSCORE_DB", f"SQLite database file.  [default {DEFAULT_DB}]"),
+    Setting(
+        "db",
+        "OPSCORE_DB",
+        "SQLite database file, or a postgresql://user@host:5432/dbname URL (any "
+        "number of replicas on one database; pool and timeout settings as URL "
+        f"parameters, see docs/operations.md).  [default {DEFAULT_DB}]",
+    ),
     Setting(
         "workflows_dir",
         "OPSCORE_WORKFLOWS_DIR",

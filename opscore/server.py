@@ -93,7 +93,11 @@ class OpsCoreServer:
         budget = cfg.max_message_bytes - _RESPONSE_MARGIN
         obs = self.observability = Observability(cfg, span_exporter=self.span_exporter)
         self.storage = open_storage(
-            cfg.db, sync=cfg.sync, max_db_bytes=cfg.max_db_bytes, agent_timeout=cfg.agent_timeout
+            cfg.db,
+            sync=cfg.sync,
+            max_db_bytes=cfg.max_db_bytes,
+            agent_timeout=cfg.agent_timeout,
+            replica_address=cfg.listen,
         )
         self.lifecycle = LifecycleEngine(
             self.storage,
@@ -229,8 +233,9 @@ class OpsCoreServer:
             extra={
                 "listen": cfg.listen,
                 "port": self.port,
-                "db": cfg.db,
-                "sync": cfg.sync,
+                "db": self.storage.display,
+                "storage": self.storage.kind,
+                **({"sync": cfg.sync} if self.storage.kind == "sqlite" else {}),
                 "tls": "mtls" if cfg.tls_client_ca else ("tls" if cfg.tls_enabled else "off"),
                 "principals": self.interceptor.authenticator.principal_count,
                 "metrics_port": self.observability.metrics_port or None,

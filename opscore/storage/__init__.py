@@ -8,11 +8,14 @@ __all__ = ["Storage", "Tx", "open_storage"]
 
 def open_storage(url: str, **options: object) -> Storage:
     """The backend for a --db value: a PostgreSQL URL, or an SQLite file path
-    (also as `sqlite:PATH` or `sqlite:///PATH`)."""
+    (also as `sqlite:PATH` or `sqlite:///PATH`). `replica_address` (the address
+    this server serves, shown to operators) means something only to PostgreSQL,
+    where several replicas share the database."""
+    address = options.pop("replica_address", "")
     if url.startswith(("postgresql://", "postgres://")):
         from opscore.storage.postgres.backend import PostgresStorage
 
-        return PostgresStorage(url, **options)  # type: ignore[arg-type,return-value]
+        return PostgresStorage(url, replica_address=str(address), **options)  # type: ignore[arg-type,return-value]
     from opscore.storage.sqlite.backend import SQLiteStorage
 
     path = url

@@ -148,6 +148,9 @@ class Storage(Protocol):
 
     #: The backend's name, for logs and metrics ("sqlite", "postgres").
     kind: str
+    #: Where the data is, for logs: a file path, or user@host:port/db (never a
+    #: password).
+    display: str
     #: Set by the owner while it rebuilds its state: every change is refused.
     refusing: OpsCoreError | None
     #: Called when a commit failed or a change failed half-way (the server

@@ -17,7 +17,7 @@ times, backoffs, lease expiries, agent silence) are rows, not timers: every
 replica sleeps until the earliest one (woken early by a notification) and fires
 the due ones it can lock, so each fires once even when the replica that set it
 has died. A replica heartbeats its row in `replicas`; the streams of one that
-stops are forgotten by the others after REPLICA_TIMEOUT, and its agents then
+stops are forgotten by the others after replica_timeout, and its agents then
 have the agent timeout to reconnect anywhere.
 
 When the database cannot be reached every operation fails with UNAVAILABLE, the
@@ -83,9 +83,8 @@ T = TypeVar("T")
 CHANNEL = "opscore"
 # Most operations in one transaction: bounds its locks and its latency.
 MAX_BATCH_OPS = 256
-# A replica heartbeats this often; one silent for REPLICA_TIMEOUT is dead.
-HEARTBEAT_INTERVAL = 2.0
-REPLICA_TIMEOUT = timedelta(seconds=10)
+# Replicas heartbeat this many times per replica_timeout (a setting, pool.py).
+HEARTBEATS_PER_TIMEOUT = 5
 # The longest a replica sleeps without looking for due deadlines: a safety net
 # for a notification lost while its listener reconnected, not the normal path.
 MAX_DUE_SLEEP = 2.0
@@ -268,7 +267,9 @@ class PostgresStorage:
         # sync and max_db_bytes are SQLite's; PostgreSQL has its own settings for both.
         del sync, max_db_bytes
         self.settings = PgSettings.from_url(url)
+        self.display = self.settings.display
         self.agent_timeout = agent_timeout
+        self._replica_us = int(self.settings.replica_timeout * 1e6)
         self.replica_id = uuid.uuid4().hex
         self.replica_address = replica_address
         self.on_task_due: Callable[[Any, str, int], Awaitable[None]] | None = None
@@ -620,7 +621,7 @@ class PostgresStorage:
                     "AND r.heartbeat_time > opscore_now_us() - $2) "
                     "ORDER BY a.agent_id LIMIT 100 FOR UPDATE OF a SKIP LOCKED",
                     timeout_us,
-                    _replica_us(),
+                    self._replica_us,
                 )
                 for row in silent:
                     await callback(tx, row[0])
@@ -629,9 +630,9 @@ class PostgresStorage:
                 await self.run(op)
 
     async def _heartbeat_loop(self) -> None:
-        replica_us = int(REPLICA_TIMEOUT.total_seconds() * 1e6)
+        replica_us = self._replica_us
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.settings.replica_timeout / HEARTBEATS_PER_TIMEOUT)
             try:
                 assert self._pool is not None
                 async with self._pool.acquire() as conn, conn.transaction():
@@ -708,7 +709,7 @@ class PostgresStorage:
         rows = await self._fetch(
             f"SELECT {R.AGENT_COLS}, ({_LIVE_STREAMS}) FROM agents WHERE agent_id = $1",
             agent_id,
-            _replica_us(),
+            self._replica_us,
         )
         return _pg_agent_from_row(rows[0], rows[0][_AGENT_N]) if rows else None
 
@@ -740,7 +741,7 @@ class PostgresStorage:
             state,
             capability,
             limit + 1,
-            _replica_us(),
+            self._replica_us,
         )
         agents = [_pg_agent_from_row(r, r[_AGENT_N]) for r in rows]
         n = fit((agent_size(a) - 64 for a in agents[:limit]), budget)
@@ -933,10 +934,6 @@ class PostgresStorage:
         return self._last_seq
 
 
-def _replica_us() -> int:
-    return int(REPLICA_TIMEOUT.total_seconds() * 1e6)
-
-
 class _Tx:
     """One transaction of operations. Rows read are kept by id for the rest of the
     transaction (later operations see earlier ones' changes); writes are kept
@@ -1104,7 +1101,7 @@ class _Tx:
         row = await self.conn.fetchrow(
             f"SELECT {R.AGENT_COLS}, ({_LIVE_STREAMS}) FROM agents a WHERE agent_id = $1 {lock}",
             agent_id,
-            _replica_us(),
+            self._s._replica_us,
         )
         agent = _pg_agent_from_row(row, row[_AGENT_N]) if row is not None else None
         if agent is not None or wait:

@@ -52,6 +52,10 @@ DEFAULTS: dict[str, tuple[float, str, float, float]] = {
     # Waits between attempts to reconnect: doubling from min to max, with jitter.
     "reconnect_backoff_min": (0.1, "duration", 0.001, 600),
     "reconnect_backoff_max": (5.0, "duration", 0.001, 3600),
+    # A replica that has not heartbeaten for this long is dead: the others forget
+    # its streams (its agents then have agent_timeout to reconnect elsewhere).
+    # Replicas heartbeat five times per period.
+    "replica_timeout": (10.0, "duration", 0.5, 3600),
 }
 # How much longer than statement_timeout the client waits for an answer.
 CLIENT_TIMEOUT_MARGIN = 5.0
@@ -76,6 +80,7 @@ class PgSettings:
     connect_timeout: float
     reconnect_backoff_min: float
     reconnect_backoff_max: float
+    replica_timeout: float = 10.0
     password: str | None = field(default=None, repr=False)
     server_settings: Mapping[str, str] = field(default_factory=dict)
 
@@ -140,6 +145,7 @@ class PgSettings:
             connect_timeout=values["connect_timeout"],
             reconnect_backoff_min=values["reconnect_backoff_min"],
             reconnect_backoff_max=values["reconnect_backoff_max"],
+            replica_timeout=values["replica_timeout"],
             password=password,
             server_settings=server_settings,
         )

@@ -62,6 +62,7 @@ class SQLiteStorage:
         agent_timeout: timedelta = timedelta(seconds=30),
     ) -> None:
         self.store = Store(path, sync=sync, max_db_bytes=max_db_bytes)
+        self.display = str(path)
         self.agent_timeout = agent_timeout
         self.on_task_due: Callable[[Any, str, int], Awaitable[None]] | None = None
         self.on_agent_silent: Callable[[Any, str], Awaitable[None]] | None = None
