@@ -60,7 +60,7 @@ class ServerProcess:
 
     proc: subprocess.Popen[bytes]
     port: int
-    db_path: Path
+    db_path: Path | str
     log_path: Path
     args: list[str] = field(default_factory=list)
 
@@ -195,7 +195,7 @@ def running_server(
     *extra_args: str,
     env: Mapping[str, str] | None = None,
     port: int | None = None,
-    db_path: Path | None = None,
+    db_path: Path | str | None = None,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
