@@ -129,9 +129,7 @@ async def test_an_enqueue_on_one_replica_wakes_an_agent_on_another_at_once(
                     )
                 )
             # Pinned to the agent, from the other replica, too.
-            pinned = (
-                await on_a.dispatch.EnqueueTask(pb.EnqueueTaskRequest(agent_id="idle"))
-            ).task
+            pinned = (await on_a.dispatch.EnqueueTask(pb.EnqueueTaskRequest(agent_id="idle"))).task
             assert (await assignment(reader)).task_id == pinned.task_id
             await reader.close()
     delays.sort()
