@@ -313,11 +313,13 @@ async def test_revoked_stream_of_a_client_that_does_not_read_is_cut_off(setup):
         _rewrite(path, made, watcher=None)
         start = time.monotonic()
         h.server.reload()
-        await eventually(lambda: not interceptor._streams, timeout=1.0, what="stream ended")
-        # Through the grace (the servicer could not be interrupted), within the second.
         grace = limits.REVOKED_STREAM_GRACE.total_seconds()
-        assert grace * 0.9 <= time.monotonic() - start < 1.0
-        assert not watchers, "the watcher was not cleaned up"
+        await eventually(lambda: not interceptor._streams, timeout=grace + 5, what="stream ended")
+        # Not before the grace (the servicer could not be interrupted); the upper
+        # bound only says it ended at all, on a machine that may be loaded.
+        assert grace * 0.9 <= time.monotonic() - start < grace + 5
+        # The servicer's cleanup runs a loop turn or so after the stream ends.
+        await eventually(lambda: not watchers, timeout=5, what="the watcher cleaned up")
     finally:
         call.cancel()
         await channel.close()
