@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from opscore import limits
 from opscore import validation as v
@@ -58,6 +59,8 @@ from opscore.payload import Payload
 from opscore.storage.api import Storage, Tx
 
 log = logging.getLogger("opscore.dispatch")
+
+T = TypeVar("T")
 
 MAX_IN_FLIGHT = limits.MAX_IN_FLIGHT
 MAX_BATCH = limits.MAX_ENQUEUE_BATCH
@@ -244,6 +247,9 @@ class DispatchEngine:
         self.observer = observer
         self.listeners: list[TaskListener] = []
         self.draining = False
+        # While a batch of one agent's results is applied: the streams whose
+        # freed slots are filled once, at its end (one claim, not one per result).
+        self._deferred_fills: dict[Subscription, None] | None = None
         self._clear()
         lifecycle.listeners.append(self._on_agent_event)
         storage.on_task_due = self._due
@@ -853,6 +859,11 @@ class DispatchEngine:
         )
         if not pool:
             return None
+        pending = self._deferred_fills
+        if pending:
+            # A stream whose freed slots wait for the batch's fill takes the best
+            # ready task then, not this one ahead of older ones.
+            return next((sub for sub in pool if sub not in pending), None)
         return next(iter(pool))
 
     async def _assign(self, tx: Tx, task: Task, sub: Subscription) -> None:
@@ -885,7 +896,10 @@ class DispatchEngine:
             sub.in_flight.discard(task.task_id)
             if not sub.closed:
                 self._refresh(sub)
-                await self._fill(tx, sub)
+                if self._deferred_fills is not None:
+                    self._deferred_fills[sub] = None
+                else:
+                    await self._fill(tx, sub)
         elif task.assigned_agent_id:
             # Held through another server's stream: its slot is freed there.
             tx.publish("released", task.task_id)
@@ -972,6 +986,20 @@ class DispatchEngine:
                     pool[sub] = None  # to the back: round robin among subscriptions
             else:
                 pool.pop(sub, None)
+
+    async def batch_in(self, tx: Tx, apply: Callable[[], Awaitable[T]]) -> T:
+        """Run `apply` (a batch of results from one agent) with the slots it frees
+        filled once, at its end: one claim, not one per result."""
+        if self._deferred_fills is not None:  # nested: the outer batch fills
+            return await apply()
+        self._deferred_fills = {}
+        try:
+            result = await apply()
+        finally:
+            subs, self._deferred_fills = self._deferred_fills, None
+        for sub in subs:
+            await self._fill(tx, sub)
+        return result
 
     async def _fill(self, tx: Tx, sub: Subscription) -> None:
         """Give `sub` the best ready tasks it can take until it is full."""

@@ -86,9 +86,13 @@ class WorkStream:
     async def handle(self, items: list[Item]) -> None:
         """Apply `items` in order, in one operation; queue one Ack for each, behind
         the commit of that operation."""
-        await self.engine.storage.run(lambda tx: self._apply_all(tx, items), wait=False)
+        ids = [i.task_id for i in items if isinstance(i, Completion | Failure | Heartbeat)]
+        await self.engine.storage.run(lambda tx: self._apply_all(tx, items), wait=False, tasks=ids)
 
     async def _apply_all(self, tx: Tx, items: list[Item]) -> None:
+        await self.engine.batch_in(tx, lambda: self._apply_each(tx, items))
+
+    async def _apply_each(self, tx: Tx, items: list[Item]) -> None:
         for item in items:
             try:
                 ack = await self._apply(tx, item)

@@ -169,8 +169,11 @@ class Storage(Protocol):
     def check_writable(self) -> None:
         """Raise (a fresh copy of) the error changes are refused with, if any."""
 
-    async def run(self, op: Operation[T], *, wait: bool = True) -> T:
-        """Run `op`; with `wait`, return once its changes are durable."""
+    async def run(self, op: Operation[T], *, wait: bool = True, tasks: Sequence[str] = ()) -> T:
+        """Run `op`; with `wait`, return once its changes are durable. `tasks`: ids
+        the operation will ask `tx.task` for (a batch of results from one agent);
+        a backend that reads tasks from a database loads those of every operation
+        in the transaction in one read, one that holds them in memory ignores it."""
 
     def reset(self) -> None:
         """Forget every cached and in-memory state (it may be ahead of the

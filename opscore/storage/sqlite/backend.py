@@ -21,7 +21,7 @@ import bisect
 import dataclasses
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -165,7 +165,7 @@ class SQLiteStorage:
 
     # ------------------------------------------------------------------ operations
 
-    async def run(self, op: Operation[T], *, wait: bool = True) -> T:
+    async def run(self, op: Operation[T], *, wait: bool = True, tasks: Sequence[str] = ()) -> T:
         result = await op(self._tx)
         if wait:
             await self.store.commit()
