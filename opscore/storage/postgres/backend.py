@@ -36,7 +36,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -98,6 +98,22 @@ _TASK_UPSERT = (
     f"VALUES ({', '.join(f'${i}' for i in range(1, _TASK_N + 1))}) "
     "ON CONFLICT (task_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
+)
+# Tasks read in the transaction are rewritten with one UPDATE over arrays (one
+# statement for the batch, only the mutable columns), cheaper than an upsert per row.
+_TASK_MUTABLE_TYPES = (
+    "integer", "integer", "text", "bigint", "bigint", "bigint", "bytea", "text", "text",
+    "bytea", "bytea", "boolean", "bigint", "bigint", "bigint",
+)  # fmt: skip
+_TASK_FIRST_MUTABLE = len(R.TASK_FIXED.split(","))
+_TASK_UPDATE = (
+    "UPDATE tasks t SET "
+    + ", ".join(f"{c} = u.{c}" for c in R.TASK_MUTABLE)
+    + " FROM unnest($1::text[], "
+    + ", ".join(f"${i + 2}::{ty}[]" for i, ty in enumerate(_TASK_MUTABLE_TYPES))
+    + ") AS u (task_id, "
+    + ", ".join(R.TASK_MUTABLE)
+    + ") WHERE t.task_id = u.task_id"
 )
 _AGENT_N = len(R.AGENT_COLS.split(","))
 _AGENT_UPSERT = (
@@ -237,11 +253,12 @@ _LIVE_STREAMS = (
 
 
 class _Op:
-    __slots__ = ("done", "op", "result", "wait")
+    __slots__ = ("done", "op", "result", "tasks", "wait")
 
-    def __init__(self, op: Operation[Any], wait: bool) -> None:
+    def __init__(self, op: Operation[Any], wait: bool, tasks: Sequence[str] = ()) -> None:
         self.op = op
         self.wait = wait
+        self.tasks = tasks
         loop = asyncio.get_running_loop()
         self.result: asyncio.Future[Any] = loop.create_future()
         self.done: Any = None  # the op's return value, until its commit
@@ -281,6 +298,7 @@ class PostgresStorage:
         self.commits = 0
         self.faults = 0
         self._pool: asyncpg.Pool | None = None
+        self._conn: asyncpg.Connection | None = None
         self._listener: Listener | None = None
         self._subscribers: dict[str, list[Callable[[str], None]]] = {}
         self._queue: deque[_Op] = deque()
@@ -362,6 +380,7 @@ class PostgresStorage:
         self._tasks.clear()
         if self._listener is not None:
             await self._listener.stop()
+        await self._drop_executor_conn()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 # Our streams are gone: their agents count from now, not from the
@@ -410,8 +429,8 @@ class PostgresStorage:
 
     # ------------------------------------------------------------------ operations
 
-    async def run(self, op: Operation[T], *, wait: bool = True) -> T:
-        item = _Op(op, wait)
+    async def run(self, op: Operation[T], *, wait: bool = True, tasks: Sequence[str] = ()) -> T:
+        item = _Op(op, wait, tasks)
         self._queue.append(item)
         self._wake.set()
         return await asyncio.shield(item.result)  # type: ignore[no-any-return]
@@ -457,8 +476,10 @@ class PostgresStorage:
         started = time.perf_counter()
         tx: _Tx | None = None
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            conn = await self._executor_conn()
+            async with conn.transaction():
                 tx = _Tx(self, conn, committed)
+                await tx.prefetch_tasks([t for item in batch for t in item.tasks])
                 for item in batch:
                     mark = tx.mark()
                     try:
@@ -475,6 +496,7 @@ class PostgresStorage:
                         item.result.set_result(item.done)
                 rows = await tx.flush()
         except BaseException as exc:
+            await self._drop_executor_conn()
             error = self._batch_error(exc)
             if not committed.done():
                 committed.set_exception(error)
@@ -506,6 +528,22 @@ class PostgresStorage:
                 fn()
             except Exception:  # a watcher's problem must not fail the others
                 log.exception("after-commit callback failed")
+
+    async def _executor_conn(self) -> asyncpg.Connection:
+        """The executor's own connection, kept between transactions: no pool
+        round trips (acquire, reset) per transaction."""
+        if self._conn is None or self._conn.is_closed():
+            assert self._pool is not None
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _drop_executor_conn(self) -> None:
+        """After a failed transaction the connection may be broken: give it back
+        (the pool closes a broken one) and take a fresh one next time."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.release(conn), 5.0)
 
     @staticmethod
     def _batch_error(exc: BaseException) -> OpsCoreError:
@@ -948,6 +986,8 @@ class _Tx:
         self.faulted: OpsCoreError | None = None
         self.after: list[Callable[[], None]] = []
         self._tasks: dict[str, Task] = {}
+        self._read_tasks: set[str] = set()  # tasks read from the database
+        self._read_ready: set[str] = set()  # tasks read while QUEUED
         self._agents: dict[str, Agent | None] = {}
         self._sessions: dict[str, tuple[int, object]] = {}
         self._touched_sessions: set[str] = set()
@@ -1009,7 +1049,19 @@ class _Tx:
         if appends.get("transition"):
             await c.executemany(_TRANSITION_INSERT, appends["transition"])
         if by_kind.get("task"):
-            await c.executemany(_TASK_UPSERT, [_pg_task_row(t) for t in by_kind["task"]])
+            new, old = [], []
+            for t in by_kind["task"]:
+                (old if t.task_id in self._read_tasks else new).append(_pg_task_row(t))
+            if new:  # an upsert still: a task not read here may exist (a lost race)
+                await c.executemany(_TASK_UPSERT, new)
+            if old:
+                first = _TASK_FIRST_MUTABLE
+                columns = [list(col) for col in zip(*old, strict=True)]
+                await c.execute(
+                    _TASK_UPDATE,
+                    columns[0],
+                    *columns[first : first + len(_TASK_MUTABLE_TYPES)],
+                )
         if by_kind.get("attempt"):
             await c.executemany(_ATTEMPT_UPSERT, by_kind["attempt"])
         if by_kind.get("session"):
@@ -1069,9 +1121,9 @@ class _Tx:
                     delta,
                 )
         if self._notes:
-            await c.execute(
-                "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", CHANNEL, self._notes
-            )
+            # A hundred tasks made ready for one capability wake the others once.
+            notes = list(dict.fromkeys(self._notes))
+            await c.execute("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", CHANNEL, notes)
         for kind_rows in (*by_kind.values(), *appends.values()):
             rows += len(kind_rows)
         return rows
@@ -1133,6 +1185,9 @@ class _Tx:
         if held is not None:
             return held
         self._tasks[task.task_id] = task
+        self._read_tasks.add(task.task_id)
+        if task.state == TaskState.QUEUED:
+            self._read_ready.add(task.task_id)
         return task
 
     async def task(self, task_id: str) -> Task | None:
@@ -1154,6 +1209,18 @@ class _Tx:
             f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = $1", task_id
         )
         return R.task_from_row(row) if row is not None else None
+
+    async def prefetch_tasks(self, task_ids: Sequence[str]) -> None:
+        wanted = [t for t in dict.fromkeys(task_ids) if t not in self._tasks]
+        if len(wanted) < 2:
+            return  # `task` reads the one itself
+        rows = await self.conn.fetch(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ANY($1::text[]) "
+            "ORDER BY task_id FOR UPDATE",
+            wanted,
+        )
+        for row in rows:
+            self._keep(R.task_from_row(row))
 
     async def task_by_key(self, key: str) -> Task | None:
         for task in self._tasks.values():
@@ -1187,23 +1254,23 @@ class _Tx:
         if n <= 0:
             return []
         taken = [t for t, task in self._tasks.items() if task.state == TaskState.QUEUED]
-        mine = list(self._tasks)
-        # Two queries, not a UNION: PostgreSQL locks rows of neither; each walks
-        # its own index in (priority DESC, ready_seq) order.
-        rows = list(
-            await self.conn.fetch(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = '' "
-                "AND capability = ANY($1::text[]) AND task_id <> ALL($2::text[]) "
-                "ORDER BY priority DESC, ready_seq LIMIT $3 FOR UPDATE SKIP LOCKED",
-                list(capabilities),
-                mine,
-                n,
-            )
-        )
-        rows += await self.conn.fetch(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = $1 "
-            "AND task_id <> ALL($2::text[]) "
-            "ORDER BY priority DESC, ready_seq LIMIT $3 FOR UPDATE SKIP LOCKED",
+        # Rows this transaction locked itself come back from SKIP LOCKED: leave
+        # out those it read as ready (claimed earlier, not yet written).
+        mine = list(self._read_ready)
+        # One round trip. Each capability's ready tasks, and the agent's pinned
+        # ones, are read in their index's (priority DESC, ready_seq) order, which
+        # stops at n; `capability = ANY(...)` would read and sort them all. The
+        # repeated `agent_id <> ''` lets a generic plan use the partial index.
+        rows = await self.conn.fetch(
+            "WITH by_capability AS (SELECT t.* FROM unnest($1::text[]) AS c (capability), "
+            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = '' "
+            "AND capability = c.capability AND task_id <> ALL($3::text[]) "
+            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) t), "
+            f"pinned AS (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = $2 "
+            "AND agent_id <> '' AND task_id <> ALL($3::text[]) "
+            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "SELECT * FROM by_capability UNION ALL SELECT * FROM pinned",
+            list(capabilities),
             agent_id,
             mine,
             n,

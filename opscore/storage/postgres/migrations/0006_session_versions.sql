@@ -8,3 +8,7 @@ ALTER TABLE sessions ADD COLUMN version bigint NOT NULL DEFAULT 0;
 -- Every replica is equal: deadlines fire under row locks (FOR UPDATE SKIP LOCKED),
 -- so no replica needs a named lease (0005's `leases`, never used).
 DROP TABLE leases;
+
+-- Nothing reads tasks by open state alone, and the planner preferred this index
+-- to the ready ones for claims (reading every open task, then sorting).
+DROP INDEX tasks_open;
