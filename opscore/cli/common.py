@@ -235,7 +235,10 @@ class Cli:
             sys.exit(EXIT_FAILED)
         message = f"{exc.code.name}: {exc.message}"
         for violation in exc.field_violations:
-            message += f"\n  {violation.field}: {violation.description}"
+            # The server's message usually says it already (every problem of a
+            # refused definition is in it): each problem is shown once.
+            if violation.description not in exc.message:
+                message += f"\n  {violation.field}: {violation.description}"
         if exc.request_id and not self.as_json:
             message += f"\n  request id {exc.request_id}"
         self.error(
