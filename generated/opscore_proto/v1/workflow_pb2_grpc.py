@@ -178,7 +178,9 @@ class WorkflowServiceServicer:
     def CancelSession(self, request, context):
         """Cancels a session: queued and scheduled tasks are cancelled, agents holding
         its tasks receive a cancellation, and the session becomes CANCELLED.
-        Cancelling a CANCELLED session returns it unchanged.
+        Cancelling a CANCELLED session returns it unchanged. The reason is kept
+        as the session's `error` (type "Cancelled"), and as the `last_error` of
+        each task and the `error` of each task run it cancelled.
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

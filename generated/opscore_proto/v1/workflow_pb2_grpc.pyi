@@ -90,7 +90,9 @@ class WorkflowServiceStub:
     CancelSession: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]
     """Cancels a session: queued and scheduled tasks are cancelled, agents holding
     its tasks receive a cancellation, and the session becomes CANCELLED.
-    Cancelling a CANCELLED session returns it unchanged.
+    Cancelling a CANCELLED session returns it unchanged. The reason is kept
+    as the session's `error` (type "Cancelled"), and as the `last_error` of
+    each task and the `error` of each task run it cancelled.
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
     """
     WatchSession: _grpc.UnaryStreamMultiCallable[_workflow_pb2.WatchSessionRequest, _workflow_pb2.WatchSessionResponse]
@@ -168,7 +170,9 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     CancelSession: _aio.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]  # type: ignore[assignment]
     """Cancels a session: queued and scheduled tasks are cancelled, agents holding
     its tasks receive a cancellation, and the session becomes CANCELLED.
-    Cancelling a CANCELLED session returns it unchanged.
+    Cancelling a CANCELLED session returns it unchanged. The reason is kept
+    as the session's `error` (type "Cancelled"), and as the `last_error` of
+    each task and the `error` of each task run it cancelled.
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
     """
     WatchSession: _aio.UnaryStreamMultiCallable[_workflow_pb2.WatchSessionRequest, _workflow_pb2.WatchSessionResponse]  # type: ignore[assignment]
@@ -291,7 +295,9 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflow_pb2.CancelSessionResponse, _abc.Awaitable[_workflow_pb2.CancelSessionResponse]]:
         """Cancels a session: queued and scheduled tasks are cancelled, agents holding
         its tasks receive a cancellation, and the session becomes CANCELLED.
-        Cancelling a CANCELLED session returns it unchanged.
+        Cancelling a CANCELLED session returns it unchanged. The reason is kept
+        as the session's `error` (type "Cancelled"), and as the `last_error` of
+        each task and the `error` of each task run it cancelled.
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
         """
 
