@@ -282,8 +282,12 @@ class CreateWorkflowDefinitionRequest(_message.Message):
     DEFINITION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     source: _builtins.str
-    """The definition as JSON or YAML text (proto field names), or in the
-    earlier Ops-Core JSON format (taskId, agentCapability, nextTaskId).
+    """The definition as JSON or YAML text (proto field names; the JSON
+    mapping's camelCase names are accepted too), or in the earlier Ops-Core
+    JSON format (taskId, agentCapability, nextTaskId). Beyond the JSON
+    mapping: durations may be a number of seconds (30, 1.5) or a number with
+    one unit (1500ms, 30s, 5m, 2h); `depends_on` may be a single task id;
+    `create_time` is ignored. Keys given twice are refused.
     """
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:

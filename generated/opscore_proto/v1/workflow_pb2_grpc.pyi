@@ -53,9 +53,14 @@ class WorkflowServiceStub:
     values once YAML aliases are expanded; the definition at most 3 MiB
     serialized with at most 10,000 tasks.
 
-    Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, a duration
-    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+    field violation whose `field` is its path in the definition
+    (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+    unknown fields (with a suggestion), values of the wrong kind, keys given
+    twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+    cycle, no capability nor agent, a duration out of bounds, unparsable or
+    oversized source. At most 10 are listed, the rest counted ("and 12
+    more"). ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]
     """Returns a definition: the latest version unless `version` is set.
@@ -133,9 +138,14 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     values once YAML aliases are expanded; the definition at most 3 MiB
     serialized with at most 10,000 tasks.
 
-    Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, a duration
-    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+    field violation whose `field` is its path in the definition
+    (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+    unknown fields (with a suggestion), values of the wrong kind, keys given
+    twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+    cycle, no capability nor agent, a duration out of bounds, unparsable or
+    oversized source. At most 10 are listed, the rest counted ("and 12
+    more"). ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Returns a definition: the latest version unless `version` is set.
@@ -216,9 +226,14 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         values once YAML aliases are expanded; the definition at most 3 MiB
         serialized with at most 10,000 tasks.
 
-        Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-        unknown dependency or fallback, cycle, no capability nor agent, a duration
-        out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+        field violation whose `field` is its path in the definition
+        (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+        unknown fields (with a suggestion), values of the wrong kind, keys given
+        twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+        cycle, no capability nor agent, a duration out of bounds, unparsable or
+        oversized source. At most 10 are listed, the rest counted ("and 12
+        more"). ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
