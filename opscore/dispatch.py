@@ -63,6 +63,8 @@ log = logging.getLogger("opscore.dispatch")
 T = TypeVar("T")
 
 MAX_IN_FLIGHT = limits.MAX_IN_FLIGHT
+# TaskError.type of a cancelled task (and of the attempt a cancellation ended).
+CANCELLED_ERROR_TYPE = "Cancelled"
 MAX_BATCH = limits.MAX_ENQUEUE_BATCH
 
 
@@ -758,9 +760,13 @@ class DispatchEngine:
         return await self.storage.run(op)
 
     async def cancel_open(self, tx: Tx, task: Task, reason: str) -> None:
-        """Cancel an open task; the holder is told after commit."""
+        """Cancel an open task; the holder is told after commit.
+
+        The reason stays visible: as the task's last_error (type "Cancelled"),
+        and on the attempt it ended, in columns both backends already keep."""
         holder = self._holder.get(task.task_id)
         task.cancel_requested = True
+        cancelled = TaskError(reason or "cancelled", CANCELLED_ERROR_TYPE)
         if task.state == TaskState.ASSIGNED and holder is not None and not holder.closed:
             # Before _finish frees the slot: the agent must hear of the cancellation
             # before it is sent the task that takes its place.
@@ -770,7 +776,8 @@ class DispatchEngine:
             tx.publish("cancel", f"{task.task_id} {task.attempt} {reason}")
         now = utcnow()
         if task.state == TaskState.ASSIGNED:
-            self._attempt_over(tx, task, AttemptOutcome.CANCELLED, None, now)
+            self._attempt_over(tx, task, AttemptOutcome.CANCELLED, cancelled, now)
+        task.last_error = cancelled
         await self._finish(tx, task, TaskState.CANCELLED, now)
         await self._emit(tx, "cancelled", task)
 

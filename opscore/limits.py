@@ -80,6 +80,11 @@ MAX_DEFINITION_BYTES = 3 * 1024 * 1024
 # expansion (a "billion laughs" document is tiny but expands without bound).
 MAX_SOURCE_DEPTH = 64
 MAX_SOURCE_NODES = 200_000
+# Problems one refused definition reports (the rest are counted: "and N more"),
+# and the characters of each: a status's message and details travel as gRPC
+# trailers, which clients refuse past 8-16 KiB.
+MAX_REPORTED_PROBLEMS = 10
+MAX_PROBLEM_CHARS = 300
 
 # ---- authentication (opscore/security)
 # An authorization header longer than this is malformed: nothing longer is hashed.

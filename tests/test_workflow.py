@@ -101,7 +101,7 @@ INVALID = [
     ),
     (
         {"id": "w", "tasks": [{"id": "a"}]},
-        "task 'a': has neither capability nor agent_id",
+        "task 'a' has neither capability nor agent_id",
         "tasks[0].capability",
     ),
     (
@@ -114,7 +114,7 @@ INVALID = [
             "id": "w",
             "tasks": [{"id": "a", "capability": "c", "retry_policy": {"initial_backoff": "-2s"}}],
         },
-        "task 'a': tasks[0].retry_policy.initial_backoff must not be negative",
+        "task 'a': retry_policy.initial_backoff must not be negative",
         "tasks[0].retry_policy.initial_backoff",
     ),
     (

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
@@ -38,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from opscore import durations
 from opscore.client import DEFAULT_TARGET, OpsCoreClient, TLSConfig
 from opscore.client.convert import json_like_problem, to_datetime
 from opscore.client.errors import OpsCoreError, connection_problem
@@ -235,7 +235,10 @@ class Cli:
             sys.exit(EXIT_FAILED)
         message = f"{exc.code.name}: {exc.message}"
         for violation in exc.field_violations:
-            message += f"\n  {violation.field}: {violation.description}"
+            # The server's message usually says it already (every problem of a
+            # refused definition is in it): each problem is shown once.
+            if violation.description not in exc.message:
+                message += f"\n  {violation.field}: {violation.description}"
         if exc.request_id and not self.as_json:
             message += f"\n  request id {exc.request_id}"
         self.error(
@@ -408,29 +411,20 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(value: str | None, what: str) -> timedelta | None:
-    """ "90", "90s", "1.5m", "250ms", "2h" as a timedelta."""
+    """An option's duration ("90", "90s", "1.5m", "250ms", "2h"), parsed as the
+    server parses them in workflow definitions (opscore.durations)."""
     if value is None:
         return None
-    text = value.strip().lower()
-    for unit in ("ms", "s", "m", "h"):
-        if text.endswith(unit):
-            number, scale = text[: -len(unit)], _UNITS[unit]
-            break
-    else:
-        number, scale = text, 1.0
     try:
-        seconds = float(number) * scale
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
+        parsed = durations.parse_duration(value)
+    except durations.DurationError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+    if parsed < timedelta(0):
         raise click.BadParameter(
-            f"{value!r} is not a duration (e.g. 30, 30s, 250ms, 5m, 1h)", param_hint=what
+            f"{value!r} is negative; a duration here is 0 or more", param_hint=what
         )
-    return timedelta(seconds=seconds)
+    return parsed
 
 
 def limit_option(default: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -194,7 +194,7 @@ async def cancel(cli: Cli, session_id: str, reason: str) -> None:
     elif before.state == SessionState.SESSION_STATE_CANCELLED:
         cli.print(f"session {s.session_id} was already cancelled")
     else:
-        cli.print(f"cancelled session {s.session_id} ({_state(s.state)})")
+        cli.print(f"cancelled session {s.session_id} ({_state(s.state)}): {s.error.message}")
 
 
 # ---------------------------------------------------------------------- showing
@@ -255,7 +255,9 @@ def _show(cli: Cli, s: workflow_pb2.Session) -> None:
     rows.append(("input", pretty(to_dict(s.input))))
     if s.HasField("output"):
         rows.append(("output", pretty(to_dict(s.output))))
-    if s.HasField("error"):
+    if s.HasField("error") and s.state == SessionState.SESSION_STATE_CANCELLED:
+        rows.append(("cancelled", s.error.message))  # CancelSession's reason
+    elif s.HasField("error"):
         rows.append(("error", f"{s.error.type or 'Error'}: {s.error.message}"))
     cli.print(details_table(rows))
     if s.task_runs:
@@ -350,8 +352,8 @@ class SessionView:
             run.state, run.note = "failed", f"{e.error.type or 'Error'}: {e.error.message}"
             return f"{tid} failed: {run.note}"
         if t == Ev.SESSION_EVENT_TYPE_TASK_CANCELLED:
-            run.state = "cancelled"
-            return f"{tid} cancelled"
+            run.state, run.note = "cancelled", e.error.message
+            return f"{tid} cancelled" + (f": {e.error.message}" if e.error.message else "")
         return f"{tid} {short_name(Ev, t, 'SESSION_EVENT_TYPE_').lower()}"
 
     def finish(self, final: workflow_pb2.Session) -> None:

@@ -267,7 +267,9 @@ def _show(cli: Cli, task: dispatch_pb2.Task, waiting: str | None = None) -> None
         rows.append(("progress", pretty(to_dict(task.progress))))
     if task.HasField("output"):
         rows.append(("output", pretty(to_dict(task.output))))
-    if task.HasField("last_error"):
+    if task.HasField("last_error") and _cancellation(task):
+        rows.append(("cancelled", task.last_error.message))
+    elif task.HasField("last_error"):
         err = task.last_error
         rows.append(("last error", f"{err.type or 'Error'}: {err.message}"))
         details: dict[str, Any] = to_dict(err.details)
@@ -278,6 +280,11 @@ def _show(cli: Cli, task: dispatch_pb2.Task, waiting: str | None = None) -> None
         if isinstance(trace, str) and trace:
             rows.append(("traceback", trace.rstrip()))
     cli.print(details_table(rows))
+
+
+def _cancellation(task: dispatch_pb2.Task) -> bool:
+    """A CANCELLED task's last_error is its cancellation's reason."""
+    return task.state == TaskState.TASK_STATE_CANCELLED and task.last_error.type == "Cancelled"
 
 
 def _duration(task: dispatch_pb2.Task, field_name: str) -> str:
@@ -298,7 +305,7 @@ async def cancel(cli: Cli, task_id: str, reason: str) -> None:
     elif before.state == TaskState.TASK_STATE_CANCELLED:
         cli.print(f"task {task.task_id} was already cancelled")
     else:
-        cli.print(f"cancelled task {task.task_id}")
+        cli.print(f"cancelled task {task.task_id}: {task.last_error.message}")
 
 
 # ---------------------------------------------------------------------- attempts

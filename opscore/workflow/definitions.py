@@ -8,6 +8,7 @@ exactly what was validated. The engine works from the `Plan` derived here.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -23,9 +24,11 @@ from opscore_proto.v1 import workflow_pb2
 from opscore import limits
 from opscore import validation as v
 from opscore.dispatch import RetryPolicySpec
-from opscore.errors import FieldViolation, InvalidArgument
+from opscore.errors import InvalidArgument
 from opscore.models import RetryPolicy
 from opscore.protovalues import from_dur, payload
+from opscore.workflow import shape
+from opscore.workflow.problems import Problems
 
 MAX_TASKS = limits.MAX_WORKFLOW_TASKS
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -67,6 +70,31 @@ class Plan:
 
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
 _BRACKETS = re.compile(r"[^\[\]{}]+")
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Loader(_YamlLoader):  # type: ignore[misc, valid-type]
+    """A SafeLoader whose mappings remember keys written twice."""
+
+
+def _yaml_mapping(loader: Any, node: yaml.MappingNode) -> Any:
+    data = shape.Mapping()
+    yield data
+    # Before construct_mapping, which resolves merge keys (`<<: *base`) into the
+    # node: a key that overrides a merged one is meant, one written twice is not.
+    seen: set[tuple[str, str]] = set()
+    dups: list[str] = []
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+            key = (key_node.tag, key_node.value)
+            if key in seen and key_node.value not in dups:
+                dups.append(key_node.value)
+            seen.add(key)
+    data.update(loader.construct_mapping(node))
+    data.duplicates = tuple(dups)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _yaml_mapping)
 
 
 def parse_source(source: str, *, origin: str = "source") -> Definition:
@@ -76,15 +104,19 @@ def parse_source(source: str, *, origin: str = "source") -> Definition:
     the raw text (deep flow nesting would otherwise recurse in the parser), and
     the parsed document's size is counted with aliases expanded (a few hundred
     bytes of YAML anchors can stand for billions of nodes).
+
+    A document of the wrong shape (unknown fields, values of the wrong kind) is
+    refused with every problem it has, those that validate() would find included,
+    in one InvalidArgument (see shape and problems).
     """
     if not source.strip():
         raise InvalidArgument(f"{origin} is empty", field="source")
     _check_bracket_depth(source, origin)
     try:
-        data = json.loads(source)
+        data = json.loads(source, object_pairs_hook=shape.json_object)
     except ValueError:
         try:
-            data = yaml.load(source, Loader=_YamlLoader)  # a SafeLoader: plain data only
+            data = yaml.load(source, Loader=_Loader)  # a SafeLoader: plain data only
         except yaml.YAMLError as exc:
             raise InvalidArgument(
                 f"{origin} is neither valid JSON nor valid YAML: {exc}", field="source"
@@ -107,7 +139,25 @@ def parse_source(source: str, *, origin: str = "source") -> Definition:
         )
     if _is_legacy(data):
         data = _from_legacy(data, origin)
-    data = _normalise_durations(data)
+    problems = Problems()
+    walk = shape.Shape(problems)
+    cleaned = walk.definition(data)
+    if not problems:
+        return _to_message(cleaned, origin)
+    # Report what validation would find too, except the consequences of what
+    # the walk already reported (a misspelt `capabilty` is not also a task
+    # with no capability).
+    try:
+        partial = _to_message(cleaned, origin)
+    except InvalidArgument:
+        raise problems.error() from None
+    more = Problems(ignore=walk.covered)
+    _check(partial, more, require_id=True)
+    problems.absorb(more)
+    raise problems.error()
+
+
+def _to_message(data: dict[str, Any], origin: str) -> Definition:
     msg = Definition()
     try:
         json_format.ParseDict(data, msg)
@@ -207,25 +257,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:128]
 
 
-def _normalise_durations(data: dict[str, Any]) -> dict[str, Any]:
-    """Let people write durations as numbers of seconds; the proto JSON form is "1.5s"."""
-    tasks = data.get("tasks")
-    if not isinstance(tasks, list):
-        return data
-    for t in tasks:
-        if not isinstance(t, dict):
-            continue
-        for key in ("timeout", "heartbeat_timeout", "heartbeatTimeout"):
-            if isinstance(t.get(key), int | float) and not isinstance(t.get(key), bool):
-                t[key] = f"{t[key]}s"
-        rp = t.get("retry_policy") or t.get("retryPolicy")
-        if isinstance(rp, dict):
-            for key in ("initial_backoff", "max_backoff", "initialBackoff", "maxBackoff"):
-                if isinstance(rp.get(key), int | float) and not isinstance(rp.get(key), bool):
-                    rp[key] = f"{rp[key]}s"
-    return data
-
-
 def content_hash(d: Definition) -> str:
     """Identity of a definition's content: everything but version and create time."""
     c = Definition()
@@ -244,12 +275,20 @@ def _dur(msg: Any, field: str) -> timedelta | None:
 
 
 def validate(d: Definition, *, require_id: bool = True) -> Plan:
-    """Check everything DESIGN §4 asks; return the plan the engine runs."""
-    problems: list[FieldViolation] = []
+    """Check everything DESIGN §4 asks; return the plan the engine runs, or raise
+    InvalidArgument with every problem found (see problems.Problems)."""
+    problems = Problems()
+    fallback_of, policies = _check(d, problems, require_id=require_id)
+    if problems:
+        raise problems.error()
+    return _plan(d, fallback_of, policies)
 
-    def bad(field: str, message: str) -> None:
-        problems.append(FieldViolation(field, message))
 
+def _check(
+    d: Definition, problems: Problems, *, require_id: bool
+) -> tuple[dict[str, str], dict[str, RetryPolicy]]:
+    """Record every problem of `d`; return its fallbacks and retry policies."""
+    bad = problems.add
     if require_id:
         try:
             v.require_id(d.id, "id", what="definition id")
@@ -261,12 +300,18 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
         bad("tasks", "a workflow needs at least one task")
     if len(d.tasks) > MAX_TASKS:
         bad("tasks", f"a workflow has at most {MAX_TASKS} tasks, this one has {len(d.tasks)}")
+    # The dependency graph can be searched for cycles only when every edge is sound.
+    graph_ok = True
     ids: dict[str, int] = {}
     for i, t in enumerate(d.tasks):
-        where = f"tasks[{i}]" + (f" ({t.id})" if t.id else "")
-        if not _TASK_ID.match(t.id):
-            bad(f"tasks[{i}].id", f"{where}: id must be 1-128 characters of letters, digits, . _ -")
+        if not t.id:
+            graph_ok = False
+            bad(f"tasks[{i}].id", f"tasks[{i}] has no id; {_TASK_ID_RULE}")
+        elif not _TASK_ID.match(t.id):
+            graph_ok = False
+            bad(f"tasks[{i}].id", f"task id {t.id[:64]!r} is not valid; {_TASK_ID_RULE}")
         elif t.id in ids:
+            graph_ok = False
             bad(
                 f"tasks[{i}].id", f"task {t.id!r} is defined twice (tasks[{ids[t.id]}], tasks[{i}])"
             )
@@ -275,13 +320,13 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
     fallback_of: dict[str, str] = {}
     policies: dict[str, RetryPolicy] = {}
     for i, t in enumerate(d.tasks):
-        name = f"task {t.id!r}"
+        name = f"task {t.id!r}" if t.id else f"tasks[{i}]"
         if bool(t.capability) == bool(t.agent_id):
             bad(
                 f"tasks[{i}].capability",
                 f"{name}: set exactly one of capability and agent_id"
                 if t.capability
-                else f"{name}: has neither capability nor agent_id",
+                else f"{name} has neither capability nor agent_id",
             )
         elif t.capability:
             try:
@@ -297,18 +342,29 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
         for j, dep in enumerate(t.depends_on):
             field = f"tasks[{i}].depends_on[{j}]"
             if dep == t.id:
+                graph_ok = False
                 bad(field, f"{name} depends on itself")
             elif dep not in ids:
-                bad(field, f"{name} depends on unknown task {dep!r}")
+                graph_ok = False
+                bad(
+                    field,
+                    f"{name} depends on unknown task {dep[:64]!r}{_guess(dep, ids, problems)}",
+                )
             elif dep in seen:
                 bad(field, f"{name} lists dependency {dep!r} twice")
             seen.add(dep)
         if t.fallback:
             field = f"tasks[{i}].fallback"
             if t.fallback == t.id:
+                graph_ok = False
                 bad(field, f"{name} names itself as its fallback")
             elif t.fallback not in ids:
-                bad(field, f"{name} has unknown fallback {t.fallback!r}")
+                graph_ok = False
+                bad(
+                    field,
+                    f"{name} has unknown fallback {t.fallback[:64]!r}"
+                    f"{_guess(t.fallback, ids, problems)}",
+                )
             elif t.fallback in fallback_of:
                 bad(
                     field,
@@ -326,18 +382,9 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
         if not -(2**31) <= t.priority < 2**31:
             bad(f"tasks[{i}].priority", f"{name}: priority must fit in 32 bits")
         if t.HasField("retry_policy"):
-            rp = t.retry_policy
-            where = f"tasks[{i}].retry_policy"
-            try:
-                spec = RetryPolicySpec(
-                    max_attempts=rp.max_attempts,
-                    initial_backoff=from_dur(rp, "initial_backoff", f"{where}."),
-                    backoff_multiplier=rp.backoff_multiplier,
-                    max_backoff=from_dur(rp, "max_backoff", f"{where}."),
-                )
-                policies[t.id] = spec.resolve(where)
-            except InvalidArgument as exc:
-                bad(exc.violations[0].field, f"{name}: {exc.message}")
+            policy = _retry_policy(t.retry_policy, f"tasks[{i}].", name, problems)
+            if policy is not None:
+                policies[t.id] = policy
         try:
             v.payload_size(payload(t, "parameters", f"tasks[{i}]."), "parameters")
         except InvalidArgument as exc:
@@ -364,7 +411,7 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
                     f"task {t.id!r} depends on {dep!r}, which is the fallback of "
                     f"{fallback_of[dep]!r}: depend on {fallback_of[dep]!r} instead",
                 )
-    if not problems:
+    if graph_ok and d.tasks:
         cycle = _find_cycle(d, fallback_of)
         if cycle:
             i = ids[cycle[0]]
@@ -372,11 +419,53 @@ def validate(d: Definition, *, require_id: bool = True) -> Plan:
                 f"tasks[{i}].depends_on",
                 "dependency cycle: " + " -> ".join([*cycle, cycle[0]]),
             )
-    if problems:
-        shown = "; ".join(p.description for p in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise InvalidArgument(shown + more, violations=problems)
-    return _plan(d, fallback_of, policies)
+    return fallback_of, policies
+
+
+_TASK_ID_RULE = "a task id is 1-128 characters of letters, digits, . _ -"
+
+
+def _guess(name: str, ids: dict[str, int], problems: Problems) -> str:
+    """ "; did you mean 'x'?" for a misspelt task id ("" when not shown anyway)."""
+    if not problems.room:
+        return ""
+    close = difflib.get_close_matches(name, ids, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _retry_policy(rp: Any, prefix: str, name: str, problems: Problems) -> RetryPolicy | None:
+    """The resolved policy, or None with each of its problems recorded."""
+    where = f"{prefix}retry_policy"
+    try:
+        spec = RetryPolicySpec(
+            max_attempts=rp.max_attempts,
+            initial_backoff=from_dur(rp, "initial_backoff", f"{where}."),
+            backoff_multiplier=rp.backoff_multiplier,
+            max_backoff=from_dur(rp, "max_backoff", f"{where}."),
+        )
+    except InvalidArgument as exc:
+        problems.add(exc.violations[0].field, f"{name}: {exc.message}")
+        return None
+    try:
+        return spec.resolve()
+    except InvalidArgument as first:
+        # resolve() stops at the first problem: ask again field by field so that
+        # every one is reported, then the cross-field one if it was alone.
+        found = False
+        for one in (
+            RetryPolicySpec(max_attempts=spec.max_attempts),
+            RetryPolicySpec(initial_backoff=spec.initial_backoff),
+            RetryPolicySpec(backoff_multiplier=spec.backoff_multiplier),
+            RetryPolicySpec(max_backoff=spec.max_backoff),
+        ):
+            try:
+                one.resolve()
+            except InvalidArgument as exc:
+                found = True
+                problems.add(f"{prefix}{exc.violations[0].field}", f"{name}: {exc.message}")
+        if not found:
+            problems.add(f"{prefix}{first.violations[0].field}", f"{name}: {first.message}")
+        return None
 
 
 def _find_cycle(d: Definition, fallback_of: dict[str, str]) -> list[str]:

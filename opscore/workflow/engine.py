@@ -31,7 +31,7 @@ from opscore_proto.v1 import common_pb2, workflow_pb2
 from opscore import limits
 from opscore import validation as v
 from opscore.clock import utcnow
-from opscore.dispatch import DispatchEngine, TaskSpec
+from opscore.dispatch import CANCELLED_ERROR_TYPE, DispatchEngine, TaskSpec
 from opscore.errors import (
     AlreadyExists,
     ConfigError,
@@ -418,6 +418,8 @@ class WorkflowEngine:
                 )
             assert isinstance(live, _Live)
             with tx.atomic():
+                # Kept where GetSession shows it, as the session's error.
+                live.session.error = TaskError(why, CANCELLED_ERROR_TYPE)
                 await self._finish_session(
                     tx, live, SessionState.CANCELLED, EventType.SESSION_CANCELLED, why
                 )
@@ -631,12 +633,27 @@ class WorkflowEngine:
                 await self._resolve(tx, live, tid)
             return
         if kind == "cancelled":
-            run.state = RunState.CANCELLED
+            run.state, run.error = RunState.CANCELLED, task.last_error
             tx.put_run(s.session_id, run)
-            self._event(tx, live, EventType.TASK_CANCELLED, tid, task_id=task.task_id)
+            self._event(
+                tx,
+                live,
+                EventType.TASK_CANCELLED,
+                tid,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                error=task.last_error,
+            )
             if not s.is_final:
-                await self._fail_session(
-                    tx, live, tid, TaskError(f"task {tid} was cancelled", "Cancelled")
+                # Cancelled on its own (CancelTask), not by the session's end.
+                why = task.last_error.message if task.last_error else "cancelled"
+                s.error = TaskError(f"task {tid!r} was cancelled: {why}", CANCELLED_ERROR_TYPE)
+                await self._finish_session(
+                    tx,
+                    live,
+                    SessionState.FAILED,
+                    EventType.SESSION_FAILED,
+                    f"session failed: task {tid}",
                 )
             return
         # failed permanently
@@ -716,6 +733,8 @@ class WorkflowEngine:
         now = utcnow()
         s.state = state
         s.finish_time = s.update_time = now
+        # Why the runs that will not run now were cancelled.
+        cancelled = TaskError(reason, CANCELLED_ERROR_TYPE) if reason else None
         # Mark final first: the cancellations below come back as task events.
         for run in s.runs.values():
             if run.state == RunState.RUNNING:
@@ -723,16 +742,15 @@ class WorkflowEngine:
                 if task is not None and not task.is_final:
                     await self.dispatch.cancel_open(tx, task, reason)
                 if run.state == RunState.RUNNING:
-                    run.state = RunState.CANCELLED
+                    run.state, run.error = RunState.CANCELLED, cancelled
                     run.finish_time = now
                     tx.put_run(s.session_id, run)
             elif run.state == RunState.WAITING:
                 is_fallback = live.plan.tasks[run.workflow_task_id].replaces
-                run.state = (
-                    RunState.SKIPPED
-                    if is_fallback and state == SessionState.COMPLETED
-                    else RunState.CANCELLED
-                )
+                if is_fallback and state == SessionState.COMPLETED:
+                    run.state = RunState.SKIPPED
+                else:
+                    run.state, run.error = RunState.CANCELLED, cancelled
                 tx.put_run(s.session_id, run)
         tx.put_session(s)
         self.observer.session_finished(s)
@@ -741,7 +759,7 @@ class WorkflowEngine:
             live,
             event,
             output=s.output if state == SessionState.COMPLETED else None,
-            error=s.error if state == SessionState.FAILED else None,
+            error=s.error if state != SessionState.COMPLETED else None,
         )
         tx.session_done(s.session_id)
 

@@ -106,7 +106,8 @@ class TaskError(_message.Message):
     type: _builtins.str
     """Machine-readable kind of error, e.g. the exception class name
     ("TimeoutError"), or one of the server's own: "LeaseExpired",
-    "AgentOffline", "AgentDeregistered", "NotDelivered". Empty when unknown.
+    "AgentOffline", "AgentDeregistered", "NotDelivered", "Cancelled" (the
+    message is then the cancellation's reason). Empty when unknown.
     """
     @_builtins.property
     def details(self) -> _struct_pb2.Struct:

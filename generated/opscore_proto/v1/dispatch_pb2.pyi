@@ -225,7 +225,11 @@ class Task(_message.Message):
 
     @_builtins.property
     def last_error(self) -> _common_pb2.TaskError:
-        """Error of the last failed attempt, if any."""
+        """Error of the last failed attempt, if any. For a CANCELLED task, the
+        cancellation: type "Cancelled", message the CancelTask reason ("cancelled
+        by request" when none was given) or why its session ended. The errors of
+        earlier attempts stay in ListTaskAttempts.
+        """
 
     @_builtins.property
     def progress(self) -> _struct_pb2.Struct:
@@ -967,8 +971,9 @@ class TaskAttempt(_message.Message):
         """Why the attempt did not succeed: what the agent sent with FailTask (the
         SDK's Agent puts the handler's traceback in `details.traceback`), or the
         server's own for LEASE_EXPIRED ("LeaseExpired"), AGENT_OFFLINE
-        ("AgentOffline") and AGENT_DEREGISTERED ("AgentDeregistered"). Unset for
-        COMPLETED, CANCELLED and RUNNING.
+        ("AgentOffline") and AGENT_DEREGISTERED ("AgentDeregistered"); for
+        CANCELLED, the cancellation (type "Cancelled", message its reason). Unset
+        for COMPLETED and RUNNING.
         """
 
     @_builtins.property
@@ -1014,7 +1019,10 @@ class CancelTaskRequest(_message.Message):
     task_id: _builtins.str
     """Required."""
     reason: _builtins.str
-    """Optional reason, passed to the agent. At most 1024 characters."""
+    """Optional reason, passed to the agent and kept as the task's
+    `last_error.message` ("cancelled by request" when empty). At most 1024
+    characters.
+    """
     def __init__(
         self,
         *,

@@ -309,6 +309,10 @@ class DispatchServiceServicer:
         its subscription; results it sends afterwards get FAILED_PRECONDITION.
         Cancelling a CANCELLED task returns it unchanged.
 
+        The reason stays with the task: its `last_error` becomes type "Cancelled"
+        with the reason as message, and so does the `error` of the attempt the
+        cancellation ended (TaskAttempt outcome CANCELLED).
+
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED task.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

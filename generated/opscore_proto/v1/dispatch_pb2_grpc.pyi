@@ -186,6 +186,10 @@ class DispatchServiceStub:
     its subscription; results it sends afterwards get FAILED_PRECONDITION.
     Cancelling a CANCELLED task returns it unchanged.
 
+    The reason stays with the task: its `last_error` becomes type "Cancelled"
+    with the reason as message, and so does the `error` of the attempt the
+    cancellation ended (TaskAttempt outcome CANCELLED).
+
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED task.
     """
 
@@ -346,6 +350,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     becomes CANCELLED too, and the agent holding it receives a cancellation on
     its subscription; results it sends afterwards get FAILED_PRECONDITION.
     Cancelling a CANCELLED task returns it unchanged.
+
+    The reason stays with the task: its `last_error` becomes type "Cancelled"
+    with the reason as message, and so does the `error` of the attempt the
+    cancellation ended (TaskAttempt outcome CANCELLED).
 
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED task.
     """
@@ -570,6 +578,10 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         becomes CANCELLED too, and the agent holding it receives a cancellation on
         its subscription; results it sends afterwards get FAILED_PRECONDITION.
         Cancelling a CANCELLED task returns it unchanged.
+
+        The reason stays with the task: its `last_error` becomes type "Cancelled"
+        with the reason as message, and so does the `error` of the attempt the
+        cancellation ended (TaskAttempt outcome CANCELLED).
 
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED task.
         """

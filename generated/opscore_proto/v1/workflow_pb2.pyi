@@ -282,8 +282,12 @@ class CreateWorkflowDefinitionRequest(_message.Message):
     DEFINITION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     source: _builtins.str
-    """The definition as JSON or YAML text (proto field names), or in the
-    earlier Ops-Core JSON format (taskId, agentCapability, nextTaskId).
+    """The definition as JSON or YAML text (proto field names; the JSON
+    mapping's camelCase names are accepted too), or in the earlier Ops-Core
+    JSON format (taskId, agentCapability, nextTaskId). Beyond the JSON
+    mapping: durations may be a number of seconds (30, 1.5) or a number with
+    one unit (1500ms, 30s, 5m, 2h); `depends_on` may be a single task id;
+    `create_time` is ignored. Keys given twice are refused.
     """
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:
@@ -499,7 +503,7 @@ class TaskRun(_message.Message):
 
     @_builtins.property
     def error(self) -> _common_pb2.TaskError:
-        """Last error, if any."""
+        """Last error, if any. For a run CANCELLED, why (type "Cancelled")."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -584,7 +588,9 @@ class Session(_message.Message):
 
     @_builtins.property
     def error(self) -> _common_pb2.TaskError:
-        """Once FAILED: which task failed and its last error."""
+        """Once FAILED: which task failed and its last error. Once CANCELLED: type
+        "Cancelled" and CancelSession's reason ("session cancelled" when none).
+        """
 
     @_builtins.property
     def task_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskRun]:
@@ -808,7 +814,9 @@ class CancelSessionRequest(_message.Message):
     session_id: _builtins.str
     """Required."""
     reason: _builtins.str
-    """Optional, passed to agents holding the session's tasks."""
+    """Optional, passed to agents holding the session's tasks and kept (see
+    CancelSession). At most 1024 characters.
+    """
     def __init__(
         self,
         *,
@@ -880,7 +888,9 @@ class SessionEvent(_message.Message):
 
     @_builtins.property
     def error(self) -> _common_pb2.TaskError:
-        """Error, for failures and retries."""
+        """Error, for failures and retries; for TASK_CANCELLED and
+        SESSION_CANCELLED, the cancellation (type "Cancelled", message its reason).
+        """
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp: ...

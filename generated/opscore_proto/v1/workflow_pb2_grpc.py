@@ -111,9 +111,14 @@ class WorkflowServiceServicer:
         values once YAML aliases are expanded; the definition at most 3 MiB
         serialized with at most 10,000 tasks.
 
-        Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-        unknown dependency or fallback, cycle, no capability nor agent, a duration
-        out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+        field violation whose `field` is its path in the definition
+        (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+        unknown fields (with a suggestion), values of the wrong kind, keys given
+        twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+        cycle, no capability nor agent, a duration out of bounds, unparsable or
+        oversized source. At most 10 are listed, the rest counted ("and 12
+        more"). ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,7 +183,9 @@ class WorkflowServiceServicer:
     def CancelSession(self, request, context):
         """Cancels a session: queued and scheduled tasks are cancelled, agents holding
         its tasks receive a cancellation, and the session becomes CANCELLED.
-        Cancelling a CANCELLED session returns it unchanged.
+        Cancelling a CANCELLED session returns it unchanged. The reason is kept
+        as the session's `error` (type "Cancelled"), and as the `last_error` of
+        each task and the `error` of each task run it cancelled.
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -53,9 +53,14 @@ class WorkflowServiceStub:
     values once YAML aliases are expanded; the definition at most 3 MiB
     serialized with at most 10,000 tasks.
 
-    Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, a duration
-    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+    field violation whose `field` is its path in the definition
+    (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+    unknown fields (with a suggestion), values of the wrong kind, keys given
+    twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+    cycle, no capability nor agent, a duration out of bounds, unparsable or
+    oversized source. At most 10 are listed, the rest counted ("and 12
+    more"). ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]
     """Returns a definition: the latest version unless `version` is set.
@@ -90,7 +95,9 @@ class WorkflowServiceStub:
     CancelSession: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]
     """Cancels a session: queued and scheduled tasks are cancelled, agents holding
     its tasks receive a cancellation, and the session becomes CANCELLED.
-    Cancelling a CANCELLED session returns it unchanged.
+    Cancelling a CANCELLED session returns it unchanged. The reason is kept
+    as the session's `error` (type "Cancelled"), and as the `last_error` of
+    each task and the `error` of each task run it cancelled.
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
     """
     WatchSession: _grpc.UnaryStreamMultiCallable[_workflow_pb2.WatchSessionRequest, _workflow_pb2.WatchSessionResponse]
@@ -131,9 +138,14 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     values once YAML aliases are expanded; the definition at most 3 MiB
     serialized with at most 10,000 tasks.
 
-    Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-    unknown dependency or fallback, cycle, no capability nor agent, a duration
-    out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+    field violation whose `field` is its path in the definition
+    (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+    unknown fields (with a suggestion), values of the wrong kind, keys given
+    twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+    cycle, no capability nor agent, a duration out of bounds, unparsable or
+    oversized source. At most 10 are listed, the rest counted ("and 12
+    more"). ALREADY_EXISTS.
     """
     GetWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Returns a definition: the latest version unless `version` is set.
@@ -168,7 +180,9 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     CancelSession: _aio.UnaryUnaryMultiCallable[_workflow_pb2.CancelSessionRequest, _workflow_pb2.CancelSessionResponse]  # type: ignore[assignment]
     """Cancels a session: queued and scheduled tasks are cancelled, agents holding
     its tasks receive a cancellation, and the session becomes CANCELLED.
-    Cancelling a CANCELLED session returns it unchanged.
+    Cancelling a CANCELLED session returns it unchanged. The reason is kept
+    as the session's `error` (type "Cancelled"), and as the `last_error` of
+    each task and the `error` of each task run it cancelled.
     Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
     """
     WatchSession: _aio.UnaryStreamMultiCallable[_workflow_pb2.WatchSessionRequest, _workflow_pb2.WatchSessionResponse]  # type: ignore[assignment]
@@ -212,9 +226,14 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         values once YAML aliases are expanded; the definition at most 3 MiB
         serialized with at most 10,000 tasks.
 
-        Errors: INVALID_ARGUMENT naming the task and field (no tasks, duplicate ids,
-        unknown dependency or fallback, cycle, no capability nor agent, a duration
-        out of bounds, unparsable or oversized source); ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT with every problem found, each as a BadRequest
+        field violation whose `field` is its path in the definition
+        (`tasks[2].retry_policy.max_attempts`), and all of them in the message:
+        unknown fields (with a suggestion), values of the wrong kind, keys given
+        twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
+        cycle, no capability nor agent, a duration out of bounds, unparsable or
+        oversized source. At most 10 are listed, the rest counted ("and 12
+        more"). ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -291,7 +310,9 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflow_pb2.CancelSessionResponse, _abc.Awaitable[_workflow_pb2.CancelSessionResponse]]:
         """Cancels a session: queued and scheduled tasks are cancelled, agents holding
         its tasks receive a cancellation, and the session becomes CANCELLED.
-        Cancelling a CANCELLED session returns it unchanged.
+        Cancelling a CANCELLED session returns it unchanged. The reason is kept
+        as the session's `error` (type "Cancelled"), and as the `last_error` of
+        each task and the `error` of each task run it cancelled.
         Errors: NOT_FOUND; FAILED_PRECONDITION for a COMPLETED or FAILED session.
         """
 
