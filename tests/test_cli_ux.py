@@ -193,7 +193,7 @@ async def test_short_ids_and_unique_prefixes(harness, client):
     r = await opscore("tasks", "get", first[:n], "--json", target=t)
     assert r.code == 0 and r.json()["task_id"] == first, r
     r = await opscore("tasks", "cancel", first[: max(n, 4)], target=t)
-    assert r.code == 0 and r.out.strip() == f"cancelled task {first}", r
+    assert r.code == 0 and r.out.strip() == f"cancelled task {first}: cancelled by request", r
     r = await opscore("tasks", "cancel", first, target=t)
     assert r.out.strip() == f"task {first} was already cancelled", r
 
