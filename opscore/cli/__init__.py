@@ -9,6 +9,7 @@ agents.py     opscore agents ...
 tasks.py      opscore tasks ...
 workflows.py  opscore workflows ...
 sessions.py   opscore sessions ...
+db.py         opscore db ... (maintenance, servers stopped)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from opscore import __version__
 from opscore.cli.agents import agents
 from opscore.cli.auth import auth
 from opscore.cli.common import GLOBAL_HELP, Globals, global_options, wants_json
+from opscore.cli.db import db
 from opscore.cli.health import health
 from opscore.cli.serve import serve
 from opscore.cli.sessions import sessions
@@ -84,6 +86,7 @@ main.add_command(workflows)
 main.add_command(sessions)
 main.add_command(tasks)
 main.add_command(auth)
+main.add_command(db)
 
 
 if __name__ == "__main__":  # pragma: no cover
