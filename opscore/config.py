@@ -98,6 +98,19 @@ class Config:
             )
         if self.max_db_bytes < 0:
             raise ConfigError("max db bytes must not be negative (0 for no limit)")
+        if self.db.startswith(("postgresql://", "postgres://")):
+            # Silently ignoring them would promise a durability or a size limit
+            # that PostgreSQL's own settings decide.
+            if self.sync != "full":
+                raise ConfigError(
+                    "--sync applies to SQLite only; on PostgreSQL durability is its "
+                    "synchronous_commit setting"
+                )
+            if self.max_db_bytes:
+                raise ConfigError(
+                    "--max-db-bytes applies to SQLite only; limit a PostgreSQL database "
+                    "with PostgreSQL's own means (disk quotas, monitoring)"
+                )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -236,8 +249,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "sync",
         "OPSCORE_SYNC",
-        "full: commits survive power loss; normal: they survive a process crash only "
-        "(faster).  [default full]",
+        "SQLite only. full: commits survive power loss; normal: they survive a process "
+        "crash only (faster).  [default full]",
         choices=("full", "normal"),
     ),
     Setting(
@@ -282,8 +295,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_db_bytes",
         "OPSCORE_MAX_DB_BYTES",
-        "Largest the database may grow; writes beyond it fail with RESOURCE_EXHAUSTED "
-        "and stored data is untouched.  [default 0: no limit]",
+        "SQLite only. Largest the database file may grow; writes beyond it fail with "
+        "RESOURCE_EXHAUSTED and stored data is untouched.  [default 0: no limit]",
         parse=_int,
         kind=int,
     ),

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from opscore.config import from_sources
 from opscore.errors import ConfigError
 from opscore.storage.postgres.pool import (
     DEFAULTS,
@@ -464,3 +465,13 @@ async def test_stopping_the_listener_closes_its_connection(pg: PgCluster, pg_url
     await listener.stop()  # twice is fine
     # The server's backend exits just after the socket closes.
     await eventually(lambda: pg.sql(count) == "0", what="the LISTEN backend to exit")
+
+
+def test_sqlite_only_settings_are_refused_with_postgresql():
+    url = "postgresql://opscore@db:5432/opscore"
+    with pytest.raises(ConfigError, match="--sync applies to SQLite only"):
+        from_sources({"db": url, "sync": "normal"}, env={})
+    with pytest.raises(ConfigError, match="--max-db-bytes applies to SQLite only"):
+        from_sources({"db": url}, env={"OPSCORE_MAX_DB_BYTES": "1000000"})
+    assert from_sources({"db": url}, env={}).db == url
+    assert from_sources({"db": "x.db", "sync": "normal"}, env={}).sync == "normal"
