@@ -3,7 +3,7 @@
 The server creates the schema itself (we start `opscore serve` once on the empty
 file and stop it with SIGTERM), then this module inserts COMPLETED rows straight
 into the `tasks` table with sqlite3, in large transactions, bypassing the server.
-Every NOT NULL column of opscore/storage/migrations/0002_dispatch.sql is filled the
+Every NOT NULL column of opscore/storage/sqlite/migrations/0002_dispatch.sql is filled the
 way the server fills it for a completed no-op task (values copied from a real run:
 default retry policy, 300 s timeout, attempt 1, the input/output Structs the load
 generators send). This is not how a user fills a database; it only stands in for a

@@ -1,7 +1,7 @@
 -- Agents and their state history.
 --
 -- Conventions of every PostgreSQL migration (they mirror the SQLite schema's
--- meaning, opscore/storage/migrations/, with PostgreSQL types):
+-- meaning, opscore/storage/sqlite/migrations/, with PostgreSQL types):
 --   times      bigint microseconds since the Unix epoch, UTC (as in SQLite), so
 --              one codec serves both backends and google.protobuf.Timestamp's
 --              whole range (years 1-9999) fits; never timestamptz

@@ -38,8 +38,9 @@ CREATE TABLE tasks (
     cancel_requested     boolean NOT NULL,
     update_time          bigint NOT NULL,
     finish_time          bigint,
-    -- FIFO order within a priority; drawn from tasks_ready_seq each time a task
-    -- becomes ready, so it is one order across every replica.
+    -- FIFO order within a priority: the microseconds of the clock of the replica
+    -- that made the task ready, kept increasing per replica (one order across
+    -- replicas as far as their clocks agree). tasks_ready_seq is unused.
     ready_seq            bigint NOT NULL
 ) WITH (fillfactor = 90);
 

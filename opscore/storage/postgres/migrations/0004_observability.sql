@@ -1,5 +1,5 @@
 -- Issue 13: every attempt of a task, and the trace context of tasks and sessions
--- (mirrors opscore/storage/migrations/0004_observability.sql).
+-- (mirrors opscore/storage/sqlite/migrations/0004_observability.sql).
 
 -- W3C traceparent of the task's enqueue span / the session's start span; NULL
 -- when the server ran without tracing. Set once when the row is created.
