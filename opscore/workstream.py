@@ -82,10 +82,12 @@ class WorkStream:
         self.engine = engine
         self.sub = sub
         self.agent_id = sub.agent.agent_id
+        self.received = 0  # items handled, for the stream's log line
 
     async def handle(self, items: list[Item]) -> None:
         """Apply `items` in order, in one operation; queue one Ack for each, behind
         the commit of that operation."""
+        self.received += len(items)
         ids = [i.task_id for i in items if isinstance(i, Completion | Failure | Heartbeat)]
         await self.engine.storage.run(lambda tx: self._apply_all(tx, items), wait=False, tasks=ids)
 

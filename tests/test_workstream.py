@@ -4,6 +4,7 @@ holds on it, item by item, and both shapes interoperate."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import itertools
 import math
@@ -323,6 +324,36 @@ async def test_batches_carry_several_items_each_way(harness: Harness):
     listed = await harness.dispatch.ListTasks(pb.ListTasksRequest(state=TS.TASK_STATE_COMPLETED))
     assert len(listed.tasks) == 20
     await work.close()
+
+
+async def test_one_log_line_per_stream_with_what_it_carried(harness: Harness, caplog):
+    await harness.register("w1", ["c"])
+    caplog.set_level(logging.INFO, logger="opscore.rpc")
+    work = await connect(harness, "w1", max_in_flight=5)
+    for _ in range(5):
+        await enqueue(harness, capability="c")
+    tasks = [await work.assignment() for _ in range(5)]
+    await work.send(*[complete(t) for t in tasks[:4]], fail(tasks[4], non_retryable=True))
+    assert [(await work.result()).code for _ in range(5)] == [OK] * 5
+    # No line per message while the stream is open...
+    assert not [r for r in caplog.records if getattr(r, "method", "").endswith("/Connect")]
+    await work.call.done_writing()
+    await work.done.wait()
+
+    def lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "method", "").endswith("/Connect")]
+
+    await eventually(lines, what="the stream's log line")
+    (line,) = lines()
+    # ...and one at its end, with what it carried.
+    assert line.code == "OK" and line.agent_id == "w1"
+    assert (line.items_received, line.assignments, line.results, line.cancellations) == (
+        5,
+        5,
+        5,
+        0,
+    )
+    assert 1 <= line.responses <= 1 + 5 + 5, line.responses
 
 
 async def test_protocol_errors_end_the_stream_precisely(harness: Harness):

@@ -123,6 +123,7 @@ class _Call:
     __slots__ = (
         "auth",
         "authorization",
+        "fields",
         "metadata",
         "method",
         "peer",
@@ -153,6 +154,22 @@ class _Call:
         self.auth: CallAuth | None = None
         # No per-RPC log line (a failed authentication: the audit log has it).
         self.quiet = False
+        # What the handler adds to the call's log line (note_call).
+        self.fields: dict[str, Any] | None = None
+
+
+# The call being handled: lets a long-lived stream's handler put what it counted
+# on the one line logged when the stream ends, instead of a line per message.
+_CURRENT: ContextVar[_Call | None] = ContextVar("opscore_call", default=None)
+
+
+def note_call(**fields: Any) -> None:
+    """Add `fields` to the log line of the call being handled (if any)."""
+    call = _CURRENT.get()
+    if call is not None:
+        if call.fields is None:
+            call.fields = {}
+        call.fields.update(fields)
 
 
 class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
@@ -374,6 +391,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
 
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> None:
             info = self._call(method, context)
+            _CURRENT.set(info)  # grpc runs each call in a task of its own: no leak
             code = grpc.StatusCode.OK
             _request_id_var.set(info.request_id)
             span = tracer.start(method, info.metadata) if tracer is not None else None
@@ -523,5 +541,6 @@ def _log(call: _Call, code: grpc.StatusCode, request: Any) -> None:
             "principal": call.auth.principal.name if call.auth is not None else None,
             "request_id": call.request_id,
             **({"trace_id": call.trace_id} if call.trace_id else {}),
+            **(call.fields or {}),
         },
     )

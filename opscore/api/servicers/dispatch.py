@@ -9,7 +9,7 @@ from opscore_proto.v1 import dispatch_pb2_grpc
 
 from opscore import security
 from opscore.api import convert as c
-from opscore.api.interceptors import Undecodable, stream_ready, undecodable_error
+from opscore.api.interceptors import Undecodable, note_call, stream_ready, undecodable_error
 from opscore.dispatch import (
     Ack,
     Assignment,
@@ -93,6 +93,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         work = WorkStream(self.engine, sub)
         reader = asyncio.create_task(_read(stream, work), name="opscore-connect-reader")
         in_hand: list[StreamItem] = []
+        sent = {"assignments": 0, "cancellations": 0, "results": 0, "responses": 0}
         try:
             await stream_ready(context)
             yield pb.ConnectResponse(
@@ -121,15 +122,20 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
                         return
                     item, cost = _server_message(message)
                     if out and size + cost > budget:
+                        sent["responses"] += 1
                         yield pb.ConnectResponse(messages=out)
                         out, size = [], 0
                     out.append(item)
+                    sent[_KIND[type(message)]] += 1
                     size += cost
+                sent["responses"] += 1
                 yield pb.ConnectResponse(messages=out)
                 in_hand = []
         finally:
             reader.cancel()
             self.engine.unsubscribe(sub, in_hand)
+            # One line per stream, at its end: what it carried, not a line per message.
+            note_call(agent_id=work.agent_id, items_received=work.received, **sent)
 
     async def CompleteTask(
         self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext
@@ -221,6 +227,9 @@ async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> N
     except Exception as exc:  # the call broke under us (client gone, transport error)
         end = StreamEnd(Unavailable(f"work stream read failed: {exc}"))
     sub.push((None, end))  # after the answers queued before it, which wait for their commit
+
+
+_KIND = {Assignment: "assignments", Cancellation: "cancellations", Ack: "results"}
 
 
 def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.ServerMessage, int]:
