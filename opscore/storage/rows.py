@@ -39,6 +39,10 @@ AGENT_COLS = (
     "state_details, register_time, state_change_time, last_seen_time, deregistered, "
     "state_before_offline, history_seq"
 )
+# What an upsert of an existing agent rewrites: all but its id and register time.
+AGENT_UPDATED = tuple(
+    c for c in (x.strip() for x in AGENT_COLS.split(",")) if c not in ("agent_id", "register_time")
+)
 
 
 def agent_row(a: Agent) -> tuple[Any, ...]:

@@ -57,6 +57,7 @@ from opscore.models import (
 )
 from opscore.storage import rows as R
 from opscore.storage.api import Operation
+from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import (
     agent_size,
     clamp_page_size,
@@ -119,23 +120,7 @@ _AGENT_N = len(R.AGENT_COLS.split(","))
 _AGENT_UPSERT = (
     f"INSERT INTO agents ({R.AGENT_COLS}) VALUES "
     f"({', '.join(f'${i}' for i in range(1, _AGENT_N + 1))}) ON CONFLICT (agent_id) DO UPDATE SET "
-    + ", ".join(
-        f"{c} = EXCLUDED.{c}"
-        for c in (
-            "name",
-            "version",
-            "capabilities",
-            "contact_endpoint",
-            "metadata",
-            "state",
-            "state_details",
-            "state_change_time",
-            "last_seen_time",
-            "deregistered",
-            "state_before_offline",
-            "history_seq",
-        )
-    )
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.AGENT_UPDATED)
 )
 _TRANSITION_INSERT = (
     f"INSERT INTO agent_transitions ({R.TRANSITION_COLS}) VALUES "
@@ -308,7 +293,7 @@ class PostgresStorage:
         self._due_wake = asyncio.Event()
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks(log)
         self._closing = False
         self._sessions: dict[str, tuple[int, object]] = {}  # id -> (version, live)
         self._local_streams: dict[str, int] = {}
@@ -372,7 +357,8 @@ class PostgresStorage:
         # Let queued operations finish (the server drained its calls first).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._drained(), 5.0)
-        for task in [*self._tasks, *self._background]:
+        self._background.cancel()
+        for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(BaseException):
@@ -436,25 +422,10 @@ class PostgresStorage:
         return await asyncio.shield(item.result)  # type: ignore[no-any-return]
 
     def spawn(self, op: Operation[Any], *, what: str) -> None:
-        self._keep(self.run(op, wait=False), what)
+        self._background.keep(self.run(op, wait=False), what)
 
     def spawn_read(self, coro: Coroutine[Any, Any, Any], *, what: str) -> None:
-        self._keep(coro, what)
-
-    def _keep(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"opscore: {what}")
-        self._background.add(task)
-        task.add_done_callback(lambda t: self._done(t, what))
-
-    def _done(self, task: asyncio.Task[Any], what: str) -> None:
-        self._background.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, OpsCoreError):
-            log.debug("%s: %s", what, exc.message)
-        elif exc is not None:
-            log.error("%s failed", what, exc_info=exc)
+        self._background.keep(coro, what)
 
     async def _executor(self) -> None:
         while True:

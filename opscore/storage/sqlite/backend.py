@@ -39,6 +39,7 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage.api import Operation
+from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import agent_size, clamp_page_size, decode_cursor, encode_cursor
 from opscore.storage.sqlite.store import Store
 from opscore.workflow.models import Session, SessionState, TaskRun
@@ -68,7 +69,7 @@ class SQLiteStorage:
         self.on_agent_silent: Callable[[Any, str], Awaitable[None]] | None = None
         self.build_session: Callable[[Session, bytes, int], Awaitable[object]] | None = None
         self._tx = _Tx(self)
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks(log)
         self._clear()
 
     def _clear(self) -> None:
@@ -115,8 +116,7 @@ class SQLiteStorage:
 
     async def close(self) -> None:
         self._cancel_timers()
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel()
         await self.store.close()
 
     def reset(self, error: OpsCoreError) -> None:
@@ -172,25 +172,10 @@ class SQLiteStorage:
         return result
 
     def spawn(self, op: Operation[Any], *, what: str) -> None:
-        self._keep(self.run(op, wait=False), what)
+        self._background.keep(self.run(op, wait=False), what)
 
     def spawn_read(self, coro: Coroutine[Any, Any, Any], *, what: str) -> None:
-        self._keep(coro, what)
-
-    def _keep(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"opscore: {what}")
-        self._background.add(task)
-        task.add_done_callback(lambda t: self._done(t, what))
-
-    def _done(self, task: asyncio.Task[Any], what: str) -> None:
-        self._background.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, OpsCoreError):
-            log.debug("%s: %s", what, exc.message)
-        elif exc is not None:
-            log.error("%s failed", what, exc_info=exc)
+        self._background.keep(coro, what)
 
     def subscribe(self, channel: str, handler: Callable[[str], None]) -> None:
         """One server on the file: no other server to hear from."""

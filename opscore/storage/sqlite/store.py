@@ -38,6 +38,7 @@ from opscore.models import (
 from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor, fit, nbytes
 from opscore.storage.rows import (
     AGENT_COLS,
+    AGENT_UPDATED,
     ATTEMPT_COLS,
     RUN_COLS,
     SESSION_COLS,
@@ -142,23 +143,7 @@ _UPSERT_SQL: dict[str, str] = {
     "agents": (
         f"INSERT INTO agents ({AGENT_COLS}) VALUES ({', '.join('?' * 14)}) "
         "ON CONFLICT(agent_id) DO UPDATE SET "
-        + ", ".join(
-            f"{c} = excluded.{c}"
-            for c in (
-                "name",
-                "version",
-                "capabilities",
-                "contact_endpoint",
-                "metadata",
-                "state",
-                "state_details",
-                "state_change_time",
-                "last_seen_time",
-                "deregistered",
-                "state_before_offline",
-                "history_seq",
-            )
-        )
+        + ", ".join(f"{c} = excluded.{c}" for c in AGENT_UPDATED)
     ),
     "tasks": (
         f"INSERT INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 32)}) "
