@@ -71,6 +71,25 @@ WATCHER_MAX_BYTES = 8 * 1024 * 1024
 # however many capabilities clients invent.
 MAX_METRIC_CAPABILITIES = 500
 
+# ---- retention (opscore/retention.py): what is older than --retention is pruned
+DEFAULT_RETENTION = timedelta(days=7)
+MAX_RETENTION = timedelta(days=100 * 365)
+# Rows removed per transaction: small, so a prune never holds the writer (SQLite)
+# or row locks (PostgreSQL) for long, and never stalls dispatch.
+RETENTION_BATCH_ROWS = 500
+# The least pause between two batches; a batch that took longer is followed by
+# a pause as long as itself, so pruning gets at most half the writer's time.
+RETENTION_MIN_PAUSE = timedelta(milliseconds=10)
+# How often a pass looks for expired rows: a tenth of the period, within these.
+RETENTION_MIN_INTERVAL = timedelta(milliseconds=100)
+RETENTION_MAX_INTERVAL = timedelta(seconds=60)
+# SQLite: free pages given back to the file system per incremental vacuum step.
+RETENTION_VACUUM_PAGES = 1000
+# SQLite: an existing database file made without incremental auto-vacuum is
+# converted at start (one VACUUM) when it is at most this big; a bigger one is
+# left to `opscore db vacuum`, run while the server is stopped.
+STARTUP_VACUUM_MAX_BYTES = 64 * 1024 * 1024
+
 # ---- workflow definitions
 MAX_WORKFLOW_TASKS = 10_000
 MAX_DEFINITION_SOURCE_BYTES = 2 * 1024 * 1024
