@@ -13,9 +13,9 @@ How: a pass every `interval` (a tenth of the period, between
 RETENTION_MIN_INTERVAL and RETENTION_MAX_INTERVAL) with one cutoff, now minus
 the period. It prunes each kind in turn, one batch (about RETENTION_BATCH_ROWS
 rows, one transaction, `Storage.prune`) after another until nothing expired is
-left, and pauses between batches for as long as the last one took (at least
-RETENTION_MIN_PAUSE): pruning gets at most half of the writer's time, and the
-operations queued meanwhile go first. After a pass that removed rows, the space
+left, and pauses between batches RETENTION_PAUSE_FACTOR times as long as the
+last one took (at least RETENTION_MIN_PAUSE): pruning gets at most a tenth of
+the time, and the operations queued meanwhile go first. After a pass that removed rows, the space
 is given back the same way (`Storage.reclaim`: SQLite's incremental vacuum).
 A pass that removed something logs one line with the rows per table, which the
 metric `opscore_retention_pruned_rows_total{kind}` counts too.
@@ -155,4 +155,7 @@ class Retention:
         return totals
 
     async def _pause(self, took: float) -> None:
-        await asyncio.sleep(max(limits.RETENTION_MIN_PAUSE.total_seconds(), took))
+        pause = max(
+            limits.RETENTION_MIN_PAUSE.total_seconds(), took * limits.RETENTION_PAUSE_FACTOR
+        )
+        await asyncio.sleep(pause)
