@@ -4,9 +4,9 @@ holds on it, item by item, and both shapes interoperate."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
 import itertools
+import logging
 import math
 from datetime import timedelta
 from typing import Any
