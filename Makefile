@@ -14,7 +14,7 @@ help:
 	@echo "make test         lint + full test suite; installs first (PostgreSQL too)"
 	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
 	@echo "make protos       regenerate generated/ from protos/"
-	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run)"
+	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run; SCENARIOS=a,b for some)"
 	@echo "make chaos        SIGKILL the server N times under load, then verify (N=100)"
 
 $(STAMP): pyproject.toml
@@ -80,7 +80,7 @@ bench: $(BENCH_STAMP)
 	    echo "bench: redis-server missing and not root: the Celery baseline will be skipped"; \
 	  fi; \
 	fi
-	$(PY) -m bench $(if $(QUICK),--quick,)
+	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(SCENARIOS),--scenarios $(SCENARIOS),)
 
 # SIGKILL the server N times at random moments under load, then verify that
 # nothing acknowledged was lost or accepted twice (docs/operations.md).

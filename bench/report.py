@@ -14,7 +14,16 @@ from typing import Any
 DASH = "\u2013"  # en dash, for ranges
 TIMES = "\u00d7"
 
-ORDER = ["throughput", "latency", "workflows", "lifecycle", "scale", "baselines"]
+ORDER = [
+    "throughput",
+    "latency",
+    "workflows",
+    "lifecycle",
+    "scale",
+    "baselines",
+    "observability",
+    "retention",
+]
 
 
 def load(results: Path) -> list[dict[str, Any]]:

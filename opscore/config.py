@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from opscore import limits
+from opscore import durations, limits
 from opscore.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -66,6 +66,9 @@ class Config:
     metrics_listen: str | None = None
     # OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317.
     otlp_endpoint: str | None = None
+    # Finished work and dead agents older than this are pruned (opscore/retention.py);
+    # timedelta(0): keep everything.
+    retention: timedelta = limits.DEFAULT_RETENTION
 
     def validate(self) -> Config:
         host = listen_host(self.listen)
@@ -96,6 +99,8 @@ class Config:
             raise ConfigError(
                 f"event loop must be auto, uvloop or asyncio, not {self.event_loop!r}"
             )
+        if not timedelta(0) <= self.retention <= limits.MAX_RETENTION:
+            raise ConfigError(f"retention must be between 0 (off) and {limits.MAX_RETENTION.days}d")
         if self.max_db_bytes < 0:
             raise ConfigError("max db bytes must not be negative (0 for no limit)")
         if self.db.startswith(("postgresql://", "postgres://")):
@@ -200,6 +205,22 @@ def _int(value: str, name: str) -> int:
         raise ConfigError(f"{name} must be a whole number, got {value!r}") from exc
 
 
+def _retention(value: str, name: str) -> timedelta:
+    """A period in the duration forms of the CLI (opscore/durations.py), days
+    included; "off" (or 0) keeps everything, a setting's meaning the parser
+    does not know about. The upper bound is Config.validate's."""
+    text = str(value).strip().lower()
+    if text in ("off", "none", "no", "false"):
+        return timedelta(0)
+    try:
+        period = durations.parse_duration(text)
+    except durations.DurationError as exc:
+        raise ConfigError(f"{name} must be a duration, or 0/off for none: {exc}") from None
+    if period < timedelta(0):
+        raise ConfigError(f"{name} must not be negative (0 or off for none), got {value!r}")
+    return period
+
+
 def _flag(value: Any, name: str) -> bool:
     return value in (True, "1", "true", "yes", "on")
 
@@ -299,6 +320,14 @@ SETTINGS: tuple[Setting, ...] = (
         "RESOURCE_EXHAUSTED and stored data is untouched.  [default 0: no limit]",
         parse=_int,
         kind=int,
+    ),
+    Setting(
+        "retention",
+        "OPSCORE_RETENTION",
+        "Forget finished tasks and sessions, state transitions, and agents OFFLINE or "
+        "FINISHED for longer than this (90s, 12h, 7d; 0 or off: keep everything).  "
+        f"[default {durations.show(limits.DEFAULT_RETENTION)}]",
+        parse=_retention,
     ),
     Setting(
         "event_loop",

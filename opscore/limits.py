@@ -71,6 +71,30 @@ WATCHER_MAX_BYTES = 8 * 1024 * 1024
 # however many capabilities clients invent.
 MAX_METRIC_CAPABILITIES = 500
 
+# ---- retention (opscore/retention.py): what is older than --retention is pruned
+DEFAULT_RETENTION = timedelta(days=7)
+MAX_RETENTION = timedelta(days=100 * 365)
+# Rows removed per transaction: small, so a prune never holds the writer (SQLite)
+# or row locks (PostgreSQL) for long, and never stalls dispatch. 500 made the
+# commit that carried them visibly slower for every call waiting on it.
+RETENTION_BATCH_ROWS = 200
+# The pause after a batch is this many times as long as the batch took (at
+# least RETENTION_MIN_PAUSE), so pruning gets at most a tenth of the time: it
+# drains a backlog slower, and dispatch does not notice (bench scenario 8b: a
+# factor of 1 with 500 rows cost a saturated SQLite server half its throughput,
+# 4 with 200 rows 12%, 9 with 200 rows 1%).
+RETENTION_PAUSE_FACTOR = 9
+RETENTION_MIN_PAUSE = timedelta(milliseconds=10)
+# How often a pass looks for expired rows: a tenth of the period, within these.
+RETENTION_MIN_INTERVAL = timedelta(milliseconds=100)
+RETENTION_MAX_INTERVAL = timedelta(seconds=60)
+# SQLite: free pages given back to the file system per incremental vacuum step.
+RETENTION_VACUUM_PAGES = 1000
+# SQLite: an existing database file made without incremental auto-vacuum is
+# converted at start (one VACUUM) when it is at most this big; a bigger one is
+# left to `opscore db vacuum`, run while the server is stopped.
+STARTUP_VACUUM_MAX_BYTES = 64 * 1024 * 1024
+
 # ---- workflow definitions
 MAX_WORKFLOW_TASKS = 10_000
 MAX_DEFINITION_SOURCE_BYTES = 2 * 1024 * 1024

@@ -43,6 +43,7 @@ from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavail
 from opscore.lifecycle import LifecycleEngine
 from opscore.netcheck import check_port_free
 from opscore.observability.assembly import Observability
+from opscore.retention import Retention
 from opscore.security.authn import Authenticator
 from opscore.security.tls import ServerCertificates
 from opscore.storage import Storage, open_storage
@@ -83,6 +84,7 @@ class OpsCoreServer:
     authenticator: Authenticator = field(init=False)
     interceptor: OpsCoreInterceptor = field(init=False)
     certificates: ServerCertificates | None = None
+    retention: Retention | None = None
     _stopped: bool = False
     _recovery: asyncio.Task[None] | None = None
     _fault_again: bool = False
@@ -212,6 +214,10 @@ class OpsCoreServer:
         self.storage.on_failure = self._on_storage_failure
         await server.start()
         self._server = server
+        self.retention = Retention(
+            self.storage, cfg.retention, observer=self.observability.observer
+        )
+        self.retention.start()
         await self._set_health(SERVING)
         self.observability.serving()
         host = listen_host(cfg.listen)
@@ -240,6 +246,7 @@ class OpsCoreServer:
                 "principals": self.interceptor.authenticator.principal_count,
                 "metrics_port": self.observability.metrics_port or None,
                 "tracing": self.observability.tracing is not None,
+                "retention": self.retention.describe(),
             },
         )
 
@@ -374,6 +381,8 @@ class OpsCoreServer:
             log.error(
                 "calls still running %.0f s after the drain grace; stopping anyway", _STOP_MARGIN
             )
+        if self.retention is not None:
+            await self.retention.stop()
         self._stop_engines()
         await self.storage.close()
         self.interceptor.close()

@@ -5,10 +5,11 @@ from bench.scenarios import (
     latency,
     lifecycle,
     observability,
+    retention,
     scale,
     throughput,
     workflows,
 )
 
-ALL = [throughput, latency, workflows, lifecycle, scale, baselines, observability]
+ALL = [throughput, latency, workflows, lifecycle, scale, baselines, observability, retention]
 BY_NAME = {m.NAME: m for m in ALL}

@@ -66,3 +66,46 @@ def copy(source: str, target: str) -> None:
     click.echo(f"copied {source} into {display}:")
     for table, rows in result.rows.items():
         click.echo(f"  {table}: {rows}")
+
+
+@db.command()
+@click.option(
+    "--db",
+    "path",
+    envvar="OPSCORE_DB",
+    show_envvar=True,
+    default=DEFAULT_DB,
+    show_default=True,
+    help="The database file, as given to `opscore serve --db`.",
+)
+def vacuum(path: str) -> None:
+    """Rewrite an SQLite file compactly, with incremental auto-vacuum from then on.
+
+    A database created by an Ops-Core without retention reuses the space that
+    retention frees but never gives it back to the file system; this converts
+    it, once (the server does it by itself at start for small files). Takes
+    about as long as copying the file, and needs as much free disk space again.
+    """
+    if path.startswith(("postgresql://", "postgres://")):
+        click.echo(
+            "opscore db vacuum: PostgreSQL reclaims space with autovacuum; nothing to do",
+            err=True,
+        )
+        sys.exit(2)
+    from opscore.storage.sqlite.retention import vacuum as run_vacuum
+
+    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):  # as `opscore serve --db` reads it
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            break
+
+    try:
+        before, after = run_vacuum(path)
+    except ConfigError as exc:
+        click.echo(f"opscore db vacuum: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"vacuumed {path}: {_mib(before)} -> {_mib(after)}; incremental auto-vacuum is on")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -42,6 +42,9 @@ class _Both(EngineObserver):
         self.metrics.session_finished(session)
         self.tracing.session_finished(session)
 
+    def rows_pruned(self, table: str, rows: int) -> None:
+        self.metrics.rows_pruned(table, rows)
+
 
 def combine(metrics: EngineObserver | None, tracing: EngineObserver | None) -> EngineObserver:
     """The observer to hand the engines: the no-op one when nothing is on, so an

@@ -136,6 +136,14 @@ class Metrics:
         self.sessions_finished = counter(
             "opscore_sessions_finished_total", "Sessions finished, by final state.", ("state",)
         )
+        # ---- retention: kinds are the tables opscore.storage.api.PruneKind removes from
+        self.pruned_rows = counter(
+            "opscore_retention_pruned_rows_total",
+            "Rows removed by retention (--retention), by kind (the table they were in): "
+            "tasks, task_attempts, sessions, session_events, session_task_runs, "
+            "session_definitions, agent_transitions, agents.",
+            ("kind",),
+        )
         # ---- storage
         self.commit_rows = histogram(
             "opscore_storage_commit_rows",
@@ -276,6 +284,9 @@ class MetricsObserver(EngineObserver):
 
     def session_finished(self, session: Session) -> None:
         self.m.sessions_finished.labels(session.state.name).inc()
+
+    def rows_pruned(self, table: str, rows: int) -> None:
+        self.m.pruned_rows.labels(table).inc(rows)
 
 
 # --------------------------------------------------------------------------- RPCs

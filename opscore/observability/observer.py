@@ -2,7 +2,8 @@
 
 The dispatch and workflow engines call it at their few core moves (a task is
 created, assigned, an attempt ends, a task retries or finishes, a session starts
-or finishes), which every RPC and stream share. The base class does nothing, so
+or finishes), which every RPC and stream share; retention tells it what it
+removed. The base class does nothing, so
 an engine built without observability pays one method call per move. The
 server passes `opscore.observability.hub.Hub` when metrics or tracing are on.
 
@@ -46,6 +47,9 @@ class EngineObserver:
 
     def session_finished(self, session: Session) -> None:
         """`session` reached its final state."""
+
+    def rows_pruned(self, table: str, rows: int) -> None:
+        """Retention removed `rows` rows of `table` (opscore/retention.py)."""
 
 
 NO_OBSERVER = EngineObserver()

@@ -27,6 +27,10 @@ Rules for operations, so that both backends keep every guarantee:
 Timers and liveness are the backend's: it calls the engines back
 (`Storage.on_task_due`, `Storage.on_agent_silent`) in an operation of its own,
 exactly once per deadline even with several replicas.
+
+Retention (opscore/retention.py) removes what has expired through
+`Storage.prune`, one small batch per call; each backend decides how a batch is
+kept from disturbing operations (see `prune`).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from opscore.errors import OpsCoreError
 from opscore.models import Agent, StateTransition, Task, TaskAttempt, TaskFilter
@@ -44,6 +49,33 @@ from opscore.workflow.models import Session, TaskRun
 T = TypeVar("T")
 
 Operation = Callable[["Tx"], Awaitable[T]]
+
+#: What retention prunes, in the order a pass takes them:
+#: - "tasks": COMPLETED, FAILED or CANCELLED before the cutoff, with their
+#:   attempts; a session's tasks only once the session is prunable too (it
+#:   finished before the cutoff), never while it runs;
+#: - "sessions": finished before the cutoff, with their task runs, events and
+#:   definition snapshot; never one with an open task;
+#: - "transitions": recorded before the cutoff, except each agent's latest;
+#: - "agents": OFFLINE, FINISHED or deregistered, neither seen nor changed since
+#:   the cutoff, with no open stream anywhere, no open task pinned to or leased
+#:   by it and no running session pinned to it; with their transitions.
+PruneKind = Literal["tasks", "sessions", "transitions", "agents"]
+PRUNE_KINDS: tuple[PruneKind, ...] = ("tasks", "sessions", "transitions", "agents")
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one batch of `Storage.prune` removed."""
+
+    #: Rows removed, by table (tables with none left out).
+    rows: dict[str, int]
+    #: The batch was full: more may have expired. False: nothing is left.
+    more: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
 
 
 class Tx(Protocol):
@@ -226,6 +258,22 @@ class Storage(Protocol):
     async def list_session_events(
         self, session_id: str, after: int, budget: int
     ) -> list[tuple[int, bytes]]: ...
+
+    # ---- retention (opscore/retention.py)
+
+    async def prune(self, kind: PruneKind, before: datetime, budget: int) -> Pruned:
+        """Remove, in one transaction, up to about `budget` rows of `kind` (see
+        PruneKind) that expired before `before`, oldest first, and drop whatever
+        the backend keeps of them in memory, so nothing is leaked or comes back
+        after a restart. SQLite: an operation of the group-commit writer, so a
+        prune never runs beside another commit; PostgreSQL: a transaction of its
+        own that locks the rows it removes with SKIP LOCKED, so operations never
+        wait on it and several replicas pruning at once share the work."""
+
+    async def reclaim(self) -> int:
+        """Give some space freed by prunes back to the file system (SQLite: one
+        incremental vacuum step); the pages released, 0 when there is nothing
+        to give back (always on PostgreSQL, where autovacuum does it)."""
 
     # ---- what the engines keep in step across replicas (no-ops on one process)
 

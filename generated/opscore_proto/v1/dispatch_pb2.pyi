@@ -320,7 +320,10 @@ class EnqueueTaskRequest(_message.Message):
     """See Task.priority."""
     idempotency_key: _builtins.str
     """Enqueueing again with the same key returns the task created first. At most
-    256 characters. Keys are kept as long as the task is.
+    256 characters. A key is remembered as long as its task is kept: while the
+    task is open, and for the server's retention period after it finished
+    (`opscore serve --retention`, default 7 days). Once the task is removed, the
+    same key creates a new task: retry with a key within the retention period.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:

@@ -268,14 +268,23 @@ class DispatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Returns one task. Errors: NOT_FOUND.
+        """Returns one task.
+
+        A finished task (COMPLETED, FAILED or CANCELLED) is kept for the server's
+        retention period after it finished (`opscore serve --retention`, default 7
+        days), with its attempts; a task of a workflow session as long as the
+        session. Then it is removed, and its id is NOT_FOUND like an unknown one.
+        Open tasks are never removed.
+
+        Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Lists tasks, newest first, optionally filtered, in pages.
+        """Lists tasks, newest first, optionally filtered, in pages. Finished tasks
+        past the retention period are no longer listed (see GetTask).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

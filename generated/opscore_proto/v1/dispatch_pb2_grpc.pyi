@@ -159,9 +159,20 @@ class DispatchServiceStub:
     `cancel_requested` true instead of an error. Fenced like CompleteTask.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.GetTaskRequest, _dispatch_pb2.GetTaskResponse]
-    """Returns one task. Errors: NOT_FOUND."""
+    """Returns one task.
+
+    A finished task (COMPLETED, FAILED or CANCELLED) is kept for the server's
+    retention period after it finished (`opscore serve --retention`, default 7
+    days), with its attempts; a task of a workflow session as long as the
+    session. Then it is removed, and its id is NOT_FOUND like an unknown one.
+    Open tasks are never removed.
+
+    Errors: NOT_FOUND.
+    """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListTasksRequest, _dispatch_pb2.ListTasksResponse]
-    """Lists tasks, newest first, optionally filtered, in pages."""
+    """Lists tasks, newest first, optionally filtered, in pages. Finished tasks
+    past the retention period are no longer listed (see GetTask).
+    """
     ListTaskAttempts: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListTaskAttemptsRequest, _dispatch_pb2.ListTaskAttemptsResponse]
     """Lists the attempts of one task, newest first, in pages.
 
@@ -324,9 +335,20 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     `cancel_requested` true instead of an error. Fenced like CompleteTask.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.GetTaskRequest, _dispatch_pb2.GetTaskResponse]  # type: ignore[assignment]
-    """Returns one task. Errors: NOT_FOUND."""
+    """Returns one task.
+
+    A finished task (COMPLETED, FAILED or CANCELLED) is kept for the server's
+    retention period after it finished (`opscore serve --retention`, default 7
+    days), with its attempts; a task of a workflow session as long as the
+    session. Then it is removed, and its id is NOT_FOUND like an unknown one.
+    Open tasks are never removed.
+
+    Errors: NOT_FOUND.
+    """
     ListTasks: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListTasksRequest, _dispatch_pb2.ListTasksResponse]  # type: ignore[assignment]
-    """Lists tasks, newest first, optionally filtered, in pages."""
+    """Lists tasks, newest first, optionally filtered, in pages. Finished tasks
+    past the retention period are no longer listed (see GetTask).
+    """
     ListTaskAttempts: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListTaskAttemptsRequest, _dispatch_pb2.ListTaskAttemptsResponse]  # type: ignore[assignment]
     """Lists the attempts of one task, newest first, in pages.
 
@@ -534,7 +556,16 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatch_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_pb2.GetTaskResponse, _abc.Awaitable[_dispatch_pb2.GetTaskResponse]]:
-        """Returns one task. Errors: NOT_FOUND."""
+        """Returns one task.
+
+        A finished task (COMPLETED, FAILED or CANCELLED) is kept for the server's
+        retention period after it finished (`opscore serve --retention`, default 7
+        days), with its attempts; a task of a workflow session as long as the
+        session. Then it is removed, and its id is NOT_FOUND like an unknown one.
+        Open tasks are never removed.
+
+        Errors: NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListTasks(
@@ -542,7 +573,9 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatch_pb2.ListTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_pb2.ListTasksResponse, _abc.Awaitable[_dispatch_pb2.ListTasksResponse]]:
-        """Lists tasks, newest first, optionally filtered, in pages."""
+        """Lists tasks, newest first, optionally filtered, in pages. Finished tasks
+        past the retention period are no longer listed (see GetTask).
+        """
 
     @_abc_1.abstractmethod
     def ListTaskAttempts(

@@ -117,7 +117,8 @@ class LifecycleServiceServicer:
         (a retryable failure of type "AgentDeregistered") and are retried
         elsewhere. The agent record and its history are kept, in state
         AGENT_STATE_FINISHED with `deregistered` set; registering again with the
-        same id brings it back.
+        same id brings it back. After the server's retention period (see GetAgent)
+        the agent is forgotten.
 
         Errors: NOT_FOUND for an unknown agent.
         """
@@ -126,7 +127,15 @@ class LifecycleServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """Returns one agent. Errors: NOT_FOUND.
+        """Returns one agent.
+
+        An agent that has been AGENT_STATE_OFFLINE or AGENT_STATE_FINISHED (or
+        deregistered) for longer than the server's retention period (`opscore
+        serve --retention`, default 7 days), with no open stream and no open task
+        or running session pinned to it, is forgotten with its history: NOT_FOUND,
+        and no longer listed. Registering the same id again creates a new agent.
+
+        Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +177,10 @@ class LifecycleServiceServicer:
 
     def ListStateTransitions(self, request, context):
         """Returns the agent's state history, newest first, in pages.
+
+        Transitions are kept for the server's retention period (`opscore serve
+        --retention`, default 7 days) after they were recorded, except the agent's
+        latest one, which stays as long as the agent: the history is never empty.
 
         Errors: NOT_FOUND for an unknown agent.
         """

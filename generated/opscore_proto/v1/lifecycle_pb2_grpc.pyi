@@ -59,12 +59,22 @@ class LifecycleServiceStub:
     (a retryable failure of type "AgentDeregistered") and are retried
     elsewhere. The agent record and its history are kept, in state
     AGENT_STATE_FINISHED with `deregistered` set; registering again with the
-    same id brings it back.
+    same id brings it back. After the server's retention period (see GetAgent)
+    the agent is forgotten.
 
     Errors: NOT_FOUND for an unknown agent.
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.GetAgentRequest, _lifecycle_pb2.GetAgentResponse]
-    """Returns one agent. Errors: NOT_FOUND."""
+    """Returns one agent.
+
+    An agent that has been AGENT_STATE_OFFLINE or AGENT_STATE_FINISHED (or
+    deregistered) for longer than the server's retention period (`opscore
+    serve --retention`, default 7 days), with no open stream and no open task
+    or running session pinned to it, is forgotten with its history: NOT_FOUND,
+    and no longer listed. Registering the same id again creates a new agent.
+
+    Errors: NOT_FOUND.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListAgentsRequest, _lifecycle_pb2.ListAgentsResponse]
     """Lists agents ordered by `agent_id`, optionally filtered, in pages."""
     ReportState: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ReportStateRequest, _lifecycle_pb2.ReportStateResponse]
@@ -88,6 +98,10 @@ class LifecycleServiceStub:
     """
     ListStateTransitions: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListStateTransitionsRequest, _lifecycle_pb2.ListStateTransitionsResponse]
     """Returns the agent's state history, newest first, in pages.
+
+    Transitions are kept for the server's retention period (`opscore serve
+    --retention`, default 7 days) after they were recorded, except the agent's
+    latest one, which stays as long as the agent: the history is never empty.
 
     Errors: NOT_FOUND for an unknown agent.
     """
@@ -132,12 +146,22 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     (a retryable failure of type "AgentDeregistered") and are retried
     elsewhere. The agent record and its history are kept, in state
     AGENT_STATE_FINISHED with `deregistered` set; registering again with the
-    same id brings it back.
+    same id brings it back. After the server's retention period (see GetAgent)
+    the agent is forgotten.
 
     Errors: NOT_FOUND for an unknown agent.
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.GetAgentRequest, _lifecycle_pb2.GetAgentResponse]  # type: ignore[assignment]
-    """Returns one agent. Errors: NOT_FOUND."""
+    """Returns one agent.
+
+    An agent that has been AGENT_STATE_OFFLINE or AGENT_STATE_FINISHED (or
+    deregistered) for longer than the server's retention period (`opscore
+    serve --retention`, default 7 days), with no open stream and no open task
+    or running session pinned to it, is forgotten with its history: NOT_FOUND,
+    and no longer listed. Registering the same id again creates a new agent.
+
+    Errors: NOT_FOUND.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListAgentsRequest, _lifecycle_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists agents ordered by `agent_id`, optionally filtered, in pages."""
     ReportState: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ReportStateRequest, _lifecycle_pb2.ReportStateResponse]  # type: ignore[assignment]
@@ -161,6 +185,10 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """
     ListStateTransitions: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListStateTransitionsRequest, _lifecycle_pb2.ListStateTransitionsResponse]  # type: ignore[assignment]
     """Returns the agent's state history, newest first, in pages.
+
+    Transitions are kept for the server's retention period (`opscore serve
+    --retention`, default 7 days) after they were recorded, except the agent's
+    latest one, which stays as long as the agent: the history is never empty.
 
     Errors: NOT_FOUND for an unknown agent.
     """
@@ -214,7 +242,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         (a retryable failure of type "AgentDeregistered") and are retried
         elsewhere. The agent record and its history are kept, in state
         AGENT_STATE_FINISHED with `deregistered` set; registering again with the
-        same id brings it back.
+        same id brings it back. After the server's retention period (see GetAgent)
+        the agent is forgotten.
 
         Errors: NOT_FOUND for an unknown agent.
         """
@@ -225,7 +254,16 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lifecycle_pb2.GetAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lifecycle_pb2.GetAgentResponse, _abc.Awaitable[_lifecycle_pb2.GetAgentResponse]]:
-        """Returns one agent. Errors: NOT_FOUND."""
+        """Returns one agent.
+
+        An agent that has been AGENT_STATE_OFFLINE or AGENT_STATE_FINISHED (or
+        deregistered) for longer than the server's retention period (`opscore
+        serve --retention`, default 7 days), with no open stream and no open task
+        or running session pinned to it, is forgotten with its history: NOT_FOUND,
+        and no longer listed. Registering the same id again creates a new agent.
+
+        Errors: NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(
@@ -273,6 +311,10 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lifecycle_pb2.ListStateTransitionsResponse, _abc.Awaitable[_lifecycle_pb2.ListStateTransitionsResponse]]:
         """Returns the agent's state history, newest first, in pages.
+
+        Transitions are kept for the server's retention period (`opscore serve
+        --retention`, default 7 days) after they were recorded, except the agent's
+        latest one, which stays as long as the agent: the history is never empty.
 
         Errors: NOT_FOUND for an unknown agent.
         """

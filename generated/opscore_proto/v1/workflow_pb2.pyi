@@ -654,7 +654,11 @@ class StartWorkflowRequest(_message.Message):
     agent_id: _builtins.str
     """Pins every task of the session to this registered agent."""
     idempotency_key: _builtins.str
-    """Starting again with the same key returns the first session."""
+    """Starting again with the same key returns the first session. A key is
+    remembered as long as its session is kept: while it runs, and for the
+    server's retention period after it finished (`opscore serve --retention`,
+    default 7 days); then the same key starts a new session.
+    """
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:
         """An inline definition, validated like CreateWorkflowDefinition but not

@@ -167,6 +167,12 @@ class WorkflowServiceServicer:
         """Returns one session with its task runs. When the runs' outputs together
         would exceed the message size limit, the later ones are left out and marked
         `output_omitted`: GetTask(task_run.task_id) returns each.
+
+        A finished session is kept for the server's retention period after it
+        finished (`opscore serve --retention`, default 7 days), with its runs,
+        events, definition snapshot and tasks; then it is removed (NOT_FOUND, also
+        for WatchSession). A running session is never removed.
+
         Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

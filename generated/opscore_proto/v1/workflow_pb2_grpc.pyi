@@ -88,6 +88,12 @@ class WorkflowServiceStub:
     """Returns one session with its task runs. When the runs' outputs together
     would exceed the message size limit, the later ones are left out and marked
     `output_omitted`: GetTask(task_run.task_id) returns each.
+
+    A finished session is kept for the server's retention period after it
+    finished (`opscore serve --retention`, default 7 days), with its runs,
+    events, definition snapshot and tasks; then it is removed (NOT_FOUND, also
+    for WatchSession). A running session is never removed.
+
     Errors: NOT_FOUND.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListSessionsRequest, _workflow_pb2.ListSessionsResponse]
@@ -173,6 +179,12 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """Returns one session with its task runs. When the runs' outputs together
     would exceed the message size limit, the later ones are left out and marked
     `output_omitted`: GetTask(task_run.task_id) returns each.
+
+    A finished session is kept for the server's retention period after it
+    finished (`opscore serve --retention`, default 7 days), with its runs,
+    events, definition snapshot and tasks; then it is removed (NOT_FOUND, also
+    for WatchSession). A running session is never removed.
+
     Errors: NOT_FOUND.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListSessionsRequest, _workflow_pb2.ListSessionsResponse]  # type: ignore[assignment]
@@ -291,6 +303,12 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one session with its task runs. When the runs' outputs together
         would exceed the message size limit, the later ones are left out and marked
         `output_omitted`: GetTask(task_run.task_id) returns each.
+
+        A finished session is kept for the server's retention period after it
+        finished (`opscore serve --retention`, default 7 days), with its runs,
+        events, definition snapshot and tasks; then it is removed (NOT_FOUND, also
+        for WatchSession). A running session is never removed.
+
         Errors: NOT_FOUND.
         """
 

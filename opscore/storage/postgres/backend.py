@@ -56,7 +56,7 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage import rows as R
-from opscore.storage.api import Operation
+from opscore.storage.api import Operation, Pruned, PruneKind
 from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import (
     agent_size,
@@ -66,6 +66,7 @@ from opscore.storage.pages import (
     fit,
     nbytes,
 )
+from opscore.storage.postgres import retention
 from opscore.storage.postgres.migrate import migrate
 from opscore.storage.postgres.pool import (
     DatabaseUnavailable,
@@ -527,6 +528,15 @@ class PostgresStorage:
                 "the database cannot be reached; nothing was stored, retry the call"
             )
         return Unavailable(f"storage could not commit ({exc}); nothing was stored, retry the call")
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(self, kind: PruneKind, before: datetime, budget: int) -> Pruned:
+        """Beside the executor, never in its queue (opscore.storage.postgres.retention)."""
+        return await retention.prune(self._pool_or_fail(), kind, before, budget)
+
+    async def reclaim(self) -> int:
+        return 0  # autovacuum's
 
     # ------------------------------------------------------------------ notifications
 

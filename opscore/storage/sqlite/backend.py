@@ -38,9 +38,10 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
-from opscore.storage.api import Operation
+from opscore.storage.api import Operation, Pruned, PruneKind
 from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import agent_size, clamp_page_size, decode_cursor, encode_cursor
+from opscore.storage.sqlite import retention
 from opscore.storage.sqlite.store import Store
 from opscore.workflow.models import Session, SessionState, TaskRun
 
@@ -139,6 +140,8 @@ class SQLiteStorage:
         self._ids = sorted(a.agent_id for a in agents)
         for agent in agents:
             self.agents[agent.agent_id] = agent
+            if agent.deregistered or agent.state in (AgentState.OFFLINE, AgentState.FINISHED):
+                continue  # no liveness to grant; retention counts from its real last sign
             # Nobody could reach us while we were down: every agent gets a full
             # agent_timeout from now to reconnect before it is marked OFFLINE.
             agent.last_seen_time = max(agent.last_seen_time, now)
@@ -179,6 +182,14 @@ class SQLiteStorage:
 
     def subscribe(self, channel: str, handler: Callable[[str], None]) -> None:
         """One server on the file: no other server to hear from."""
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(self, kind: PruneKind, before: datetime, budget: int) -> Pruned:
+        return await retention.prune(self, kind, before, budget)
+
+    async def reclaim(self) -> int:
+        return await retention.reclaim(self)
 
     # ------------------------------------------------------------------ deadlines
 

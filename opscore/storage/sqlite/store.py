@@ -18,11 +18,12 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -59,10 +60,13 @@ from opscore.storage.rows import (
     transition_from_row,
     transition_row,
 )
+from opscore.storage.sqlite import retention
 from opscore.storage.sqlite.lock import DatabaseLock
 from opscore.workflow.models import Session, TaskRun
 
 log = logging.getLogger("opscore.storage")
+
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------- migrations
 
@@ -214,17 +218,22 @@ def _write_transaction(
 
 
 class _Batch:
-    __slots__ = ("appends", "deletes", "future", "upserts")
+    __slots__ = ("appends", "deletes", "future", "purges", "upserts")
 
     def __init__(self) -> None:
         self.upserts: dict[str, dict[Any, tuple[Any, ...]]] = {t: {} for t in _UPSERT_SQL}
         self.appends: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _APPEND_SQL}
         self.deletes: dict[str, dict[Any, tuple[Any, ...]]] = {t: {} for t in _DELETE_SQL}
+        # Retention's DELETEs (opscore/storage/sqlite/retention.py), applied first.
+        self.purges: list[tuple[str, list[tuple[Any, ...]]]] = []
         self.future: asyncio.Future[None] | None = None
 
     def empty(self) -> bool:
         return not (
-            any(self.upserts.values()) or any(self.appends.values()) or any(self.deletes.values())
+            any(self.upserts.values())
+            or any(self.appends.values())
+            or any(self.deletes.values())
+            or self.purges
         )
 
 
@@ -291,6 +300,8 @@ class Store:
         self._pending = _Batch()
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        # Work for the write connection between two commits (run_exclusive).
+        self._jobs: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = deque()
         self._closing = False
         self.commits = 0
         self.faults = 0
@@ -341,6 +352,8 @@ class Store:
     def _migrate(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
+            # Before WAL: a new file takes its auto-vacuum mode only while empty.
+            retention.prepare_file(conn, self.path)
             conn.execute("PRAGMA journal_mode = WAL")
             apply_migrations(conn)
         finally:
@@ -363,6 +376,11 @@ class Store:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer_task
         self._writer_task = None
+        while self._jobs:
+            _fn, fut = self._jobs.popleft()
+            if not fut.done():
+                fut.set_exception(Unavailable("server is shutting down"))
+                fut.exception()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
@@ -401,10 +419,39 @@ class Store:
         """
         return asyncio.shield(self.batch())
 
+    def run_exclusive(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn` with the write connection on its thread, between two group
+        commits, never beside one (maintenance such as an incremental vacuum).
+        Its failure is its caller's: it does not fault the store."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.append((fn, fut))
+        self._wake.set()
+        return fut
+
+    async def _run_jobs(self) -> None:
+        conn = self._writer
+        assert conn is not None
+        while self._jobs:
+            fn, fut = self._jobs.popleft()
+            try:
+                result = await conn._execute(fn, conn._conn)
+            except asyncio.CancelledError:
+                self._jobs.appendleft((fn, fut))
+                raise
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: its caller may be gone
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._jobs:
+                await self._run_jobs()
             batch, self._pending = self._pending, _Batch()
             if batch.empty():
                 _resolve(batch, None)
@@ -451,7 +498,9 @@ class Store:
 
     async def _apply(self, batch: _Batch) -> int:
         """Write one batch in one transaction; the number of rows written."""
-        work: list[tuple[str, list[tuple[Any, ...]]]] = []
+        # Purges first: a row purged and then put again within one batch (an
+        # agent forgotten, then registered anew) must end up stored.
+        work: list[tuple[str, list[tuple[Any, ...]]]] = list(batch.purges)
         for table, rows in batch.upserts.items():
             if rows:
                 work.append((_UPSERT_SQL[table], list(rows.values())))
@@ -472,6 +521,24 @@ class Store:
         return sum(len(rows) for _, rows in work)
 
     # ---- write API (record now, durable after `await commit()`)
+
+    def purge(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run the DELETE `sql` once per row of parameters in the next batch,
+        before its upserts and appends (retention's deletes)."""
+        if rows:
+            self._pending.purges.append((sql, rows))
+
+    def drop_pending(self, table: str, match: Callable[[Any], bool]) -> None:
+        """Forget rows of `table` recorded since the last commit whose key (an
+        upserted table) or row (an appended one) `match`es: rows purged in this
+        batch must not be written back by a put recorded before the purge."""
+        pending = self._pending
+        if table in pending.upserts:
+            rows = pending.upserts[table]
+            for key in [k for k in rows if match(k)]:
+                del rows[key]
+        elif table in pending.appends:
+            pending.appends[table] = [r for r in pending.appends[table] if not match(r)]
 
     def put_agent(self, agent: Agent) -> None:
         self._pending.upserts["agents"][agent.agent_id] = agent_row(agent)
