@@ -241,8 +241,14 @@ async def test_narrowed_subscription_only_gets_its_capabilities(harness):
 async def test_agent_state_gates_dispatch(harness):
     await harness.register("a1", ["c"])
     sub = await subscribe(harness, "a1", 5)
-    agent = (await harness.lifecycle.GetAgent(lpb.GetAgentRequest(agent_id="a1"))).agent
-    assert agent.state == lpb.AGENT_STATE_IDLE  # subscribing moved it from INITIALIZING
+
+    async def idle() -> bool:
+        agent = (await harness.lifecycle.GetAgent(lpb.GetAgentRequest(agent_id="a1"))).agent
+        return agent.state == lpb.AGENT_STATE_IDLE
+
+    # Subscribing moves it from INITIALIZING (a stream sends nothing when it opens,
+    # so the change is awaited: on PostgreSQL reads see it once it is committed).
+    await eventually(idle, what="IDLE after subscribing")
     for blocked in (lpb.AGENT_STATE_ERROR, lpb.AGENT_STATE_FINISHED):
         await harness.lifecycle.ReportState(lpb.ReportStateRequest(agent_id="a1", state=blocked))
         t = await enqueue(harness, capability="c")
