@@ -367,16 +367,16 @@ class LoadGen:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float = PROC_READY_TIMEOUT) -> None:
+    def wait_ready(self, timeout: float = PROC_READY_TIMEOUT, word: str = "READY") -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise BenchError(f"{self.role} not READY within {timeout:.0f}s") from None
+                raise BenchError(f"{self.role} not {word} within {timeout:.0f}s") from None
             if line is None:
-                raise BenchError(f"{self.role} exited before READY:\n{self.tail()}")
-            if line == "READY":
+                raise BenchError(f"{self.role} exited before {word}:\n{self.tail()}")
+            if line == word:
                 return
 
     def send(self, word: str) -> None:

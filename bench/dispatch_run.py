@@ -1,5 +1,6 @@
-"""One measured dispatch run: agents subscribed, N tasks enqueued, every task
-assigned and completed. Used by scenarios 1, 2, 5 and 6 (against Ops-Core and
+"""One measured dispatch run: agents subscribed (SubscribeTasks + CompleteTask,
+or a Connect work stream: `shape`), N tasks enqueued, every task assigned and
+completed. Used by scenarios 1, 2, 5 and 6 (against Ops-Core and
 against the bare grpc.aio baseline, which speaks the same protos).
 
 Process layout: the server under test in its own process; the agents in 1
@@ -34,6 +35,7 @@ def run_dispatch(
     n_agents: int,
     n_tasks: int,
     mode: str = "unary",
+    shape: str = "unary",
     rate: float = 0,
     concurrency: int = 64,
     batch_size: int = 1000,
@@ -55,6 +57,7 @@ def run_dispatch(
                 "id_prefix": f"{tag}-p{j}",
                 "capability": cap,
                 "max_in_flight": max_in_flight,
+                "shape": shape,
                 "agents_per_channel": 1,
                 "deadline_s": timeout_s + 120,
                 "verify": verify,
@@ -118,6 +121,8 @@ def run_dispatch(
     lat = [x for r in ares for x in r["assign_latencies_s"]]
     cpu = meter.result()
     out = {
+        "shape": shape,
+        "max_in_flight": max_in_flight,
         "n_tasks": n_tasks,
         "completed_fraction": completed / n_tasks,
         "completed": completed,

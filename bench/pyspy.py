@@ -1,0 +1,180 @@
+"""py-spy on the server under test: record raw (collapsed) stacks, and sum them
+up by who spends the time, so a profile reads as a table in the report.
+
+    python -m bench.pyspy FILE.txt      # summarize a recorded raw profile
+
+Every sample is charged to one group: the first frame, scanning from the leaf
+towards the root, that belongs to a known group (so time inside libsqlite3
+called from the writer thread is storage, a protobuf encode called from our
+converter is protobuf, and CPython's own frames are charged to whoever called
+them). Idle threads are not sampled (py-spy's default), so the shares are of
+busy time.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO_ROOT
+
+# (group, substrings of a frame's "name (file:line)" text), matched in order.
+GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("gc", ("gcmodule.c", "gc_collect")),
+    ("logging", ("(logging/", "(opscore/logs.py", "(json/")),
+    ("protobuf", ("google/protobuf", "_message.", "upb")),
+    ("grpc", ("(grpc/", "cygrpc", "grpc_core", "libgrpc", "(grpc_")),
+    (
+        "storage (sqlite, aiosqlite, store.py)",
+        (
+            "(opscore/storage/",
+            "(aiosqlite/",
+            "(sqlite3/",
+            "libsqlite3",
+            "_sqlite3",
+            "(cursor.c",
+            "(connection.c",
+            "(statement.c",
+            "(microprotocols.c",
+            "(row.c",
+        ),
+    ),
+    ("ours: api (servicers, convert, interceptors)", ("(opscore/api/",)),
+    ("ours: engine (dispatch, workstream, lifecycle, ...)", ("(opscore/",)),
+    (
+        "asyncio / event loop (uvloop)",
+        (
+            "(asyncio/",
+            "(loop.c",
+            "_asynciomodule",
+            "uvloop",
+            "(selectors",
+            "(core.c",
+            "(linux.c",
+            "(loop-watcher.c",
+            "(socketmodule.c",
+            "(queue.h",
+        ),
+    ),
+]
+OTHER = "other (CPython runtime, libc, threads)"
+FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def available() -> str | None:
+    exe = Path(sys.executable).parent / "py-spy"
+    if exe.exists():
+        return str(exe)
+    return shutil.which("py-spy")
+
+
+def record(pid: int, seconds: float, out: Path, *, native: bool, rate: int = 100) -> Any:
+    """Start recording `pid` for `seconds` (raw format) and return the process.
+    native: also unwind C/Cython frames (pauses the process per sample);
+    otherwise --nonblocking, which leaves the server's timing alone."""
+    exe = available()
+    if exe is None:
+        raise FileNotFoundError("py-spy is not installed (pip install -e '.[bench]')")
+    cmd = [exe, "record", "--pid", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate)]
+    cmd += ["-f", "raw", "-t", "-o", str(out)]
+    cmd += ["--native"] if native else ["--nonblocking"]
+    log = open(out.with_suffix(".log"), "wb")
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=log)
+
+
+def group_of(frame: str) -> str | None:
+    for name, needles in GROUPS:
+        if any(n in frame for n in needles):
+            return name
+    return None
+
+
+def thread_kind(first: str) -> str:
+    if "MainThread" in first:
+        return "event loop (MainThread)"
+    if "_connection_worker_thread" in first:
+        return "SQLite threads (aiosqlite)"
+    if "_poll_wrapper" in first:
+        return "grpc poller"
+    return "other threads"
+
+
+def _entry(name: str, file: str) -> bool:
+    """The frames under every sample of the main thread (start-up call chain)."""
+    return (
+        file in ("opscore/__main__.py", "opscore/server.py") and name in ("<module>", "run")
+    ) or (file.startswith("opscore/cli/"))
+
+
+def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
+    groups: Counter[str] = Counter()
+    main_groups: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    leaf_py: Counter[str] = Counter()
+    ours_incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        kind = thread_kind(frames[0])
+        frames = frames[1:]
+        total += n
+        threads[kind] += n
+        g = next((x for x in map(group_of, reversed(frames)) if x), OTHER)
+        groups[g] += n
+        if kind.startswith("event loop"):
+            main_groups[g] += n
+        py = [f for f in frames if ".py:" in f]
+        if py:
+            m = FRAME.match(py[-1])
+            leaf_py[f"{m['name']} ({m['file']})" if m else py[-1]] += n
+        seen = set()
+        for f in frames:
+            m = FRAME.match(f)
+            if m and m["file"].startswith("opscore/") and not _entry(m["name"], m["file"]):
+                key = f"{m['name']} ({m['file']})"
+                if key not in seen:
+                    seen.add(key)
+                    ours_incl[key] += n
+
+    def share(c: Counter[str], of: int) -> list[dict[str, Any]]:
+        return [{"name": k, "samples": v, "share": v / max(1, of)} for k, v in c.most_common()]
+
+    main_total = sum(main_groups.values())
+    return {
+        "samples": total,
+        "threads": share(threads, total),
+        "groups": share(groups, total),
+        "event_loop_groups": share(main_groups, main_total),
+        "top_python_leaves": share(leaf_py, total)[:top],
+        "top_ours_inclusive": share(ours_incl, total)[:top],
+    }
+
+
+def render(summary: dict[str, Any], title: str) -> str:
+    lines = [f"{title}: {summary['samples']:,} samples (busy threads only)", ""]
+    for key, head in (
+        ("threads", "by thread"),
+        ("groups", "by group, all threads (self time)"),
+        ("event_loop_groups", "by group, event loop thread only"),
+        ("top_python_leaves", "deepest Python function (self time)"),
+        ("top_ours_inclusive", "Ops-Core functions (inclusive)"),
+    ):
+        lines.append(f"| {head} | share |")
+        lines.append("|---|---:|")
+        for row in summary[key]:
+            lines.append(f"| {row['name']} | {row['share']:.1%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(summarize(Path(sys.argv[1])), sys.argv[1]))
