@@ -411,6 +411,11 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
     deadline = now() + deadline_s
 
     call_lat: list[float] = []
+    # With window_s: per monotonic-clock window, the call latencies and how late
+    # the calls started (the generator's own health, over time).
+    window_s = cfg.get("window_s")
+    call_windows: dict[int, list[float]] = {}
+    behind_windows: dict[int, float] = {}
     errors: Counter[str] = Counter()
     sent = 0
 
@@ -435,7 +440,10 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] += count
             return
-        call_lat.append(now() - t0)
+        lat = now() - t0
+        call_lat.append(lat)
+        if window_s:
+            call_windows.setdefault(int(t0 // window_s), []).append(round(lat, 6))
         sent += count
 
     step = batch if mode == "batch" else 1
@@ -460,7 +468,11 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
             delay = due - now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            max_behind = max(max_behind, now() - due)
+            behind = now() - due
+            max_behind = max(max_behind, behind)
+            if window_s:
+                k = int(due // window_s)
+                behind_windows[k] = max(behind_windows.get(k, 0.0), behind)
             if now() > deadline:
                 break
             while len(outstanding) >= limit:
@@ -483,6 +495,8 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
         "call_p50_ms": _p(s, 50),
         "call_p99_ms": _p(s, 99),
         "max_behind_s": max_behind,
+        "call_windows": {str(k): v for k, v in call_windows.items()},
+        "behind_windows": {str(k): v for k, v in behind_windows.items()},
     }
 
 

@@ -73,16 +73,20 @@ def available() -> str | None:
     return shutil.which("py-spy")
 
 
-def record(pid: int, seconds: float, out: Path, *, native: bool, rate: int = 100) -> Any:
+def record(
+    pid: int, seconds: float, out: Path, *, native: bool, rate: int = 100, idle: bool = False
+) -> Any:
     """Start recording `pid` for `seconds` (raw format) and return the process.
     native: also unwind C/Cython frames (pauses the process per sample);
-    otherwise --nonblocking, which leaves the server's timing alone."""
+    otherwise --nonblocking, which leaves the server's timing alone. idle: also
+    sample threads that wait (to see where a thread's wall time goes)."""
     exe = available()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (pip install -e '.[bench]')")
     cmd = [exe, "record", "--pid", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate)]
     cmd += ["-f", "raw", "-t", "-o", str(out)]
     cmd += ["--native"] if native else ["--nonblocking"]
+    cmd += ["--idle"] if idle else []
     log = open(out.with_suffix(".log"), "wb")
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=log)
 
@@ -117,6 +121,9 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
     threads: Counter[str] = Counter()
     leaf_py: Counter[str] = Counter()
     ours_incl: Counter[str] = Counter()
+    # Per kind of thread: the deepest Python frame with its line (where a thread's
+    # time goes, e.g. the writer's executemany against its COMMIT).
+    lines_by_thread: dict[str, Counter[str]] = {}
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -136,6 +143,7 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         if py:
             m = FRAME.match(py[-1])
             leaf_py[f"{m['name']} ({m['file']})" if m else py[-1]] += n
+            lines_by_thread.setdefault(kind, Counter())[py[-1]] += n
         seen = set()
         for f in frames:
             m = FRAME.match(f)
@@ -156,6 +164,9 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         "event_loop_groups": share(main_groups, main_total),
         "top_python_leaves": share(leaf_py, total)[:top],
         "top_ours_inclusive": share(ours_incl, total)[:top],
+        "lines_by_thread": {
+            k: share(c, threads[k])[:8] for k, c in sorted(lines_by_thread.items())
+        },
     }
 
 
@@ -171,6 +182,12 @@ def render(summary: dict[str, Any], title: str) -> str:
         lines.append(f"| {head} | share |")
         lines.append("|---|---:|")
         for row in summary[key]:
+            lines.append(f"| {row['name']} | {row['share']:.1%} |")
+        lines.append("")
+    for kind, rows in summary.get("lines_by_thread", {}).items():
+        lines.append(f"| {kind}: deepest Python line | share of the thread |")
+        lines.append("|---|---:|")
+        for row in rows:
             lines.append(f"| {row['name']} | {row['share']:.1%} |")
         lines.append("")
     return "\n".join(lines)

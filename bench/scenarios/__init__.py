@@ -2,14 +2,31 @@
 
 from bench.scenarios import (
     baselines,
+    eventloop,
     latency,
     lifecycle,
+    logging_cost,
     observability,
+    profile,
     retention,
     scale,
+    soak,
     throughput,
     workflows,
 )
 
-ALL = [throughput, latency, workflows, lifecycle, scale, baselines, observability, retention]
+ALL = [
+    throughput,
+    latency,
+    workflows,
+    lifecycle,
+    scale,
+    baselines,
+    observability,
+    retention,
+    soak,
+    logging_cost,
+    eventloop,
+    profile,
+]
 BY_NAME = {m.NAME: m for m in ALL}
