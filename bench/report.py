@@ -95,7 +95,7 @@ def render(results: Path) -> str:
         "--db <fresh file> --log-level WARNING` (default durability: WAL, "
         "synchronous=FULL), a fresh database per run, stopped with SIGTERM and exit "
         "code checked. The server's default log level is INFO (one JSON line per RPC); "
-        "scenario 1 also runs one configuration at INFO to show its cost.",
+        "scenario 9 measures INFO against WARNING.",
         "",
     ]
     targets = [(d, t) for d in docs for t in d.get("targets", [])]
@@ -129,10 +129,15 @@ def render(results: Path) -> str:
             for r in d["ratios"]:
                 lines.append(f"| {r['name']} | {r['value']:.2f} |")
             lines.append("")
-        if d.get("windows"):
+        tables = d.get("window_tables") or (
+            [{"title": "the soak", "windows": d["windows"]}] if d.get("windows") else []
+        )
+        for table in tables:
+            lines.append(f"Per window, {table['title']}:")
+            lines.append("")
             lines.append("| " + " | ".join(h for _, h in SOAK_COLUMNS) + " | py-spy |")
             lines.append("|" + "---:|" * len(SOAK_COLUMNS) + "---|")
-            for w in d["windows"]:
+            for w in table["windows"]:
                 cells = [fmt(w.get(k)) for k, _ in SOAK_COLUMNS]
                 lines.append("| " + " | ".join(cells) + f" | {'yes' if w.get('py_spy') else ''} |")
             lines.append("")
@@ -279,8 +284,9 @@ def plots(results: Path) -> list[Path]:
         plt.close(fig)
         made.append(p)
     soak = by.get("soak")
-    if soak and soak.get("windows"):
-        ws = soak["windows"]
+    tables = (soak or {}).get("window_tables") or [{"windows": (soak or {}).get("windows")}]
+    if soak and tables[0]["windows"]:
+        ws = tables[0]["windows"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         xs = [w["minute"] for w in ws]
         ax.plot(xs, [w.get("p99_ms") for w in ws], marker="o", label="p99 enqueue → assignment")

@@ -31,7 +31,7 @@ def run(ctx: Context) -> dict[str, Any]:
     seconds = 5 if ctx.quick else 15
     spy_dir = ctx.out_dir / "profiles"
     spy_dir.mkdir(exist_ok=True)
-    cfgs, profiles = [], []
+    profiles = []
     for mif in (1, 4):
         # Enough tasks that the run outlasts the recording at the speed measured
         # under native sampling.
@@ -76,14 +76,6 @@ def run(ctx: Context) -> dict[str, Any]:
                 "tasks_per_s_under_pyspy": r["tasks_per_s"],
                 "server_cpu_us_per_task": r["server_cpu_us_per_task"],
                 "summary": summary,
-            }
-        )
-        cfgs.append(
-            {
-                "name": f"work stream, 16 agents, max_in_flight {mif}, under py-spy --native",
-                "params": {"max_in_flight": mif, "n_tasks": n, "seconds": seconds},
-                "metrics": {},
-                "runs": [],
             }
         )
     return {

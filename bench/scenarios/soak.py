@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from bench import pyspy
+from bench import prefill, pyspy
 from bench.common import (
     BenchError,
     Context,
@@ -53,8 +53,14 @@ MAX_DRIFT = 1.2  # last windows' p99 / first windows' p99
 
 def plan(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"duration_s": 120, "window_s": 15, "check_windows": 2, "spy_s": 10}
-    return {"duration_s": 1800, "window_s": 60, "check_windows": 3, "spy_s": 30}
+        return {
+            "duration_s": 120,
+            "window_s": 15,
+            "check_windows": 2,
+            "spy_s": 10,
+            "control_s": 60,
+        }
+    return {"duration_s": 1800, "window_s": 60, "check_windows": 3, "spy_s": 30, "control_s": 360}
 
 
 def wal_index(shm: Path) -> tuple[int, int, int] | None:
@@ -203,23 +209,25 @@ def gc_between(gc_log: list[dict[str, Any]], t0: float, t1: float) -> dict[str, 
     }
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    p = plan(ctx.quick)
-    duration, window, check, spy_s = (
-        p["duration_s"],
-        p["window_s"],
-        p["check_windows"],
-        p["spy_s"],
-    )
+def soak_once(
+    ctx: Context,
+    tag: str,
+    duration: int,
+    window: int,
+    check: int,
+    spy_s: int,
+    db: Path | None = None,
+) -> dict[str, Any]:
+    """One soak against a fresh server (on `db` when given); its windows."""
     n = RATE * duration
-    gc_path = ctx.work_dir / "s8-gc.jsonl"
+    gc_path = ctx.work_dir / f"{tag}-gc.jsonl"
     gc_path.unlink(missing_ok=True)
     spy_dir = ctx.out_dir / "profiles"
     spy_dir.mkdir(exist_ok=True)
     env = {"BENCH_GC_EVERY": "5", "BENCH_GC_OBJECTS_EVERY": "30" if ctx.quick else "300"}
     launcher = ("-m", "bench.tools.gcserve", str(gc_path))
     spies: list[dict[str, Any]] = []
-    with opscore_server(ctx.work_dir, tag="s8", launcher=launcher, env=env) as srv:
+    with opscore_server(ctx.work_dir, tag=tag, db=db, launcher=launcher, env=env) as srv:
         assert srv.db is not None
         agents = [
             LoadGen(
@@ -227,7 +235,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 {
                     "target": srv.target,
                     "n_agents": k,
-                    "id_prefix": f"s8-p{j}",
+                    "id_prefix": f"{tag}-p{j}",
                     "capability": "bench",
                     "shape": "unary",
                     "max_in_flight": 1,
@@ -235,7 +243,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     "return_latencies": False,
                     "window_s": window,
                 },
-                ctx.work_dir / f"s8-agents{j}.log",
+                ctx.work_dir / f"{tag}-agents{j}.log",
             )
             for j, k in enumerate(split(AGENTS, 2))
         ]
@@ -253,7 +261,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     "deadline_s": duration + 120,
                     "window_s": window,
                 },
-                ctx.work_dir / "s8-enqueue.log",
+                ctx.work_dir / f"{tag}-enqueue.log",
             )
             with loadgens([enq]):
                 enq.wait_ready()
@@ -273,9 +281,9 @@ def run(ctx: Context) -> dict[str, Any]:
                         break
                     if any(a.done() for a in agents) or (enq.done() and enq.result is None):
                         break
-                    if due and time.monotonic() >= due[0][1] and pyspy.available():
+                    if spy_s and due and time.monotonic() >= due[0][1] and pyspy.available():
                         label, _ = due.pop(0)
-                        out = spy_dir / f"soak-{label}.txt"
+                        out = spy_dir / f"{tag}-{label}.txt"
                         t = time.monotonic()
                         procs.append(
                             (
@@ -299,7 +307,7 @@ def run(ctx: Context) -> dict[str, Any]:
     remove_db(srv.db)
     completed = sum(r["completed"] for r in ares)
     if completed < n:
-        raise BenchError(f"soak: only {completed}/{n} tasks completed")
+        raise BenchError(f"{tag}: only {completed}/{n} tasks completed")
 
     gc_log = []
     with contextlib.suppress(OSError):
@@ -354,7 +362,7 @@ def run(ctx: Context) -> dict[str, Any]:
         row["py_spy"] = any(t0 < s["t"] + spy_s and s["t"] < t1 for s in spies)
         rows.append(row)
     if len(rows) < 2 * check:
-        raise BenchError(f"soak: only {len(rows)} full windows, need {2 * check}")
+        raise BenchError(f"{tag}: only {len(rows)} full windows, need {2 * check}")
 
     def p99_of(ks: list[int]) -> float:
         vals = [x for k in ks for x in lat_by.get(k, [])]
@@ -375,10 +383,13 @@ def run(ctx: Context) -> dict[str, Any]:
     def col(key: str) -> list[float]:
         return [r[key] for r in rows if r.get(key) is not None]
 
-    ratio = last / first
-    cfg = {
-        "name": f"{AGENTS} agents, {RATE} tasks/s offered, {duration // 60} min, unary shape",
-        "params": {"agents": AGENTS, "rate": RATE, **p},
+    return {
+        "rows": rows,
+        "first": first,
+        "last": last,
+        "objects": objects,
+        "profiles": profiles,
+        "completed": completed,
         "metrics": {
             "first_windows_p99_ms": metric([first], "ms", "lower"),
             "last_windows_p99_ms": metric([last], "ms", "lower"),
@@ -389,13 +400,80 @@ def run(ctx: Context) -> dict[str, Any]:
             "db_mib_at_end": metric([rows[-1].get("db_mib", 0.0)], "MiB", "lower"),
             "rss_mib": metric(col("rss_mib"), "MiB (windows)", "lower"),
         },
-        "runs": [{"windows": rows, "objects": objects, "profiles": profiles}],
     }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    p = plan(ctx.quick)
+    duration, window, check, spy_s = (
+        p["duration_s"],
+        p["window_s"],
+        p["check_windows"],
+        p["spy_s"],
+    )
+    main = soak_once(ctx, "s8", duration, window, check, spy_s)
+    first, last = main["first"], main["last"]
+    ratio = last / first
+    cfgs = [
+        {
+            "name": f"{AGENTS} agents, {RATE} tasks/s offered, {duration // 60} min, unary shape",
+            "params": {"agents": AGENTS, "rate": RATE, **p},
+            "metrics": main["metrics"],
+            "runs": [{k: main[k] for k in ("objects", "profiles", "completed")}],
+        }
+    ]
+    tables = [
+        {"title": f"{duration // 60}-minute soak on a fresh database", "windows": main["rows"]}
+    ]
+    ratios = [{"name": "p99, last / first windows (check: ≤ 1.2)", "value": ratio}]
+    # Control: the same load on a database that already holds as many finished
+    # tasks as the soak left behind. If the p99 of its first windows is as high
+    # as the soak's last, the drift follows the size of the database, not the
+    # time the server has been running (or the load generators).
+    history = main["completed"]
+    control_s = p["control_s"]
+    db = ctx.work_dir / "s8c-prefilled.db"
+    with opscore_server(ctx.work_dir, tag="s8c-template", db=db):
+        pass
+    secs = prefill.fill(db, history)
+    ctx.say(f"  control: prefilled {history:,} finished tasks in {secs:.0f} s")
+    control = soak_once(ctx, "s8c", control_s, window, check, 0, db=db)
+    remove_db(db)
+    cfgs.append(
+        {
+            "name": f"control: {control_s // 60} min on a database prefilled with "
+            f"{history:,} finished tasks",
+            "params": {"agents": AGENTS, "rate": RATE, "history": history, "duration_s": control_s},
+            "metrics": control["metrics"],
+            "runs": [{k: control[k] for k in ("objects", "profiles", "completed")}],
+        }
+    )
+    tables.append(
+        {
+            "title": f"control: {control_s // 60} min on a database prefilled with "
+            f"{history:,} finished tasks",
+            "windows": control["rows"],
+        }
+    )
+    ratios.append(
+        {
+            "name": "control's first windows p99 / the soak's first windows p99 "
+            "(1.0: history does not matter)",
+            "value": control["first"] / first,
+        }
+    )
+    ratios.append(
+        {
+            "name": "control's first windows p99 / the soak's last windows p99 "
+            "(1.0: history explains the whole drift)",
+            "value": control["first"] / last,
+        }
+    )
     return {
         "title": TITLE,
         "status": "ok",
-        "configs": [cfg],
-        "ratios": [{"name": "p99, last / first windows (check: ≤ 1.2)", "value": ratio}],
+        "configs": cfgs,
+        "ratios": ratios,
         "targets": [
             {
                 "target": f"soak: p99 of the last {check} windows ≤ {MAX_DRIFT}x the first "
@@ -404,15 +482,18 @@ def run(ctx: Context) -> dict[str, Any]:
                 "met": ratio <= MAX_DRIFT,
             }
         ],
-        "windows": rows,
+        "window_tables": tables,
         "notes": [
             f"Windows of {window} s of enqueue time; the first and last {check} are compared. "
             "Per window: latency percentiles of the tasks enqueued in it; server and load "
             "generator CPU, disk writes and WAL frames per task completed in it; the sizes "
             "at its end; GC collections and pauses in it (bench.tools.gcserve); "
             "py_spy marks the windows in which py-spy sampled the server.",
-            "WAL counters come from the -shm header read 20 times a second: checkpoints "
-            "counts the times the checkpointed-frame mark moved, wal_restarts the times "
-            "the WAL started again from its beginning (a lower bound for both).",
+            "WAL counters come from the -shm header read 20 times a second: wal_restarts "
+            "counts the times the WAL started again from its beginning after a checkpoint "
+            "(a lower bound).",
+            f"Control: {history:,} finished tasks (with their attempt rows) written straight "
+            "into a fresh database by bench/prefill.py, then the same load for "
+            f"{control_s // 60} min.",
         ],
     }
