@@ -24,6 +24,7 @@ ORDER = [
     "observability",
     "retention",
     "soak",
+    "soak_history",
     "logging",
     "eventloop",
     "profile",

@@ -11,6 +11,7 @@ from bench.scenarios import (
     retention,
     scale,
     soak,
+    soak_history,
     throughput,
     workflows,
 )
@@ -25,6 +26,7 @@ ALL = [
     observability,
     retention,
     soak,
+    soak_history,
     logging_cost,
     eventloop,
     profile,

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from bench import prefill, pyspy
+from bench import pyspy
 from bench.common import (
     BenchError,
     Context,
@@ -61,6 +61,11 @@ def plan(quick: bool) -> dict[str, Any]:
             "control_s": 60,
         }
     return {"duration_s": 1800, "window_s": 60, "check_windows": 3, "spy_s": 30, "control_s": 360}
+
+
+def history_rows(quick: bool) -> int:
+    """The finished tasks a soak leaves behind (every offered task completes)."""
+    return RATE * plan(quick)["duration_s"]
 
 
 def wal_index(shm: Path) -> tuple[int, int, int] | None:
@@ -403,6 +408,24 @@ def soak_once(
     }
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties broken by position; fine for a report)."""
+
+    def ranks(v: list[float]) -> list[int]:
+        out = [0] * len(v)
+        for k, i in enumerate(sorted(range(len(v)), key=v.__getitem__)):
+            out[i] = k
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va and vb else float("nan")
+
+
 def run(ctx: Context) -> dict[str, Any]:
     p = plan(ctx.quick)
     duration, window, check, spy_s = (
@@ -426,49 +449,26 @@ def run(ctx: Context) -> dict[str, Any]:
         {"title": f"{duration // 60}-minute soak on a fresh database", "windows": main["rows"]}
     ]
     ratios = [{"name": "p99, last / first windows (check: ≤ 1.2)", "value": ratio}]
-    # Control: the same load on a database that already holds as many finished
-    # tasks as the soak left behind. If the p99 of its first windows is as high
-    # as the soak's last, the drift follows the size of the database, not the
-    # time the server has been running (or the load generators).
-    history = main["completed"]
-    control_s = p["control_s"]
-    db = ctx.work_dir / "s8c-prefilled.db"
-    with opscore_server(ctx.work_dir, tag="s8c-template", db=db):
-        pass
-    secs = prefill.fill(db, history)
-    ctx.say(f"  control: prefilled {history:,} finished tasks in {secs:.0f} s")
-    control = soak_once(ctx, "s8c", control_s, window, check, 0, db=db)
-    remove_db(db)
-    cfgs.append(
-        {
-            "name": f"control: {control_s // 60} min on a database prefilled with "
-            f"{history:,} finished tasks",
-            "params": {"agents": AGENTS, "rate": RATE, "history": history, "duration_s": control_s},
-            "metrics": control["metrics"],
-            "runs": [{k: control[k] for k in ("objects", "profiles", "completed")}],
-        }
-    )
-    tables.append(
-        {
-            "title": f"control: {control_s // 60} min on a database prefilled with "
-            f"{history:,} finished tasks",
-            "windows": control["rows"],
-        }
-    )
-    ratios.append(
-        {
-            "name": "control's first windows p99 / the soak's first windows p99 "
-            "(1.0: history does not matter)",
-            "value": control["first"] / first,
-        }
-    )
-    ratios.append(
-        {
-            "name": "control's first windows p99 / the soak's last windows p99 "
-            "(1.0: history explains the whole drift)",
-            "value": control["first"] / last,
-        }
-    )
+    # What the window p99 moves with (rank correlation, -1..1): a drift that
+    # follows the database's size or the server's age, or one that follows the
+    # machine's load and the load generator's own lateness.
+    p99s = [r["p99_ms"] for r in main["rows"]]
+    for key, what in (
+        ("minute", "time"),
+        ("db_mib", "database size"),
+        ("loadavg_1m", "machine load average"),
+        ("enqueuer_behind_ms", "how late the enqueuer started its calls"),
+        ("gc_max_pause_ms", "longest GC pause"),
+        ("server_cpu_us_per_task", "server CPU per task"),
+    ):
+        vals = [r.get(key) for r in main["rows"]]
+        if all(v is not None for v in vals):
+            ratios.append(
+                {
+                    "name": f"rank correlation of window p99 with {what}",
+                    "value": spearman(p99s, [float(v) for v in vals]),
+                }
+            )
     return {
         "title": TITLE,
         "status": "ok",
@@ -492,8 +492,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "WAL counters come from the -shm header read 20 times a second: wal_restarts "
             "counts the times the WAL started again from its beginning after a checkpoint "
             "(a lower bound).",
-            f"Control: {history:,} finished tasks (with their attempt rows) written straight "
-            "into a fresh database by bench/prefill.py, then the same load for "
-            f"{control_s // 60} min.",
+            "Scenario 8b (soak_history) runs the same load on a database that already holds "
+            "the history this soak leaves behind.",
         ],
     }
