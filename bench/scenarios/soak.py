@@ -58,9 +58,9 @@ def plan(quick: bool) -> dict[str, Any]:
             "window_s": 15,
             "check_windows": 2,
             "spy_s": 10,
-            "control_s": 60,
+            "control_s": 90,
         }
-    return {"duration_s": 1800, "window_s": 60, "check_windows": 3, "spy_s": 30, "control_s": 360}
+    return {"duration_s": 1800, "window_s": 60, "check_windows": 3, "spy_s": 30, "control_s": 480}
 
 
 def history_rows(quick: bool) -> int:

@@ -1,7 +1,7 @@
 """Scenario 8b: the soak's load on a database that already holds its history.
 
 The same load as scenario 8 (200 agents, unary shape, 200 EnqueueTask calls per
-second, durable defaults) for 6 minutes (quick: 1), against a fresh server
+second, durable defaults) for 8 minutes (quick: 1.5), against a fresh server
 whose database was prefilled (bench/prefill.py, tasks and their attempt rows)
 with as many finished tasks as scenario 8 leaves behind: 360,000 (quick:
 24,000). If the p99 of its first windows is as high as the soak's last, the
