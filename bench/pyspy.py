@@ -63,6 +63,15 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ),
 ]
 OTHER = "other (CPython runtime, libc, threads)"
+# With --native (and with --idle), py-spy also samples threads that wait. A
+# sample is a wait, not work, when its stack shows one of these; the groups above
+# are shares of the work samples only.
+IDLE = "idle (waiting for work: event loop poll, queue get)"
+LOCK = "waiting for the GIL or a lock"
+DISK = "waiting on the disk (fsync)"
+IDLE_MARKS = ("epoll_wait", "epoll_pwait", "_queue_SimpleQueue_get", "(selectors")
+LOCK_MARKS = ("take_gil", "pthread_cond_timedwait", "pthread_cond_wait", "PyThread_acquire_lock")
+DISK_MARKS = ("fdatasync", "fsync (")
 FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -115,7 +124,20 @@ def _entry(name: str, file: str) -> bool:
     ) or (file.startswith("opscore/cli/"))
 
 
+def state_of(frames: list[str]) -> str | None:
+    """IDLE, LOCK or DISK for a waiting sample, None for work."""
+    if any(m in f for f in frames for m in IDLE_MARKS):
+        return IDLE
+    near_leaf = frames[-3:]
+    if any(m in f for f in near_leaf for m in DISK_MARKS):
+        return DISK
+    if any(m in f for f in near_leaf for m in LOCK_MARKS):
+        return LOCK
+    return None
+
+
 def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
+    states: Counter[str] = Counter()
     groups: Counter[str] = Counter()
     main_groups: Counter[str] = Counter()
     threads: Counter[str] = Counter()
@@ -134,6 +156,10 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         kind = thread_kind(frames[0])
         frames = frames[1:]
         total += n
+        state = state_of(frames)
+        states[f"{kind}: {state or 'working'}"] += n
+        if state is not None:
+            continue
         threads[kind] += n
         g = next((x for x in map(group_of, reversed(frames)) if x), OTHER)
         groups[g] += n
@@ -157,13 +183,16 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         return [{"name": k, "samples": v, "share": v / max(1, of)} for k, v in c.most_common()]
 
     main_total = sum(main_groups.values())
+    work = sum(threads.values())
     return {
         "samples": total,
-        "threads": share(threads, total),
-        "groups": share(groups, total),
+        "work_samples": work,
+        "states": share(states, total),
+        "threads": share(threads, work),
+        "groups": share(groups, work),
         "event_loop_groups": share(main_groups, main_total),
-        "top_python_leaves": share(leaf_py, total)[:top],
-        "top_ours_inclusive": share(ours_incl, total)[:top],
+        "top_python_leaves": share(leaf_py, work)[:top],
+        "top_ours_inclusive": share(ours_incl, work)[:top],
         "lines_by_thread": {
             k: share(c, threads[k])[:8] for k, c in sorted(lines_by_thread.items())
         },
@@ -171,17 +200,19 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 def render(summary: dict[str, Any], title: str) -> str:
-    lines = [f"{title}: {summary['samples']:,} samples (busy threads only)", ""]
+    work = summary.get("work_samples", summary["samples"])
+    lines = [f"{title}: {summary['samples']:,} samples, {work:,} of them working", ""]
     for key, head in (
-        ("threads", "by thread"),
-        ("groups", "by group, all threads (self time)"),
-        ("event_loop_groups", "by group, event loop thread only"),
-        ("top_python_leaves", "deepest Python function (self time)"),
-        ("top_ours_inclusive", "Ops-Core functions (inclusive)"),
+        ("states", "thread: state (share of all samples)"),
+        ("threads", "working samples by thread"),
+        ("groups", "working samples by group, all threads (self time)"),
+        ("event_loop_groups", "working samples by group, event loop thread only"),
+        ("top_python_leaves", "deepest Python function of working samples"),
+        ("top_ours_inclusive", "Ops-Core functions (inclusive, working samples)"),
     ):
         lines.append(f"| {head} | share |")
         lines.append("|---|---:|")
-        for row in summary[key]:
+        for row in summary.get(key, []):
             lines.append(f"| {row['name']} | {row['share']:.1%} |")
         lines.append("")
     for kind, rows in summary.get("lines_by_thread", {}).items():

@@ -143,10 +143,10 @@ def render(results: Path) -> str:
                 lines.append("| " + " | ".join(cells) + f" | {'yes' if w.get('py_spy') else ''} |")
             lines.append("")
         for prof in d.get("profiles", []):
-            lines.append(_profile_md(prof))
+            lines.append(_profile_md(prof, results))
         for prof in (r for c in d.get("configs", []) for r in c.get("runs", [])):
             for pr in prof.get("profiles", []) if isinstance(prof, dict) else []:
-                lines.append(_profile_md(pr))
+                lines.append(_profile_md(pr, results))
         for n in d.get("notes", []):
             lines.append(f"- {n}")
         if d.get("notes"):
@@ -161,8 +161,9 @@ def render(results: Path) -> str:
     return "\n".join(lines)
 
 
-def _profile_md(prof: dict[str, Any]) -> str:
+def _profile_md(prof: dict[str, Any], results: Path) -> str:
     from bench.pyspy import render as render_profile
+    from bench.pyspy import summarize
 
     if "max_in_flight" in prof:
         title = (
@@ -171,7 +172,10 @@ def _profile_md(prof: dict[str, Any]) -> str:
         )
     else:
         title = f"py-spy, soak {prof['label']} (from {prof['at_s']:.0f} s)"
-    summary = dict(prof["summary"])
+    # Summarized again from the raw stacks when they are there, so a report
+    # re-rendered later uses the current grouping.
+    raw = results / prof["file"] if prof.get("file") else None
+    summary = dict(summarize(raw) if raw is not None and raw.exists() else prof["summary"])
     for key in ("top_python_leaves", "top_ours_inclusive"):
         summary[key] = summary[key][:10]
     return "#### " + render_profile(summary, title)

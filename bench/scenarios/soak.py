@@ -382,7 +382,12 @@ def soak_once(
         if Path(s["file"]).exists():
             summ = pyspy.summarize(Path(s["file"]))
             profiles.append(
-                {"label": s["label"], "at_s": s["t"] - eres["t_start"], "summary": summ}
+                {
+                    "label": s["label"],
+                    "at_s": s["t"] - eres["t_start"],
+                    "file": str(Path(s["file"]).relative_to(ctx.out_dir)),
+                    "summary": summ,
+                }
             )
 
     def col(key: str) -> list[float]:
