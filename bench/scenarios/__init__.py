@@ -7,6 +7,7 @@ from bench.scenarios import (
     lifecycle,
     logging_cost,
     observability,
+    postgres,
     profile,
     retention,
     scale,
@@ -30,5 +31,6 @@ ALL = [
     logging_cost,
     eventloop,
     profile,
+    postgres,
 ]
 BY_NAME = {m.NAME: m for m in ALL}
