@@ -57,6 +57,9 @@ def configs(quick: bool) -> list[dict[str, Any]]:
         {"backend": "sqlite", "replicas": 1, "n_tasks": n},
         {"backend": "postgres", "replicas": 1, "n_tasks": n},
         {"backend": "postgres", "replicas": 2, "n_tasks": n},
+        # A diagnostic, not a deployment: commits that do not wait for their WAL
+        # flush, to tell how much of the time is waiting for fsync.
+        {"backend": "postgres", "replicas": 1, "n_tasks": n, "synchronous_commit": "off"},
     ]
 
 
@@ -66,6 +69,8 @@ def label(c: dict[str, Any]) -> str:
     else:
         replicas = "1 replica" if c["replicas"] == 1 else f"{c['replicas']} replicas"
         where = f"PostgreSQL, {replicas} on one database"
+        if c.get("synchronous_commit") == "off":
+            where += " (diagnostic: synchronous_commit off, not durable)"
     return f"{where}, work stream, {AGENTS} agents, EnqueueTasks"
 
 
@@ -101,6 +106,9 @@ def servers(ctx: Context, c: dict[str, Any], pg: Any, tag: str) -> Iterator[list
         remove_db(srv.db)
         return
     name = pg.create_database()
+    if c.get("synchronous_commit"):
+        # For the connections the replicas open to this database only.
+        pg.sql(f'ALTER DATABASE "{name}" SET synchronous_commit = {c["synchronous_commit"]}')
     url = pg.url(name)
     with contextlib.ExitStack() as stack:
         # One after the other: the first applies the migrations, the second finds
@@ -196,6 +204,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "name": "PostgreSQL 1 replica: cluster CPU / server CPU (per task)",
             "value": med(1, "postgres_cpu_us_per_task") / med(1, "server_cpu_us_per_task"),
         },
+        {
+            "name": "PostgreSQL 1 replica: synchronous_commit off / on (tasks/s; what waiting "
+            "for the WAL flush costs)",
+            "value": med(3) / pg1,
+        },
     ]
     targets = [
         {
@@ -239,6 +252,10 @@ def run(ctx: Context) -> dict[str, Any]:
             "2 enqueuer processes (EnqueueTasks, 1,000 per call, 64 calls in flight "
             "each), in every configuration so that they differ only in the servers. With "
             "2 replicas, agent process j and enqueuer j talk to replica j.",
+            "The synchronous_commit off configuration is a diagnostic (a commit then "
+            "returns before its WAL is flushed: a crash of PostgreSQL can lose acknowledged "
+            "work); its ratio to the durable one says how much of the time is spent "
+            "waiting for the WAL flush (fsync) rather than computing.",
             "Server CPU: the sum over the replicas. Cluster CPU: the postmaster and all its "
             "children (backends, WAL writer, checkpointer, ...), psutil user+system "
             "seconds over the measured window.",
