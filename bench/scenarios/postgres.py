@@ -3,7 +3,7 @@ replicas against one, in the same run.
 
 Work-stream agents (Connect, max_in_flight 1), 16 of them in 2 processes,
 batched enqueue (EnqueueTasks, 1,000 per call) from 2 enqueuer processes, N
-tasks, every one assigned and completed (as scenario 1). Three configurations,
+tasks, every one assigned and completed (as scenario 1). Three configurations
 interleaved within each repeat so that machine noise hits them alike:
 
 - SQLite: one server on a fresh file, durable defaults (synchronous=FULL);
@@ -11,6 +11,10 @@ interleaved within each repeat so that machine noise hits them alike:
 - PostgreSQL, 2 replicas: two servers on one fresh database; agent process j and
   enqueuer k talk to replica j (k), so half the agents and half the enqueues are on
   each, and a task enqueued on one replica may go to an agent on the other.
+
+and diagnostics, not deployments: PostgreSQL with synchronous_commit off for the
+database (how much is waiting for the WAL flush), and SQLite and PostgreSQL with
+max_in_flight 4 (how much is each task's round trip rather than CPU).
 
 The cluster is started by this scenario (tests/support/pg.py: initdb into a temp
 dir, on a free loopback port, as the `postgres` OS user when root) and removed at
@@ -60,6 +64,11 @@ def configs(quick: bool) -> list[dict[str, Any]]:
         # A diagnostic, not a deployment: commits that do not wait for their WAL
         # flush, to tell how much of the time is waiting for fsync.
         {"backend": "postgres", "replicas": 1, "n_tasks": n, "synchronous_commit": "off"},
+        # Also diagnostics: 4 tasks in flight per agent. If PostgreSQL's figure rises
+        # much more than SQLite's, max_in_flight 1 was bound by each task's round
+        # trip through the server and the database, not by CPU.
+        {"backend": "sqlite", "replicas": 1, "n_tasks": n, "mif": 4},
+        {"backend": "postgres", "replicas": 1, "n_tasks": n, "mif": 4},
     ]
 
 
@@ -71,7 +80,7 @@ def label(c: dict[str, Any]) -> str:
         where = f"PostgreSQL, {replicas} on one database"
         if c.get("synchronous_commit") == "off":
             where += " (diagnostic: synchronous_commit off, not durable)"
-    return f"{where}, work stream, {AGENTS} agents, EnqueueTasks"
+    return f"{where}, work stream, {AGENTS} agents, max_in_flight {c.get('mif', 1)}, EnqueueTasks"
 
 
 def postmaster_pid(data_dir: Path) -> int:
@@ -163,7 +172,7 @@ def run(ctx: Context) -> dict[str, Any]:
                         n_tasks=c["n_tasks"],
                         mode="batch",
                         shape="stream",
-                        max_in_flight=1,
+                        max_in_flight=c.get("mif", 1),
                         enqueue_procs=2,
                         cpu_groups={"postgres": [pm]} if c["backend"] == "postgres" else None,
                     )
@@ -208,6 +217,18 @@ def run(ctx: Context) -> dict[str, Any]:
             "name": "PostgreSQL 1 replica: synchronous_commit off / on (tasks/s; what waiting "
             "for the WAL flush costs)",
             "value": med(3) / pg1,
+        },
+        {
+            "name": "max_in_flight 4: PostgreSQL 1 replica / SQLite (tasks/s)",
+            "value": med(5) / med(4),
+        },
+        {
+            "name": "PostgreSQL 1 replica: max_in_flight 4 / 1 (tasks/s)",
+            "value": med(5) / pg1,
+        },
+        {
+            "name": "SQLite: max_in_flight 4 / 1 (tasks/s)",
+            "value": med(4) / sqlite,
         },
     ]
     targets = [
