@@ -49,6 +49,10 @@ TITLE = "8. Soak: a steady 200 tasks/s with 200 agents"
 RATE = 200
 AGENTS = 200
 MAX_DRIFT = 1.2  # last windows' p99 / first windows' p99
+# A window in which the open-loop enqueuer started some call later than this was
+# a window in which the load generator itself did not get the CPU on time: the
+# machine, not the server, was slow then (on a shared 2-core machine that happens).
+ON_SCHEDULE_MS = 10.0
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -375,6 +379,11 @@ def soak_once(
 
     first = p99_of(list(range(first_k, first_k + check)))
     last = p99_of(list(range(last_k - check + 1, last_k + 1)))
+    # The same comparison over the windows in which the load generator kept to
+    # its schedule, so that the machine's other jobs do not decide the check.
+    calm = [first_k + r["window"] for r in rows if r["enqueuer_behind_ms"] <= ON_SCHEDULE_MS]
+    calm_first = p99_of(calm[:check]) if len(calm) >= 2 * check else None
+    calm_last = p99_of(calm[-check:]) if len(calm) >= 2 * check else None
     objects = [(r["t"], r["objects"]) for r in gc_log if "objects" in r]
 
     profiles = []
@@ -397,6 +406,9 @@ def soak_once(
         "rows": rows,
         "first": first,
         "last": last,
+        "calm_first": calm_first,
+        "calm_last": calm_last,
+        "calm_windows": len(calm),
         "objects": objects,
         "profiles": profiles,
         "completed": completed,
@@ -454,6 +466,16 @@ def run(ctx: Context) -> dict[str, Any]:
         {"title": f"{duration // 60}-minute soak on a fresh database", "windows": main["rows"]}
     ]
     ratios = [{"name": "p99, last / first windows (check: ≤ 1.2)", "value": ratio}]
+    calm_first, calm_last = main["calm_first"], main["calm_last"]
+    if calm_first and calm_last:
+        ratios.append(
+            {
+                "name": f"p99, last / first {check} windows in which the enqueuer kept its "
+                f"schedule (behind ≤ {ON_SCHEDULE_MS:.0f} ms; {main['calm_windows']} of "
+                f"{len(main['rows'])} windows)",
+                "value": calm_last / calm_first,
+            }
+        )
     # What the window p99 moves with (rank correlation, -1..1): a drift that
     # follows the database's size or the server's age, or one that follows the
     # machine's load and the load generator's own lateness.
@@ -485,7 +507,21 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"{check} ({duration // 60} min at {RATE} tasks/s, {AGENTS} agents)",
                 "measured": f"{last:.2f} ms vs {first:.2f} ms: ratio {ratio:.2f}",
                 "met": ratio <= MAX_DRIFT,
-            }
+            },
+            *(
+                [
+                    {
+                        "target": f"soak, the same over the windows in which the load "
+                        f"generator kept its schedule ({main['calm_windows']} of "
+                        f"{len(main['rows'])})",
+                        "measured": f"{calm_last:.2f} ms vs {calm_first:.2f} ms: ratio "
+                        f"{calm_last / calm_first:.2f}",
+                        "met": calm_last / calm_first <= MAX_DRIFT,
+                    }
+                ]
+                if calm_first and calm_last
+                else []
+            ),
         ],
         "window_tables": tables,
         "notes": [
