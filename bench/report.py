@@ -97,7 +97,7 @@ def render(results: Path) -> str:
         "--db <fresh file> --log-level WARNING` (default durability: WAL, "
         "synchronous=FULL), a fresh database per run, stopped with SIGTERM and exit "
         "code checked. The server's default log level is INFO (one JSON line per RPC); "
-        "scenario 9 measures INFO against WARNING.",
+        "scenario 10 measures INFO against WARNING.",
         "",
     ]
     targets = [(d, t) for d in docs for t in d.get("targets", [])]

@@ -1,4 +1,4 @@
-"""Scenario 10: the server on asyncio's event loop against uvloop (its default).
+"""Scenario 11: the server on asyncio's event loop against uvloop (its default).
 
 `opscore serve --event-loop asyncio` and `--event-loop uvloop`, alternating
 within every repeat, for both agent shapes: the unary shape (16 agents, unary
@@ -16,7 +16,7 @@ from bench.dispatch_run import run_dispatch
 from bench.scenarios.logging_cost import SHAPE_NAMES, SHAPES
 
 NAME = "eventloop"
-TITLE = "10. Event loop: asyncio vs uvloop"
+TITLE = "11. Event loop: asyncio vs uvloop"
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Scenario 9: the cost of the server's default INFO log, both agent shapes.
+"""Scenario 10: the cost of the server's default INFO log, both agent shapes.
 
 The same workload against a server at `--log-level INFO` (the default: one JSON
 line per RPC, per stream open and close) and at WARNING, alternating within
@@ -18,7 +18,7 @@ from bench.common import Context, metric, opscore_server, remove_db
 from bench.dispatch_run import run_dispatch
 
 NAME = "logging"
-TITLE = "9. Cost of the INFO log"
+TITLE = "10. Cost of the INFO log"
 MIN_RATIO = 0.97
 
 SHAPES = {

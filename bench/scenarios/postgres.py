@@ -1,4 +1,4 @@
-"""Scenario 12 (issue 11): the PostgreSQL backend against SQLite, and two
+"""Scenario 13 (issue 11): the PostgreSQL backend against SQLite, and two
 replicas against one, in the same run.
 
 Work-stream agents (Connect, max_in_flight 1), 16 of them in 2 processes,
@@ -47,7 +47,7 @@ from bench.common import (
 from bench.dispatch_run import run_dispatch
 
 NAME = "postgres"
-TITLE = "12. PostgreSQL backend: against SQLite, two replicas against one"
+TITLE = "13. PostgreSQL backend: against SQLite, two replicas against one"
 
 AGENTS = 16
 TARGET_PG_VS_SQLITE = 0.5

@@ -1,4 +1,4 @@
-"""Scenario 11: where the server's time goes under work-stream load.
+"""Scenario 12: where the server's time goes under work-stream load.
 
 16 agents on the work stream, batched EnqueueTasks, max_in_flight 1 and 4; once
 the run is under way, py-spy records the server for 15 s (quick: 5 s) with
@@ -22,7 +22,7 @@ from bench.common import Context, Unavailable, opscore_server, remove_db
 from bench.dispatch_run import run_dispatch
 
 NAME = "profile"
-TITLE = "11. Profile of the server, work stream, 16 agents"
+TITLE = "12. Profile of the server, work stream, 16 agents"
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Scenario 8: soak, a steady 200 tasks/s with 200 agents for 30 minutes.
+"""Scenario 9: soak, a steady 200 tasks/s with 200 agents for 30 minutes.
 
 Unary shape (SubscribeTasks + CompleteTask, max_in_flight 1), durable defaults,
 one open-loop enqueuer offering 200 unary EnqueueTask calls per second for 30
@@ -44,7 +44,7 @@ from bench.common import (
 from bench.dispatch_run import split
 
 NAME = "soak"
-TITLE = "8. Soak: a steady 200 tasks/s with 200 agents"
+TITLE = "9. Soak: a steady 200 tasks/s with 200 agents"
 
 RATE = 200
 AGENTS = 200
@@ -533,7 +533,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "WAL counters come from the -shm header read 20 times a second: wal_restarts "
             "counts the times the WAL started again from its beginning after a checkpoint "
             "(a lower bound).",
-            "Scenario 8b (soak_history) runs the same load on a database that already holds "
+            "Scenario 9b (soak_history) runs the same load on a database that already holds "
             "the history this soak leaves behind.",
         ],
     }

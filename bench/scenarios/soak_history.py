@@ -1,12 +1,12 @@
-"""Scenario 8b: the soak's load on a database that already holds its history.
+"""Scenario 9b: the soak's load on a database that already holds its history.
 
-The same load as scenario 8 (200 agents, unary shape, 200 EnqueueTask calls per
+The same load as scenario 9 (200 agents, unary shape, 200 EnqueueTask calls per
 second, durable defaults) for 8 minutes (quick: 1.5), against a fresh server
 whose database was prefilled (bench/prefill.py, tasks and their attempt rows)
-with as many finished tasks as scenario 8 leaves behind: 360,000 (quick:
+with as many finished tasks as scenario 9 leaves behind: 360,000 (quick:
 24,000). If the p99 of its first windows is as high as the soak's last, the
 drift follows the size of the database; if it is as low as the soak's first,
-the database's size is not the cause (compare with scenario 8 of the same run).
+the database's size is not the cause (compare with scenario 9 of the same run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bench.common import Context, opscore_server, remove_db
 from bench.scenarios.soak import AGENTS, RATE, history_rows, plan, soak_once
 
 NAME = "soak_history"
-TITLE = "8b. Soak load on a database holding the soak's history"
+TITLE = "9b. Soak load on a database holding the soak's history"
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -55,6 +55,6 @@ def run(ctx: Context) -> dict[str, Any]:
         "window_tables": [{"title": name, "windows": r["rows"]}],
         "notes": [
             f"Prefill of {history:,} finished tasks took {secs:.0f} s (not measured load).",
-            "Compare the first windows' p99 with scenario 8's first and last windows.",
+            "Compare the first windows' p99 with scenario 9's first and last windows.",
         ],
     }

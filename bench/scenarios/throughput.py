@@ -12,7 +12,7 @@ stream).
   completions of one received message sent as one message): 16 and 256 agents,
   batched EnqueueTasks, max_in_flight 1 (as the unary runs) and 4.
 
-All at log level WARNING (the cost of INFO is scenario 9). Configurations are
+All at log level WARNING (the cost of INFO is scenario 10). Configurations are
 interleaved within each repeat, so machine noise hits them alike. The issue's
 checks are made on medians of this run; the unary figures are also shown next
 to the previous published run's (a different run: not a ratio).
