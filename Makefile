@@ -14,7 +14,7 @@ help:
 	@echo "make test         lint + full test suite; installs first (PostgreSQL too)"
 	@echo "make lint         buf lint (STANDARD) on protos/, ruff on the code"
 	@echo "make protos       regenerate generated/ from protos/"
-	@echo "make bench        benchmarks (QUICK=1 for a one-minute smoke run; SCENARIOS=a,b for some)"
+	@echo "make bench        benchmarks (QUICK=1: a few minutes; SCENARIOS=soak,profile: a subset)"
 	@echo "make chaos        SIGKILL the server N times under load, then verify (N=100)"
 
 $(STAMP): pyproject.toml

@@ -210,6 +210,7 @@ class ServerUnderTest:
     db: Path | None
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None
     start_seconds: float = 0.0
     exit_code: int | None = None
     _log: Any = None
@@ -227,7 +228,11 @@ class ServerUnderTest:
         self._log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            self.cmd, cwd=REPO_ROOT, env=_bench_env(), stdout=self._log, stderr=self._log
+            self.cmd,
+            cwd=REPO_ROOT,
+            env={**_bench_env(), **(self.env or {})},
+            stdout=self._log,
+            stderr=self._log,
         )
         try:
             wait_health(
@@ -268,12 +273,17 @@ class ServerUnderTest:
                 self.proc.wait(timeout=10)
 
 
-def opscore_cmd(port: int, db: Path, log_level: str = "WARNING", *extra: str) -> list[str]:
+def opscore_cmd(
+    port: int,
+    db: Path,
+    log_level: str = "WARNING",
+    *extra: str,
+    launcher: Sequence[str] = ("-m", "opscore"),
+) -> list[str]:
     # Default durability: no --sync flag, so the server's default (sync=full) applies.
     return [
         PY,
-        "-m",
-        "opscore",
+        *launcher,
         "serve",
         "--listen",
         f"127.0.0.1:{port}",
@@ -292,16 +302,19 @@ def opscore_server(
     db: Path | None = None,
     tag: str = "server",
     extra: Sequence[str] = (),
+    launcher: Sequence[str] = ("-m", "opscore"),
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerUnderTest]:
     """A fresh `opscore serve` on a free loopback port, stopped with SIGTERM after.
-    `extra`: more `opscore serve` options.
+    `extra`: more `opscore serve` options; `launcher`: what runs `opscore` (e.g.
+    bench.tools.gcserve, which records GC pauses); `env`: more environment.
 
     The server's exit code is checked: a non-zero exit fails the run.
     """
     port = free_port()
     db = db or workdir / f"{tag}-{port}.db"
-    cmd = opscore_cmd(port, db, log_level, *extra)
-    srv = ServerUnderTest(cmd, port, db, workdir / f"{tag}-{port}.log")
+    cmd = opscore_cmd(port, db, log_level, *extra, launcher=launcher)
+    srv = ServerUnderTest(cmd, port, db, workdir / f"{tag}-{port}.log", env=env)
     srv.start()
     try:
         yield srv
@@ -367,16 +380,16 @@ class LoadGen:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float = PROC_READY_TIMEOUT) -> None:
+    def wait_ready(self, timeout: float = PROC_READY_TIMEOUT, word: str = "READY") -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise BenchError(f"{self.role} not READY within {timeout:.0f}s") from None
+                raise BenchError(f"{self.role} not {word} within {timeout:.0f}s") from None
             if line is None:
-                raise BenchError(f"{self.role} exited before READY:\n{self.tail()}")
-            if line == "READY":
+                raise BenchError(f"{self.role} exited before {word}:\n{self.tail()}")
+            if line == word:
                 return
 
     def send(self, word: str) -> None:

@@ -1,5 +1,6 @@
-"""One measured dispatch run: agents subscribed, N tasks enqueued, every task
-assigned and completed. Used by scenarios 1, 2, 5 and 6 (against Ops-Core and
+"""One measured dispatch run: agents subscribed (SubscribeTasks + CompleteTask,
+or a Connect work stream: `shape`), N tasks enqueued, every task assigned and
+completed. Used by scenarios 1, 2, 5 and 6 (against Ops-Core and
 against the bare grpc.aio baseline, which speaks the same protos).
 
 Process layout: the server under test in its own process; the agents in 1
@@ -10,6 +11,7 @@ so one TCP connection per agent; one enqueuer process.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,39 @@ def split(n: int, procs: int) -> list[int]:
     return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
 
 
+def merge_enqueue_results(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several enqueuers' results as one: the span of all, the worst call times."""
+    if len(rs) == 1:
+        return rs[0]
+    errors: dict[str, int] = {}
+    for r in rs:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return {
+        "t_start": min(r["t_start"] for r in rs),
+        "t_end": max(r["t_end"] for r in rs),
+        "sent": sum(r["sent"] for r in rs),
+        "errors": errors,
+        "call_p50_ms": max((r["call_p50_ms"] or 0) for r in rs),
+        "call_p99_ms": max((r["call_p99_ms"] or 0) for r in rs),
+        "max_behind_s": max(r["max_behind_s"] for r in rs),
+    }
+
+
 def agent_procs_for(n_agents: int) -> int:
     return 1 if n_agents == 1 else 2
 
 
 def run_dispatch(
     *,
-    target: str,
-    server_pid: int,
+    target: str | Sequence[str],
+    server_pid: int | Sequence[int],
     work_dir: Path,
     tag: str,
     n_agents: int,
     n_tasks: int,
     mode: str = "unary",
+    shape: str = "unary",
     rate: float = 0,
     concurrency: int = 64,
     batch_size: int = 1000,
@@ -42,19 +64,30 @@ def run_dispatch(
     agent_procs: int | None = None,
     verify: bool = True,
     allow_incomplete: bool = False,
+    enqueue_procs: int = 1,
+    cpu_groups: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Run once and return the figures (raises BenchError on any failure)."""
+    """Run once and return the figures (raises BenchError on any failure).
+
+    Several targets (replicas of one database): agent process j and enqueuer k
+    talk to target j (k) modulo their number, and the server CPU is that of every
+    server pid. `cpu_groups`: more processes to meter (e.g. "postgres": the
+    postmaster, whose backends are counted as its children).
+    """
+    targets = [target] if isinstance(target, str) else list(target)
+    server_pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
     procs = agent_procs or agent_procs_for(n_agents)
     cap = "bench"
     agents = [
         LoadGen(
             "agents",
             {
-                "target": target,
+                "target": targets[j % len(targets)],
                 "n_agents": k,
                 "id_prefix": f"{tag}-p{j}",
                 "capability": cap,
                 "max_in_flight": max_in_flight,
+                "shape": shape,
                 "agents_per_channel": 1,
                 "deadline_s": timeout_s + 120,
                 "verify": verify,
@@ -66,30 +99,41 @@ def run_dispatch(
     with loadgens(agents):
         for a in agents:
             a.wait_ready()
-        enq = LoadGen(
-            "enqueue",
-            {
-                "target": target,
-                "n": n_tasks,
-                "mode": mode,
-                "batch_size": batch_size,
-                "concurrency": concurrency,
-                "rate": rate,
-                "capability": cap,
-                "deadline_s": timeout_s,
-            },
-            work_dir / f"{tag}-enqueue.log",
-        )
-        with loadgens([enq]):
-            enq.wait_ready()
-            meter = CpuMeter({"server": [server_pid], "loadgen": [g.pid for g in [*agents, enq]]})
+        enqs = [
+            LoadGen(
+                "enqueue",
+                {
+                    "target": targets[k % len(targets)],
+                    "n": n_k,
+                    "mode": mode,
+                    "batch_size": batch_size,
+                    "concurrency": concurrency,
+                    "rate": rate / len(split(n_tasks, enqueue_procs)) if rate else 0,
+                    "capability": cap,
+                    "deadline_s": timeout_s,
+                },
+                work_dir / f"{tag}-enqueue{k}.log",
+            )
+            for k, n_k in enumerate(split(n_tasks, enqueue_procs))
+        ]
+        with loadgens(enqs):
+            for e in enqs:
+                e.wait_ready()
+            meter = CpuMeter(
+                {
+                    "server": server_pids,
+                    "loadgen": [g.pid for g in [*agents, *enqs]],
+                    **(cpu_groups or {}),
+                }
+            )
             meter.start()
-            enq.send("GO")
+            for e in enqs:
+                e.send("GO")
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if sum(a.progress for a in agents) >= n_tasks:
                     break
-                if enq.done() and enq.result is None:
+                if any(e.done() and e.result is None for e in enqs):
                     break
                 if any(a.done() for a in agents):
                     break
@@ -97,9 +141,10 @@ def run_dispatch(
             meter.stop()
             for a in agents:
                 a.send("STOP")
-            eres = enq.wait_result(timeout=60)
+            eress = [e.wait_result(timeout=60) for e in enqs]
             ares = [a.wait_result(timeout=120) for a in agents]
     completed = sum(r["completed"] for r in ares)
+    eres = merge_enqueue_results(eress)
     errors: dict[str, int] = {}
     for r in [*ares, {"errors": {f"Enqueue {k}": v for k, v in eres["errors"].items()}}]:
         for k, v in r["errors"].items():
@@ -118,6 +163,8 @@ def run_dispatch(
     lat = [x for r in ares for x in r["assign_latencies_s"]]
     cpu = meter.result()
     out = {
+        "shape": shape,
+        "max_in_flight": max_in_flight,
         "n_tasks": n_tasks,
         "completed_fraction": completed / n_tasks,
         "completed": completed,
@@ -138,7 +185,11 @@ def run_dispatch(
         "loadgen_cpu_us_per_task": cpu["loadgen_cpu_s"] / completed * 1e6,
         "agent_processes": len(agents),
         "agents_per_process": [a.config["n_agents"] for a in agents],
+        "enqueue_processes": len(enqs),
+        "servers": len(server_pids),
     }
+    for name in cpu_groups or {}:
+        out[f"{name}_cpu_us_per_task"] = cpu[f"{name}_cpu_s"] / completed * 1e6
     if errors:
         out["note"] = f"errors during the run: {errors}"
     if completed < n_tasks:

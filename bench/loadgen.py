@@ -6,7 +6,10 @@ Protocol with the orchestrator (bench/common.py LoadGen): this process prints
 `GO` (start the measured work) and `STOP` (finish and report) on stdin.
 
 Roles:
-  agents      RegisterAgent, SubscribeTasks, CompleteTask on every assignment
+  agents      RegisterAgent, then per agent either (shape "unary") SubscribeTasks
+              and a CompleteTask call per assignment, or (shape "stream") one
+              Connect work stream: every assignment completed on the stream, the
+              completions of one received message sent back as one message
   enqueue     EnqueueTask (unary) or EnqueueTasks (batch), flat out or at a fixed rate
   reporters   ReportState in a closed loop per agent
   workflow    CreateWorkflowDefinition / StartWorkflow / WatchSession drivers
@@ -82,6 +85,10 @@ def struct(**fields: Any) -> struct_pb2.Struct:
     return s
 
 
+# What every no-op task returns (CompleteTask output, TaskCompletion output).
+OK_OUTPUT = struct(ok=True)
+
+
 async def gather_limited(factories: list[Any], limit: int) -> list[Any]:
     """Run the calls made by `factories` with at most `limit` in flight (a grpc.aio
     call starts when it is created, so the calls must be created lazily)."""
@@ -112,7 +119,11 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
     """N agents in this process; each subscribes and completes what it is given.
 
     Config: target, n_agents, id_prefix, capability, max_in_flight, agents_per_channel,
-    deadline_s, verify (check open_subscriptions with ListAgents before READY).
+    shape ("unary": SubscribeTasks + CompleteTask; "stream": Connect), deadline_s,
+    verify (check open_subscriptions with ListAgents before READY), open_limit (how
+    many streams are being opened at once), window_s (also return the latencies
+    grouped by the monotonic-clock window of their enqueue time), two_phase (say
+    REGISTERED once the agents are registered and open the streams on GO).
     """
     ctl = Control()
     target = cfg["target"]
@@ -120,6 +131,10 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
     per_channel = max(1, cfg.get("agents_per_channel", 1))
     cap = cfg.get("capability", "bench")
     max_in_flight = cfg.get("max_in_flight", 1)
+    shape = cfg.get("shape", "unary")
+    if shape not in ("unary", "stream"):
+        raise ValueError(f"unknown agent shape {shape!r}")
+    window_s = cfg.get("window_s")
     deadline = now() + cfg.get("deadline_s", 600)
     ids = [f"{cfg['id_prefix']}-{i:05d}" for i in range(n)]
     # A capability only this process's agents have, so that checking their
@@ -144,18 +159,106 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
         limit=64,
     )
     register_s = now() - t_setup
+    if cfg.get("two_phase", False):
+        # Open the streams on GO, so that the orchestrator times the opening of
+        # every process's streams together, apart from registration.
+        emit("REGISTERED")
+        await asyncio.wait_for(ctl.go.wait(), 600)
 
     completed = 0
     first_assign: float | None = None
     last_complete = 0.0
     latencies: list[float] = []  # enqueue (t0 in the task input) -> assignment received
+    windows: dict[int, list[float]] = {}  # the same, by window of t0 (window_s)
     complete_lat: list[float] = []
     errors: Counter[str] = Counter()
     stream_ends: Counter[str] = Counter()
     opened = 0
+    # Opening many streams at once is bounded, like a fleet with backoff; the
+    # time until all are verified open is reported either way.
+    opening = asyncio.Semaphore(cfg.get("open_limit", 1000))
+
+    def received(task: Any, t: float) -> None:
+        nonlocal first_assign
+        if first_assign is None:
+            first_assign = t
+        t0 = task.input.fields.get("t0")
+        if t0 is not None:
+            lat = t - t0.number_value
+            latencies.append(lat)
+            if window_s:
+                windows.setdefault(int(t0.number_value // window_s), []).append(round(lat, 6))
+
+    async def stream_agent(i: int, aid: str) -> None:
+        """One work stream: completions answer assignments on the same stream, all
+        of one received message's in one message; a completion counts once the
+        server's AgentMessageResult accepts it (as CompleteTask's reply does)."""
+        nonlocal completed, last_complete, opened
+        dstub = dstubs[i // per_channel]
+        async with opening:
+            call = dstub.Connect()
+            await call.write(
+                dispatch_pb2.ConnectRequest(
+                    hello=dispatch_pb2.ConnectHello(agent_id=aid, max_in_flight=max_in_flight)
+                )
+            )
+            first = await call.read()
+        if first is grpc.aio.EOF or not first.HasField("accepted"):
+            stream_ends["no accepted"] += 1
+            return
+        opened += 1
+        sent_at: dict[int, float] = {}
+        next_id = 1
+        pending = list(first.messages)
+        try:
+            while True:
+                if pending:
+                    resp_messages, pending = pending, []
+                else:
+                    resp = await call.read()
+                    if resp is grpc.aio.EOF:
+                        break
+                    resp_messages = resp.messages
+                t = now()
+                out = []
+                for m in resp_messages:
+                    kind = m.WhichOneof("message")
+                    if kind == "assignment":
+                        task = m.assignment.task
+                        received(task, t)
+                        out.append(
+                            dispatch_pb2.AgentMessage(
+                                id=next_id,
+                                completion=dispatch_pb2.TaskCompletion(
+                                    task_id=task.task_id, attempt=task.attempt, output=OK_OUTPUT
+                                ),
+                            )
+                        )
+                        sent_at[next_id] = t
+                        next_id += 1
+                    elif kind == "result":
+                        r = m.result
+                        t_sent = sent_at.pop(r.id, None)
+                        if r.code:
+                            errors[f"completion code {r.code} {r.reason}"] += 1
+                            continue
+                        completed += 1
+                        last_complete = max(last_complete, t)
+                        if t_sent is not None:
+                            complete_lat.append(t - t_sent)
+                if out:
+                    await call.write(dispatch_pb2.ConnectRequest(messages=out))
+            stream_ends["ended by server"] += 1
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as e:
+            if not ctl.stop.is_set():
+                stream_ends[e.code().name] += 1
+                print(f"{aid}: Connect ended: {e.code().name}: {e.details()}", file=sys.stderr)
 
     async def agent(i: int, aid: str) -> None:
-        nonlocal completed, first_assign, last_complete, opened
+        nonlocal completed, last_complete, opened
         dstub = dstubs[i // per_channel]
         call = dstub.SubscribeTasks(
             dispatch_pb2.SubscribeTasksRequest(agent_id=aid, max_in_flight=max_in_flight)
@@ -172,7 +275,7 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
                         task_id=task.task_id,
                         agent_id=aid,
                         attempt=task.attempt,
-                        output=struct(ok=True),
+                        output=OK_OUTPUT,
                     ),
                     timeout=60,
                 )
@@ -188,13 +291,8 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
             async for msg in call:
                 if not msg.HasField("assignment"):
                     continue
-                t = now()
                 task = msg.assignment.task
-                if first_assign is None:
-                    first_assign = t
-                t0 = task.input.fields.get("t0")
-                if t0 is not None:
-                    latencies.append(t - t0.number_value)
+                received(task, now())
                 if max_in_flight == 1:
                     await complete(task)
                 else:
@@ -212,7 +310,9 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
                     f"{aid}: SubscribeTasks ended: {e.code().name}: {e.details()}", file=sys.stderr
                 )
 
-    tasks = [asyncio.ensure_future(agent(i, aid)) for i, aid in enumerate(ids)]
+    run_agent = stream_agent if shape == "stream" else agent
+    t_open = now()
+    tasks = [asyncio.ensure_future(run_agent(i, aid)) for i, aid in enumerate(ids)]
 
     # Wait until the server counts every subscription as open.
     verified = 0
@@ -229,6 +329,7 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
         if verified < n and not cfg.get("allow_partial", False):
             raise RuntimeError(f"only {verified}/{n} subscriptions open before the deadline")
     ready_s = now() - t_setup
+    open_s = now() - t_open
     emit("READY")
     prog = asyncio.ensure_future(progress_loop(lambda: completed, ctl.stop))
     with contextlib.suppress(TimeoutError):
@@ -245,12 +346,16 @@ async def role_agents(cfg: dict[str, Any]) -> dict[str, Any]:
         "first_assign_t": first_assign,
         "last_complete_t": last_complete,
         "assign_latencies_s": latencies if cfg.get("return_latencies", True) else [],
+        "assign_windows": {str(k): v for k, v in windows.items()},
         "complete_rpc_p50_ms": _p(complete_lat, 50),
         "complete_rpc_p99_ms": _p(complete_lat, 99),
         "errors": dict(errors),
         "stream_ends": dict(stream_ends),
         "register_s": register_s,
         "ready_s": ready_s,
+        "open_s": open_s,
+        "opened": opened,
+        "shape": shape,
         "verified_open": verified,
         "channels": len(channels),
     }
@@ -306,6 +411,11 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
     deadline = now() + deadline_s
 
     call_lat: list[float] = []
+    # With window_s: per monotonic-clock window, the call latencies and how late
+    # the calls started (the generator's own health, over time).
+    window_s = cfg.get("window_s")
+    call_windows: dict[int, list[float]] = {}
+    behind_windows: dict[int, float] = {}
     errors: Counter[str] = Counter()
     sent = 0
 
@@ -330,7 +440,10 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] += count
             return
-        call_lat.append(now() - t0)
+        lat = now() - t0
+        call_lat.append(lat)
+        if window_s:
+            call_windows.setdefault(int(t0 // window_s), []).append(round(lat, 6))
         sent += count
 
     step = batch if mode == "batch" else 1
@@ -355,7 +468,11 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
             delay = due - now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            max_behind = max(max_behind, now() - due)
+            behind = now() - due
+            max_behind = max(max_behind, behind)
+            if window_s:
+                k = int(due // window_s)
+                behind_windows[k] = max(behind_windows.get(k, 0.0), behind)
             if now() > deadline:
                 break
             while len(outstanding) >= limit:
@@ -378,6 +495,8 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
         "call_p50_ms": _p(s, 50),
         "call_p99_ms": _p(s, 99),
         "max_behind_s": max_behind,
+        "call_windows": {str(k): v for k, v in call_windows.items()},
+        "behind_windows": {str(k): v for k, v in behind_windows.items()},
     }
 
 

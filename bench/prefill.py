@@ -2,7 +2,8 @@
 
 The server creates the schema itself (we start `opscore serve` once on the empty
 file and stop it with SIGTERM), then this module inserts COMPLETED rows straight
-into the `tasks` table with sqlite3, in large transactions, bypassing the server.
+into the `tasks` table (and their attempt into `task_attempts`) with sqlite3, in
+large transactions, bypassing the server.
 Every NOT NULL column of opscore/storage/sqlite/migrations/0002_dispatch.sql is filled the
 way the server fills it for a completed no-op task (values copied from a real run:
 default retry policy, 300 s timeout, attempt 1, the input/output Structs the load
@@ -28,6 +29,11 @@ COLUMNS = (
     "cancel_requested, update_time, finish_time, ready_seq"
 )
 COMPLETED = 4  # TaskState.COMPLETED
+ATTEMPT_COMPLETED = 2  # AttemptOutcome.COMPLETED
+ATTEMPT_COLUMNS = (
+    "task_id, attempt, agent_id, outcome, assign_time, end_time, error_message, error_type, "
+    "error_details, progress"
+)
 
 
 def _struct(**fields: object) -> bytes:
@@ -51,13 +57,32 @@ def fill(db: Path, rows: int, chunk: int = 100_000) -> float:
     inputs = [_struct(seq=i, t0=float(i)) for i in range(1000)]
     placeholders = ", ".join("?" * 31)
     sql = f"INSERT INTO tasks ({COLUMNS}) VALUES ({placeholders})"
+    # The server also writes one task_attempts row per finished attempt (since
+    # migration 0004); a history without them would be smaller than a real one.
+    attempts_sql = f"INSERT INTO task_attempts ({ATTEMPT_COLUMNS}) VALUES ({', '.join('?' * 10)})"
     for base in range(0, rows, chunk):
         batch = []
+        attempts = []
         for i in range(base, min(rows, base + chunk)):
             created = now_us + i * 1000
+            task_id = str(uuid.uuid4())
+            attempts.append(
+                (
+                    task_id,
+                    1,
+                    agents[i % 256],
+                    ATTEMPT_COMPLETED,
+                    created + 400,
+                    created + 800,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            )
             batch.append(
                 (
-                    str(uuid.uuid4()),
+                    task_id,
                     "noop",
                     "bench",
                     "",
@@ -92,6 +117,7 @@ def fill(db: Path, rows: int, chunk: int = 100_000) -> float:
             )
         conn.execute("BEGIN")
         conn.executemany(sql, batch)
+        conn.executemany(attempts_sql, attempts)
         conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()

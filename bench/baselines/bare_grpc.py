@@ -1,9 +1,12 @@
-"""The ceiling: bare grpc.aio serving the same message pattern as Ops-Core
-(unary EnqueueTask, SubscribeTasks stream of assignments, unary CompleteTask) with
-the same opscore_proto messages, but no storage, no durability, no validation and
-no logging: one in-memory FIFO handed to subscribers with room.
+"""The ceiling: bare grpc.aio serving the same message patterns as Ops-Core
+with the same opscore_proto messages, but no storage, no durability, no
+validation and no logging: one in-memory FIFO handed to subscribers with room.
+Both agent shapes: SubscribeTasks (a stream of assignments) answered with unary
+CompleteTask calls, and the bidirectional Connect work stream (assignments out,
+completions back and an AgentMessageResult for each, batched the way Ops-Core
+batches: whatever is ready when the stream is written goes in one message).
 
-    python -m bench.baselines.bare_grpc --listen 127.0.0.1:PORT
+    python -m bench.baselines.bare_grpc --listen 127.0.0.1:PORT [--event-loop uvloop]
 
 It also answers RegisterAgent and ListAgents (with open_subscriptions) and the
 health check, so the very same load generator processes drive it.
@@ -37,7 +40,8 @@ class Sub:
     def __init__(self, agent_id: str, room: int) -> None:
         self.agent_id = agent_id
         self.room = room
-        self.outbox: asyncio.Queue[dispatch_pb2.Task] = asyncio.Queue()
+        # Tasks (assignments) and, on a work stream, AgentMessageResults.
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
 
 
 class State:
@@ -143,6 +147,65 @@ class Dispatch(dispatch_pb2_grpc.DispatchServiceServicer):
             if agent is not None:
                 agent.open_subscriptions -= 1
 
+    async def Connect(self, request_iterator: Any, context: Any) -> Any:
+        st = self.st
+        first = await anext(request_iterator.__aiter__(), None)
+        if first is None:
+            return
+        hello = first.hello
+        sub = Sub(hello.agent_id, 0)
+        st.subs[hello.agent_id] = sub
+        agent = st.agents.get(hello.agent_id)
+        if agent is not None:
+            agent.open_subscriptions += 1
+        reader = asyncio.ensure_future(self._read_work(request_iterator, sub))
+        try:
+            yield dispatch_pb2.ConnectResponse(
+                accepted=dispatch_pb2.ConnectAccepted(
+                    agent=agent, max_in_flight=max(1, hello.max_in_flight)
+                )
+            )
+            for _ in range(max(1, hello.max_in_flight)):
+                st.gained_room(sub)
+            while True:
+                # Everything ready now goes in one message; a lone item at once.
+                items = [await sub.outbox.get()]
+                while not sub.outbox.empty():
+                    items.append(sub.outbox.get_nowait())
+                yield dispatch_pb2.ConnectResponse(messages=[_server_message(x) for x in items])
+        finally:
+            reader.cancel()
+            if st.subs.get(hello.agent_id) is sub:
+                del st.subs[hello.agent_id]
+            if agent is not None:
+                agent.open_subscriptions -= 1
+
+    async def _read_work(self, request_iterator: Any, sub: Sub) -> None:
+        async for req in request_iterator:
+            for item in req.messages:
+                if item.WhichOneof("message") != "completion":
+                    sub.outbox.put_nowait(
+                        dispatch_pb2.AgentMessageResult(id=item.id, code=12, message="bare")
+                    )
+                    continue
+                c = item.completion
+                entry = self.st.leased.pop(c.task_id, None)
+                if entry is None:
+                    sub.outbox.put_nowait(
+                        dispatch_pb2.AgentMessageResult(id=item.id, code=9, reason="LEASE_LOST")
+                    )
+                    continue
+                task, owner = entry
+                task.state = dispatch_pb2.TASK_STATE_COMPLETED
+                task.output.CopyFrom(c.output)
+                task.finish_time.GetCurrentTime()
+                sub.outbox.put_nowait(
+                    dispatch_pb2.AgentMessageResult(
+                        id=item.id, task_state=dispatch_pb2.TASK_STATE_COMPLETED
+                    )
+                )
+                self.st.gained_room(owner)
+
     async def CompleteTask(self, request: Any, context: Any) -> Any:
         entry = self.st.leased.pop(request.task_id, None)
         if entry is None:
@@ -153,6 +216,12 @@ class Dispatch(dispatch_pb2_grpc.DispatchServiceServicer):
         task.finish_time.GetCurrentTime()
         self.st.gained_room(sub)
         return dispatch_pb2.CompleteTaskResponse(task=task)
+
+
+def _server_message(x: Any) -> dispatch_pb2.ServerMessage:
+    if isinstance(x, dispatch_pb2.Task):
+        return dispatch_pb2.ServerMessage(assignment=dispatch_pb2.TaskAssignment(task=x))
+    return dispatch_pb2.ServerMessage(result=x)
 
 
 class Lifecycle(lifecycle_pb2_grpc.LifecycleServiceServicer):
@@ -186,7 +255,13 @@ class Lifecycle(lifecycle_pb2_grpc.LifecycleServiceServicer):
 
 async def main(listen: str) -> None:
     st = State()
-    server = grpc.aio.server()
+    # As Ops-Core's server: enough pending calls for a fleet opening streams at once.
+    server = grpc.aio.server(
+        options=[
+            ("grpc.server.max_pending_requests", 20_000),
+            ("grpc.server.max_pending_requests_hard_limit", 20_000),
+        ]
+    )
     dispatch_pb2_grpc.add_DispatchServiceServicer_to_server(Dispatch(st), server)
     lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(Lifecycle(st), server)
     hs = health.aio.HealthServicer()
@@ -205,4 +280,12 @@ async def main(listen: str) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--listen", required=True)
-    asyncio.run(main(p.parse_args().listen))
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="uvloop")
+    args = p.parse_args()
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main(args.listen))
+    else:
+        asyncio.run(main(args.listen))

@@ -4,6 +4,10 @@ every ratio compares figures taken minutes apart on the same machine.
 
 (a) bare grpc.aio (bench/baselines/bare_grpc.py): same protos, same load
     generator processes, same messages, no storage and no logic: the ceiling.
+    On uvloop, as the server under test. Two message patterns: the unary shape
+    (SubscribeTasks + unary CompleteTask, unary EnqueueTask) and the work stream
+    (bidirectional Connect, batched EnqueueTasks; assignments out, completions
+    back, each acknowledged, batched the same way as Ops-Core batches).
 (b) Celery 5, Redis broker and result backend (Debian's redis-server, started
     here on a loopback port and stopped by PID), acks_late=True, prefetch 1,
     a prefork worker with as many processes as Ops-Core has agents; one producer
@@ -185,10 +189,32 @@ def run_celery(ctx: Context, tag: str, workers: int, n: int) -> dict[str, Any]:
     }
 
 
-def run_bare(ctx: Context, tag: str, agents: int, n: int) -> dict[str, Any]:
+# (shape, enqueue mode, max_in_flight) of each message pattern.
+PATTERNS = {
+    "unary": ("unary", "unary", 1),
+    "stream": ("stream", "batch", 1),
+    "stream4": ("stream", "batch", 4),
+}
+PATTERN_NAMES = {
+    "unary": "unary shape, EnqueueTask",
+    "stream": "work stream, EnqueueTasks, max_in_flight 1",
+    "stream4": "work stream, EnqueueTasks, max_in_flight 4",
+}
+
+
+def run_bare(ctx: Context, tag: str, agents: int, n: int, pattern: str) -> dict[str, Any]:
+    shape, mode, mif = PATTERNS[pattern]
     port = free_port()
     srv = ServerUnderTest(
-        [PY, "-m", "bench.baselines.bare_grpc", "--listen", f"127.0.0.1:{port}"],
+        [
+            PY,
+            "-m",
+            "bench.baselines.bare_grpc",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--event-loop",
+            "uvloop",
+        ],
         port,
         None,
         ctx.work_dir / f"{tag}-bare.log",
@@ -202,14 +228,17 @@ def run_bare(ctx: Context, tag: str, agents: int, n: int) -> dict[str, Any]:
             tag=tag,
             n_agents=agents,
             n_tasks=n,
-            mode="unary",
+            mode=mode,
+            shape=shape,
+            max_in_flight=mif,
         )
     finally:
         srv.stop()
     return r
 
 
-def run_opscore(ctx: Context, tag: str, agents: int, n: int) -> dict[str, Any]:
+def run_opscore(ctx: Context, tag: str, agents: int, n: int, pattern: str) -> dict[str, Any]:
+    shape, mode, mif = PATTERNS[pattern]
     with opscore_server(ctx.work_dir, tag=tag) as srv:
         r = run_dispatch(
             target=srv.target,
@@ -218,53 +247,69 @@ def run_opscore(ctx: Context, tag: str, agents: int, n: int) -> dict[str, Any]:
             tag=tag,
             n_agents=agents,
             n_tasks=n,
-            mode="unary",
+            mode=mode,
+            shape=shape,
+            max_in_flight=mif,
         )
     remove_db(srv.db)
     return r
 
 
+# Issue 10: Ops-Core's work stream keeps at least this share of the bare one.
+MIN_STREAM_RATIO = 0.5
+
+
 def run(ctx: Context) -> dict[str, Any]:
     n = 2000 if ctx.quick else 10000
-    agent_counts = [16] if ctx.quick else [1, 16]
+    n_stream = 6000 if ctx.quick else 30000
     missing = celery_missing()
-    systems = ["opscore", "bare", "celery"] if missing is None else ["opscore", "bare"]
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    failures: dict[tuple[str, int], str] = {}
+    # (pattern, agents, systems): the unary shape against Celery too.
+    plan: list[tuple[str, int, list[str]]] = []
+    unary_systems = ["opscore", "bare", "celery"] if missing is None else ["opscore", "bare"]
+    for a in [16] if ctx.quick else [1, 16]:
+        plan.append(("unary", a, unary_systems))
+    plan.append(("stream", 16, ["opscore", "bare"]))
+    plan.append(("stream4", 16, ["opscore", "bare"]))
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    failures: dict[tuple[str, str, int], str] = {}
     for rep in range(ctx.repeats):
-        for a in agent_counts:
+        for pattern, a, systems in plan:
+            count = n if pattern == "unary" else n_stream
             for sysname in systems:
-                key = (sysname, a)
+                key = (sysname, pattern, a)
                 if key in failures:
                     continue
-                tag = f"s6-r{rep}-{sysname}-{a}"
+                tag = f"s6-r{rep}-{sysname}-{pattern}-{a}"
                 try:
                     if sysname == "opscore":
-                        r = run_opscore(ctx, tag, a, n)
+                        r = run_opscore(ctx, tag, a, count, pattern)
                     elif sysname == "bare":
-                        r = run_bare(ctx, tag, a, n)
+                        r = run_bare(ctx, tag, a, count, pattern)
                     else:
-                        r = run_celery(ctx, tag, a, n)
+                        r = run_celery(ctx, tag, a, count)
                 except BenchError as e:
                     failures[key] = str(e).splitlines()[0]
-                    ctx.say(f"  {sysname} {a}: FAILED {failures[key]}")
+                    ctx.say(f"  {sysname} {pattern} {a}: FAILED {failures[key]}")
                     continue
                 r.pop("assign_latency", None)
                 runs.setdefault(key, []).append(r)
-                ctx.say(f"  {sysname}, {a} agents/workers: {r['tasks_per_s']:.0f} tasks/s")
+                ctx.say(
+                    f"  {sysname}, {PATTERN_NAMES[pattern]}, {a} agents/workers: "
+                    f"{r['tasks_per_s']:.0f} tasks/s"
+                )
     names = {
-        "opscore": "Ops-Core (durable, sync=full), unary EnqueueTask",
-        "bare": "bare grpc.aio (no storage, no logic), unary EnqueueTask",
+        "opscore": "Ops-Core (durable, sync=full)",
+        "bare": "bare grpc.aio on uvloop (no storage, no logic)",
         "celery": "Celery 5 + Redis (acks_late, prefork)",
     }
     cfgs = []
-    for (sysname, a), rs in runs.items():
+    for (sysname, pattern, a), rs in runs.items():
+        what = "apply_async" if sysname == "celery" else PATTERN_NAMES[pattern]
+        unit = "worker process" if sysname == "celery" else "agent"
         cfgs.append(
             {
-                "name": f"{names[sysname]}, {a} "
-                + ("worker process" if sysname == "celery" else "agent")
-                + ("" if a == 1 else "s"),
-                "params": {"system": sysname, "agents": a, "n_tasks": n},
+                "name": f"{names[sysname]}, {what}, {a} {unit}{'' if a == 1 else 's'}",
+                "params": {"system": sysname, "pattern": pattern, "agents": a},
                 "metrics": {
                     "tasks_per_s": metric([r["tasks_per_s"] for r in rs], "tasks/s"),
                     "server_cores": metric(
@@ -281,24 +326,41 @@ def run(ctx: Context) -> dict[str, Any]:
             }
         )
 
-    def med(s: str, a: int) -> float | None:
-        rs = runs.get((s, a))
+    def med(s: str, pattern: str, a: int) -> float | None:
+        rs = runs.get((s, pattern, a))
         return metric([r["tasks_per_s"] for r in rs], "")["median"] if rs else None
 
     ratios = []
-    for a in agent_counts:
-        o, b, c = med("opscore", a), med("bare", a), med("celery", a)
+    targets = []
+    for pattern, a, _ in plan:
+        o, b, c = med("opscore", pattern, a), med("bare", pattern, a), med("celery", pattern, a)
         if o and b:
             ratios.append(
-                {"name": f"{a} agents: Ops-Core / bare grpc.aio (tasks/s)", "value": o / b}
+                {
+                    "name": f"{a} agents, {PATTERN_NAMES[pattern]}: Ops-Core / bare grpc.aio",
+                    "value": o / b,
+                }
             )
+            if pattern != "unary":
+                targets.append(
+                    {
+                        "target": f"work stream ≥ {MIN_STREAM_RATIO} of bare grpc.aio "
+                        f"bidirectional, 16 agents ({PATTERN_NAMES[pattern]})",
+                        "measured": f"{o / b:.2f} ({o:,.0f} / {b:,.0f} tasks/s)",
+                        "met": o / b >= MIN_STREAM_RATIO,
+                    }
+                )
         if o and c:
-            ratios.append(
-                {"name": f"{a} agent(s), unary: Ops-Core / Celery (tasks/s)", "value": o / c}
-            )
+            ratios.append({"name": f"{a} agent(s), unary: Ops-Core / Celery", "value": o / c})
     notes = [
         "Each repeat runs the systems back to back with the same N; ratios are of the "
         "medians of this run.",
+        "The bare grpc.aio server runs on uvloop, like Ops-Core's server (before issue 10 "
+        "it ran on asyncio).",
+        "Work-stream pattern, in both servers: hello, accepted, then assignments out and "
+        "completions back on one bidirectional stream, each completion answered with an "
+        "AgentMessageResult; whatever is ready when a stream is written goes in one "
+        "message; the agent sends the completions of one received message as one message.",
         "For Celery the 'server' CPU is redis-server plus the worker pool (the workers "
         "are the agents there); the load generator is the producer process.",
         "Durability differs: Ops-Core commits every enqueue, assignment and completion "
@@ -308,12 +370,13 @@ def run(ctx: Context) -> dict[str, Any]:
     ]
     if missing:
         notes.append(missing)
-    for (s, a), why in failures.items():
-        notes.append(f"{names[s]} with {a}: failed: {why}")
+    for (s, pattern, a), why in failures.items():
+        notes.append(f"{names[s]}, {PATTERN_NAMES[pattern]}, {a}: failed: {why}")
     return {
         "title": TITLE,
         "status": "ok",
         "configs": cfgs,
         "ratios": ratios,
+        "targets": targets,
         "notes": notes,
     }
