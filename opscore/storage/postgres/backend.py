@@ -579,6 +579,9 @@ class PostgresStorage:
 
     async def _due_loop(self) -> None:
         while True:
+            # Cleared before the scan, never after: a deadline committed while
+            # the scan runs (its notification already in) must cut the sleep.
+            self._due_wake.clear()
             try:
                 await self._fire_due()
                 assert self._pool is not None
@@ -596,7 +599,6 @@ class PostgresStorage:
             sleep = MAX_DUE_SLEEP
             if nxt is not None:
                 sleep = min(MAX_DUE_SLEEP, max(0.0, (nxt - _now_us()) / 1e6))
-            self._due_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due_wake.wait(), sleep)
 
