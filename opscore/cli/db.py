@@ -14,6 +14,7 @@ import click
 
 from opscore.config import DEFAULT_DB
 from opscore.errors import ConfigError, OpsCoreError
+from opscore.storage import is_postgres, sqlite_path
 
 
 @click.group()
@@ -86,7 +87,7 @@ def vacuum(path: str) -> None:
     it, once (the server does it by itself at start for small files). Takes
     about as long as copying the file, and needs as much free disk space again.
     """
-    if path.startswith(("postgresql://", "postgres://")):
+    if is_postgres(path):
         click.echo(
             "opscore db vacuum: PostgreSQL reclaims space with autovacuum; nothing to do",
             err=True,
@@ -94,11 +95,7 @@ def vacuum(path: str) -> None:
         sys.exit(2)
     from opscore.storage.sqlite.retention import vacuum as run_vacuum
 
-    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):  # as `opscore serve --db` reads it
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-            break
-
+    path = sqlite_path(path)  # as `opscore serve --db` reads it
     try:
         before, after = run_vacuum(path)
     except ConfigError as exc:

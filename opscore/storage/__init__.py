@@ -3,7 +3,20 @@ backend (opscore.storage.sqlite, opscore.storage.postgres)."""
 
 from opscore.storage.api import Storage, Tx
 
-__all__ = ["Storage", "Tx", "open_storage"]
+__all__ = ["Storage", "Tx", "is_postgres", "open_storage", "sqlite_path"]
+
+
+def is_postgres(url: str) -> bool:
+    """Whether a --db value names a PostgreSQL database (else an SQLite file)."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str) -> str:
+    """The file of an SQLite --db value: a path, `sqlite:PATH` or `sqlite:///PATH`."""
+    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):
+        if url.startswith(prefix):
+            return url[len(prefix) :]
+    return url
 
 
 def open_storage(url: str, **options: object) -> Storage:
@@ -12,15 +25,10 @@ def open_storage(url: str, **options: object) -> Storage:
     this server serves, shown to operators) means something only to PostgreSQL,
     where several replicas share the database."""
     address = options.pop("replica_address", "")
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         from opscore.storage.postgres.backend import PostgresStorage
 
         return PostgresStorage(url, replica_address=str(address), **options)  # type: ignore[arg-type,return-value]
     from opscore.storage.sqlite.backend import SQLiteStorage
 
-    path = url
-    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-            break
-    return SQLiteStorage(path, **options)  # type: ignore[arg-type,return-value]
+    return SQLiteStorage(sqlite_path(url), **options)  # type: ignore[arg-type,return-value]

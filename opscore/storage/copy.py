@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from opscore.errors import ConfigError
+from opscore.storage import is_postgres, sqlite_path
 from opscore.storage.postgres import migrate as pg_migrate
 from opscore.storage.postgres.pool import PgSettings, connect
 from opscore.storage.sqlite.lock import DatabaseLock
@@ -61,12 +62,11 @@ class CopyResult:
     source_upgraded_from: int | None  # the SQLite schema version before the copy migrated it
 
 
-def _sqlite_path(db: str) -> Path:
-    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):  # as `opscore serve --db` reads it
-        if db.startswith(prefix):
-            db = db[len(prefix) :]
-            break
-    return Path(db)
+def _source_file(source: str) -> Path:
+    path = Path(sqlite_path(source))
+    if not path.is_file():
+        raise ConfigError(f"no SQLite database at {path}")
+    return path
 
 
 async def copy_sqlite_to_postgres(
@@ -78,15 +78,13 @@ async def copy_sqlite_to_postgres(
     """Copy every row of the SQLite file `source` into the empty PostgreSQL
     database `target` (migrating both to this version's schema first).
     Raises ConfigError with the reason when it cannot."""
-    if source.startswith(("postgresql://", "postgres://")):
+    if is_postgres(source):
         raise ConfigError("the source must be an SQLite file; the target a PostgreSQL URL")
-    if not target.startswith(("postgresql://", "postgres://")):
+    if not is_postgres(target):
         raise ConfigError(
             f"the target must be a PostgreSQL URL (postgresql://user@host:5432/db), not {target!r}"
         )
-    path = _sqlite_path(source)
-    if not path.is_file():
-        raise ConfigError(f"no SQLite database at {path}")
+    path = _source_file(source)
     settings = PgSettings.from_url(target)
     lock = DatabaseLock(str(path))
     lock.acquire()  # refuses while a server owns the file
