@@ -14,73 +14,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import Context, metric, opscore_server, remove_db
-from bench.dispatch_run import run_dispatch
+from bench.common import Context
+from bench.variants import SHAPE_NAMES, SHAPES, configs, median, run_variants
 
 NAME = "logging"
 TITLE = "10. Cost of the INFO log"
 MIN_RATIO = 0.97
 
-SHAPES = {
-    "unary": {"shape": "unary", "mode": "unary", "mif": 1},
-    "stream": {"shape": "stream", "mode": "batch", "mif": 4},
-}
-SHAPE_NAMES = {
-    "unary": "unary shape, 16 agents, EnqueueTask",
-    "stream": "work stream, 16 agents, EnqueueTasks, max_in_flight 4",
-}
-
 
 def run(ctx: Context) -> dict[str, Any]:
     repeats = max(ctx.repeats, 2 if ctx.quick else 5)
-    sizes = {"unary": 2000 if ctx.quick else 10000, "stream": 6000 if ctx.quick else 30000}
-    points = [(s, level) for s in SHAPES for level in ("WARNING", "INFO")]
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {p: [] for p in points}
-    for rep in range(repeats):
-        # Alternate which level goes first, so a drift in the machine's load
-        # does not always favour the same one.
-        order = points if rep % 2 == 0 else [(s, lv) for s, lv in reversed(points)]
-        for shape, level in order:
-            c = SHAPES[shape]
-            tag = f"s9-r{rep}-{shape}-{level}"
-            with opscore_server(ctx.work_dir, log_level=level, tag=tag) as srv:
-                r = run_dispatch(
-                    target=srv.target,
-                    server_pid=srv.pid,
-                    work_dir=ctx.work_dir,
-                    tag=tag,
-                    n_agents=16,
-                    n_tasks=sizes[shape],
-                    mode=c["mode"],
-                    shape=c["shape"],
-                    max_in_flight=c["mif"],
-                )
-            remove_db(srv.db)
-            r.pop("assign_latency", None)
-            runs[(shape, level)].append(r)
-            ctx.say(f"  {SHAPE_NAMES[shape]}, log {level}: {r['tasks_per_s']:.0f} tasks/s")
-    cfgs = []
-    for shape, level in points:
-        rs = runs[(shape, level)]
-        cfgs.append(
-            {
-                "name": f"{SHAPE_NAMES[shape]}, log {level}",
-                "params": {"shape": shape, "log_level": level, **SHAPES[shape]},
-                "metrics": {
-                    "tasks_per_s": metric([r["tasks_per_s"] for r in rs], "tasks/s"),
-                    "server_cpu_us_per_task": metric(
-                        [r["server_cpu_us_per_task"] for r in rs], "µs", "lower"
-                    ),
-                    "server_cores": metric(
-                        [r["cpu"]["server_cores"] for r in rs], "cores", "lower"
-                    ),
-                },
-                "runs": rs,
-            }
-        )
+    runs = run_variants(
+        ctx,
+        scenario="logging",
+        variants=("WARNING", "INFO"),
+        repeats=repeats,
+        server_options={level: {"log_level": level} for level in ("WARNING", "INFO")},
+    )
+    cfgs = configs(runs, label="log", param="log_level")
 
     def med(shape: str, level: str, key: str = "tasks_per_s") -> float:
-        return metric([r[key] for r in runs[(shape, level)]], "")["median"]
+        return median(runs, shape, level, key)
 
     ratios, targets = [], []
     for shape in SHAPES:
