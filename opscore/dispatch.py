@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from opscore.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from opscore.ids import new_id
 from opscore.lifecycle import LifecycleEngine
 from opscore.models import (
     DEFAULT_TASK_TIMEOUT,
@@ -383,7 +383,7 @@ class DispatchEngine:
     def new_task(self, spec: TaskSpec, policy: RetryPolicy, state: TaskState) -> Task:
         now = utcnow()
         task = Task(
-            task_id=str(uuid.uuid4()),
+            task_id=new_id(),
             name=spec.name,
             capability=spec.capability,
             agent_id=spec.agent_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -19,6 +18,7 @@ from opscore import validation as v
 from opscore.clock import utcnow
 from opscore.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
 from opscore.events import Broadcast, Watcher
+from opscore.ids import new_id
 from opscore.models import (
     Agent,
     AgentEvent,
@@ -117,7 +117,7 @@ class LifecycleEngine:
         caps = v.capabilities(list(capabilities), "capabilities")
         meta = v.metadata(dict(metadata or {}))
         self.storage.check_writable()
-        agent_id = agent_id or str(uuid.uuid4())
+        agent_id = agent_id or new_id()
 
         async def op(tx: Tx) -> tuple[Agent, bool]:
             agent = await tx.agent(agent_id)

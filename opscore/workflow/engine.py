@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import logging
 import sys
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from opscore.errors import (
     Unavailable,
 )
 from opscore.events import Broadcast, FellBehind
+from opscore.ids import new_id
 from opscore.models import Page, Task, TaskError, TaskState
 from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.payload import Payload
@@ -348,7 +348,7 @@ class WorkflowEngine:
     ) -> Session:
         now = utcnow()
         session = Session(
-            session_id=str(uuid.uuid4()),
+            session_id=new_id(),
             definition_id=definition.id,
             definition_version=definition.version,
             state=SessionState.RUNNING,
