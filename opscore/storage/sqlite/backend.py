@@ -205,7 +205,7 @@ class SQLiteStorage:
                 return  # fires first and re-arms for the later deadline then
             armed[0].cancel()
         delay = max(0.0, (when - utcnow()).total_seconds())
-        handle = asyncio.get_running_loop().call_later(
+        handle = self.store.loop.call_later(
             delay, self._timer_fired, task.task_id, task.attempt
         )
         self._timers[task.task_id] = (handle, when, task.attempt)
@@ -231,7 +231,7 @@ class SQLiteStorage:
         if agent.deregistered or agent.state in (AgentState.OFFLINE, AgentState.FINISHED):
             return
         delay = (agent.last_seen_time + self.agent_timeout - utcnow()).total_seconds()
-        self._liveness[agent.agent_id] = asyncio.get_running_loop().call_later(
+        self._liveness[agent.agent_id] = self.store.loop.call_later(
             max(0.0, delay), self._liveness_fired, agent.agent_id
         )
 

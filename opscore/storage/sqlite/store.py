@@ -298,6 +298,9 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending = _Batch()
+        # Set by open(). asyncio.get_running_loop() makes a getpid() system call
+        # on Python 3.11 (its fork check), and batch() runs for every change.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         # Work for the write connection between two commits (run_exclusive).
@@ -323,6 +326,7 @@ class Store:
     # ---- open / close
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         if self._lock is not None:
             self._lock.acquire()  # before anything touches the file
@@ -388,6 +392,11 @@ class Store:
         if self._lock is not None:
             self._lock.release()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the store was opened on."""
+        return self._loop or asyncio.get_running_loop()
+
     def file_bytes(self) -> tuple[int, int]:
         """(database, write-ahead log) sizes on disk, 0 for what does not exist.
         Plain stat calls: safe from any thread."""
@@ -407,7 +416,7 @@ class Store:
         it but never cancel it; RPC handlers `await commit()` instead."""
         batch = self._pending
         if batch.future is None:
-            batch.future = asyncio.get_running_loop().create_future()
+            batch.future = (self._loop or asyncio.get_running_loop()).create_future()
         self._wake.set()
         return batch.future
 
