@@ -52,6 +52,7 @@ from opscore.models import (
     TaskError,
     TaskFilter,
     TaskState,
+    copy_task,
 )
 from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.observability.tracecontext import attempt_traceparent
@@ -832,7 +833,7 @@ class DispatchEngine:
 
     @staticmethod
     def snapshot(task: Task) -> Task:
-        return dataclasses.replace(task)
+        return copy_task(task)
 
     # ------------------------------------------------------------------ core moves
 

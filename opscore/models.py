@@ -5,10 +5,11 @@ Enum values equal the protobuf enum numbers so translation is a cast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import IntEnum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from opscore.payload import Payload
 
@@ -168,6 +169,23 @@ class Task:
         if self.attempt_deadline is None:
             return None
         return self.attempt_deadline - self.timeout
+
+
+def _field_copier(cls: type[Any]) -> Callable[[Any], Any]:
+    """A shallow copy of an instance of the slots dataclass `cls`, field by field.
+
+    dataclasses.replace() runs __init__ through fields() and costs about 3 us for
+    a Task, which is copied for every reply and assignment; this costs 0.25 us.
+    Compiled once from the class's own field names, as dataclasses itself does.
+    """
+    body = "".join(f"    new.{f.name} = obj.{f.name}\n" for f in fields(cls))
+    source = f"def copy(obj):\n    new = _new(_cls)\n{body}    return new\n"
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    exec(source, namespace)  # our own field names only
+    return namespace["copy"]  # type: ignore[no-any-return]
+
+
+copy_task: Callable[[Task], Task] = _field_copier(Task)
 
 
 class AttemptOutcome(IntEnum):
