@@ -236,3 +236,68 @@ async def test_concurrent_writes_share_commits_and_wait_for_them(harness):
     finally:
         conn.close()
     assert stored == 200
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 17, 64, 85, 150])
+async def test_a_batch_of_any_size_is_written_whole_and_upserts_in_place(
+    tmp_path: Path, count: int
+):
+    """Rows go to SQLite in multi-row INSERTs of 64, 16 and 4 rows, the rest one by
+    one: every count across those boundaries stores every row once, and a second
+    batch over the same keys updates them instead of adding rows."""
+    from datetime import timedelta
+
+    from opscore.models import RetryPolicy, Task, TaskState
+
+    now = datetime.now(UTC)
+    tasks = [
+        Task(
+            task_id=f"task-{n:04d}",
+            name=f"n{n}",
+            capability="c",
+            agent_id="",
+            input=None,
+            priority=n % 7,
+            retry_policy=RetryPolicy(),
+            timeout=timedelta(seconds=300),
+            heartbeat_timeout=None,
+            idempotency_key="",
+            state=TaskState.QUEUED,
+            create_time=now,
+            update_time=now,
+            ready_seq=n + 1,
+        )
+        for n in range(count)
+    ]
+    store = Store(tmp_path / "rows.db")
+    await store.open()
+    try:
+        for t in tasks:
+            store.put_task(t)
+        await store.commit()
+        for t in tasks:
+            t.state, t.attempt, t.assigned_agent_id = TaskState.ASSIGNED, 1, f"agent-{t.priority}"
+            store.put_task(t)
+        await store.commit()
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "rows.db")
+    try:
+        rows = conn.execute(
+            "SELECT task_id, name, priority, state, attempt, assigned_agent_id, ready_seq "
+            "FROM tasks ORDER BY task_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert rows == [
+        (
+            t.task_id,
+            t.name,
+            t.priority,
+            int(TaskState.ASSIGNED),
+            1,
+            f"agent-{t.priority}",
+            t.ready_seq,
+        )
+        for t in tasks
+    ]

@@ -205,9 +205,7 @@ class SQLiteStorage:
                 return  # fires first and re-arms for the later deadline then
             armed[0].cancel()
         delay = max(0.0, (when - utcnow()).total_seconds())
-        handle = self.store.loop.call_later(
-            delay, self._timer_fired, task.task_id, task.attempt
-        )
+        handle = self.store.loop.call_later(delay, self._timer_fired, task.task_id, task.attempt)
         self._timers[task.task_id] = (handle, when, task.attempt)
 
     def _timer_fired(self, task_id: str, attempt: int) -> None:
