@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from opscore_proto.v1 import lifecycle_pb2
 
+from opscore.cli.ids import short_id
 from opscore.client import OpsCoreClient
 from tests.conftest import eventually
 from tests.support.cli import OPSCORE, REPO_ROOT, clean_env, opscore
@@ -212,7 +213,7 @@ async def test_tasks_enqueue_list_get_cancel(harness, tmp_path):
     r = await opscore("tasks", "list", "--json", target=t)
     assert {x["task_id"] for x in r.json()} == {task["task_id"], later_id}
     r = await opscore("tasks", "list", "--state", "scheduled", target=t)
-    assert later_id[:8] in r.out and task["task_id"][:8] not in r.out
+    assert short_id(later_id) in r.out and short_id(task["task_id"]) not in r.out
 
     r = await opscore("tasks", "get", task["task_id"], target=t)
     assert r.code == 0, r
@@ -324,7 +325,7 @@ async def test_cancel_a_running_session(harness, client):
     assert r.code == 0, r
     session_id = r.json()["session_id"]
     r = await opscore("sessions", "list", "--state", "running", target=t)
-    assert session_id[:8] in r.out
+    assert short_id(session_id) in r.out
     r = await opscore("sessions", "cancel", session_id, "--reason", "test", target=t)
     assert r.code == 0 and "CANCELLED" in r.out
     r = await opscore("sessions", "watch", session_id, target=t)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from opscore_proto.v1 import lifecycle_pb2
 
+from opscore.cli.ids import short_id
 from opscore.client import OpsCoreClient
 from tests.conftest import eventually
 from tests.support.cli import OPSCORE, clean_env, opscore
@@ -201,14 +202,24 @@ async def test_short_ids_and_unique_prefixes(harness, client):
     await client.register_agent("worker-a2")
     r = await opscore("agents", "get", "worker-a", target=t)
     assert r.code == 1, r
-    assert "'worker-a' is the start of several agent ids: worker-a1, worker-a2" in r.err
+    assert "'worker-a' is the start (or short id) of several agent ids: worker-a1, worker-a2" in (
+        r.err
+    )
     r = await opscore("agents", "history", "worker-a2", "--json", target=t)
     assert r.code == 0 and r.json()[0]["agent_id"] == "worker-a2"
     r = await opscore("agents", "get", "nobody", target=t)
     assert r.code == 1 and "NOT_FOUND" in r.err, r
 
     r = await opscore("tasks", "list", target=t)
-    assert tasks[1].task_id[:8] in r.out and tasks[1].task_id not in r.out
+    shown = short_id(tasks[1].task_id)
+    assert shown == tasks[1].task_id[-8:]  # time-ordered ids: the random end
+    assert shown in r.out and tasks[1].task_id not in r.out
+    # The short id a table shows names the task wherever an id is taken.
+    r = await opscore("tasks", "get", shown, "--json", target=t)
+    assert r.code == 0 and r.json()["task_id"] == tasks[1].task_id, r
+    # The end of a name someone chose is not a short id.
+    r = await opscore("agents", "get", "a2", target=t)
+    assert r.code == 1 and "NOT_FOUND" in r.err, r
 
 
 async def test_tables_fit_80_columns(harness, client):

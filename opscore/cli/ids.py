@@ -1,10 +1,16 @@
-"""Short ids for people: tables show the first characters of generated ids, and
-every command that takes an id also takes a unique prefix of one.
+"""Short ids for people: tables show 8 characters of generated ids, and every
+command that takes an id also takes a unique prefix of one, or the short id shown.
+
+Ids the server makes now are time-ordered (version 7 UUIDs, opscore/ids.py): their
+first characters are a timestamp that every id of the same minute shares, so
+their short form is their last 8 characters, which are random. Older, random
+(version 4) ids still show their first 8.
 
 A value is first tried as a whole id (one Get call); only when no such thing
-exists is it resolved as a prefix, through the List calls (the API has no prefix
-search). Tasks and sessions are scanned newest first, at most `SCAN_LIMIT`; a
-prefix that matches several ids is refused with the candidates listed.
+exists is it resolved as a prefix (or the end of a time-ordered id), through the
+List calls (the API has no prefix search). Tasks and sessions are scanned newest
+first, at most `SCAN_LIMIT`; a value that matches several ids is refused with the
+candidates listed.
 """
 
 from __future__ import annotations
@@ -31,9 +37,22 @@ SHOW_CANDIDATES = 5
 _GENERATED = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
+def _time_ordered(value: str) -> bool:
+    return _GENERATED.match(value) is not None and value[14] == "7"
+
+
 def short_id(value: str) -> str:
-    """The first characters of a generated (UUID) id; other ids as they are."""
-    return value[:SHORT_ID_CHARS] if _GENERATED.match(value) else value
+    """The last characters of a time-ordered id, the first of an older generated
+    (UUID) one; other ids as they are."""
+    if not _GENERATED.match(value):
+        return value
+    return value[-SHORT_ID_CHARS:] if value[14] == "7" else value[:SHORT_ID_CHARS]
+
+
+def _matches(candidate: str, value: str) -> bool:
+    # The end of an id only counts for time-ordered ones: matching the end of a
+    # name someone chose ("1" for "worker-1") would surprise.
+    return candidate.startswith(value) or (candidate.endswith(value) and _time_ordered(candidate))
 
 
 async def _resolve(
@@ -52,7 +71,7 @@ async def _resolve(
         not_found = exc
     matches: list[str] = []
     async for candidate in ids:
-        if candidate.startswith(value):
+        if _matches(candidate, value):
             matches.append(candidate)
             if len(matches) > SHOW_CANDIDATES:
                 break
@@ -64,7 +83,8 @@ async def _resolve(
     listed = ", ".join(matches[:SHOW_CANDIDATES])
     more = " and more" if len(matches) > SHOW_CANDIDATES else ""
     raise CommandFailed(
-        f"{value!r} is the start of several {what} ids: {listed}{more}; give more characters"
+        f"{value!r} is the start (or short id) of several {what} ids: {listed}{more}; "
+        "give more characters"
     )
 
 
