@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 
-from opscore.ids import new_id
+from opscore.ids import new_id, new_token
 
 
 def test_ids_are_version_7_uuids_in_canonical_form() -> None:
@@ -46,3 +46,9 @@ def test_a_forked_child_does_not_repeat_the_parents_random_bits() -> None:
     parent = new_id()
     mask = (1 << 62) - 1  # the random bits below the variant
     assert uuid.UUID(child).int & mask != uuid.UUID(parent).int & mask
+
+
+def test_tokens_are_32_hex_digits_and_unique() -> None:
+    tokens = [new_token() for _ in range(10_000)]
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+    assert len(set(tokens)) == len(tokens)

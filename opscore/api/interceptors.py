@@ -33,7 +33,6 @@ import contextlib
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ import grpc.aio
 
 from opscore import errors, limits
 from opscore.api.errors import rich_status, status_code
+from opscore.ids import new_token
 from opscore.security import roles
 from opscore.security.audit import AuthFailures
 from opscore.security.authn import Authenticator
@@ -500,7 +500,7 @@ def _metadata_value(metadata: Metadata, key: str) -> str:
 
 
 def _request_id(metadata: Metadata) -> str:
-    return _metadata_value(metadata, "x-request-id")[:128] or uuid.uuid4().hex
+    return _metadata_value(metadata, "x-request-id")[:128] or new_token()
 
 
 def _classify(
