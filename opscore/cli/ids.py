@@ -44,9 +44,9 @@ def _time_ordered(value: str) -> bool:
 def short_id(value: str) -> str:
     """The last characters of a time-ordered id, the first of an older generated
     (UUID) one; other ids as they are."""
-    if not _GENERATED.match(value):
-        return value
-    return value[-SHORT_ID_CHARS:] if value[14] == "7" else value[:SHORT_ID_CHARS]
+    if _time_ordered(value):
+        return value[-SHORT_ID_CHARS:]
+    return value[:SHORT_ID_CHARS] if _GENERATED.match(value) else value
 
 
 def _matches(candidate: str, value: str) -> bool:
