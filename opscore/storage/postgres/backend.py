@@ -56,7 +56,7 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage import rows as R
-from opscore.storage.api import Operation, Pruned, PruneKind
+from opscore.storage.api import Operation, Pruned, PruneKind, Want
 from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import (
     agent_size,
@@ -466,6 +466,9 @@ class PostgresStorage:
                         raise tx.faulted
                     if not item.wait and not item.result.done():
                         item.result.set_result(item.done)
+                await tx.end_operations()
+                if tx.faulted is not None:
+                    raise tx.faulted
                 rows = await tx.flush()
         except BaseException as exc:
             await self._drop_executor_conn()
@@ -991,6 +994,9 @@ class _Tx:
         self._writes: list[tuple[str, Any, Any]] = []
         self._notes: list[str] = []
         self._stream_delta: dict[str, int] = {}
+        # Run after the operations, before `flush` (Tx.before_flush): not part of
+        # an operation's mark, so an operation refused later never drops them.
+        self._before_flush: list[Callable[[], Awaitable[None]]] = []
 
     # ---- transaction plumbing
 
@@ -1245,39 +1251,76 @@ class _Tx:
     def put_attempt(self, attempt: TaskAttempt) -> None:
         self._writes.append(("attempt", (attempt.task_id, attempt.attempt), R.attempt_row(attempt)))
 
-    async def claim(self, capabilities: frozenset[str], agent_id: str, n: int) -> list[Task]:
-        if n <= 0:
-            return []
-        taken = [t for t, task in self._tasks.items() if task.state == TaskState.QUEUED]
-        # Rows this transaction locked itself come back from SKIP LOCKED: leave
-        # out those it read as ready (claimed earlier, not yet written).
-        mine = list(self._read_ready)
-        # One round trip. Each capability's ready tasks, and the agent's pinned
+    async def claim_many(self, wants: Sequence[Want]) -> list[list[Task]]:
+        out: list[list[Task]] = [[] for _ in wants]
+        room = [max(0, w.n) for w in wants]
+        # Who may take what: a capability's tasks, and those pinned to an agent.
+        by_cap: dict[str, list[int]] = {}
+        by_agent: dict[str, list[int]] = {}
+        for i, w in enumerate(wants):
+            if room[i]:
+                for c in w.capabilities:
+                    by_cap.setdefault(c, []).append(i)
+                by_agent.setdefault(w.agent_id, []).append(i)
+        if not by_agent:
+            return out
+        # Rows this transaction locked itself come back from SKIP LOCKED, so one
+        # branch per capability (and per agent), reading as many as every want
+        # of it together may take; and the rows it read as ready (claimed
+        # earlier, not yet written) are left out of the read.
+        caps = list(by_cap)
+        agents = list(by_agent)
+        # One round trip. Each capability's ready tasks, and each agent's pinned
         # ones, are read in their index's (priority DESC, ready_seq) order, which
-        # stops at n; `capability = ANY(...)` would read and sort them all. The
-        # repeated `agent_id <> ''` lets a generic plan use the partial index.
+        # stops at the limit; `capability = ANY(...)` would read and sort them
+        # all. The repeated `agent_id <> ''` lets a generic plan use the partial
+        # index. Rows read but handed to no one stay as they are (never written)
+        # and are released at COMMIT.
         rows = await self.conn.fetch(
-            "WITH by_capability AS (SELECT t.* FROM unnest($1::text[]) AS c (capability), "
-            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = '' "
-            "AND capability = c.capability AND task_id <> ALL($3::text[]) "
-            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) t), "
-            f"pinned AS (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = $2 "
-            "AND agent_id <> '' AND task_id <> ALL($3::text[]) "
-            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "WITH by_capability AS (SELECT t.* FROM unnest($1::text[], $2::integer[]) "
+            f"AS c (capability, n), LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE "
+            "tasks.state = 2 AND tasks.agent_id = '' AND tasks.capability = c.capability "
+            "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
+            "tasks.ready_seq LIMIT c.n FOR UPDATE SKIP LOCKED) t), "
+            "pinned AS (SELECT t.* FROM unnest($3::text[], $4::integer[]) AS p (agent_id, n), "
+            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE tasks.state = 2 "
+            "AND tasks.agent_id = p.agent_id AND tasks.agent_id <> '' "
+            "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
+            "tasks.ready_seq LIMIT p.n FOR UPDATE SKIP LOCKED) t) "
             "SELECT * FROM by_capability UNION ALL SELECT * FROM pinned",
-            list(capabilities),
-            agent_id,
-            mine,
-            n,
+            caps,
+            [sum(room[i] for i in by_cap[c]) for c in caps],
+            agents,
+            [sum(room[i] for i in by_agent[a]) for a in agents],
+            list(self._read_ready),
         )
-        found = [R.task_from_row(r) for r in rows]
+        found = {t.task_id: t for t in map(R.task_from_row, rows)}
         # Ready tasks of this transaction not yet written (re-queued here).
-        for task_id in taken:
-            t = self._tasks[task_id]
-            if t.agent_id == agent_id or (not t.agent_id and t.capability in capabilities):
-                found.append(t)
-        found.sort(key=lambda t: (-t.priority, t.ready_seq))
-        return [self._keep(t) for t in found[:n]]
+        for task_id, task in self._tasks.items():
+            if task.state == TaskState.QUEUED:
+                found[task_id] = task
+        # Best first, each to the first want that may take it and has room: a
+        # capability's tasks handed out are the best of its queue, so the limits
+        # above read every task that can be handed out.
+        for task in sorted(found.values(), key=lambda t: (-t.priority, t.ready_seq)):
+            takers = by_agent.get(task.agent_id) if task.agent_id else by_cap.get(task.capability)
+            for i in takers or ():
+                if room[i]:
+                    room[i] -= 1
+                    out[i].append(self._keep(task))
+                    break
+        return out
+
+    def before_flush(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._before_flush.append(fn)
+
+    async def end_operations(self) -> None:
+        """Run what the operations left for the end of the transaction (and what
+        that leaves in turn)."""
+        while self._before_flush:
+            hooks, self._before_flush = self._before_flush, []
+            for fn in hooks:
+                await fn()
 
     async def held_by(self, agent_id: str) -> list[Task]:
         rows = await self.conn.fetch(
