@@ -127,12 +127,28 @@ _TRANSITION_INSERT = (
     f"INSERT INTO agent_transitions ({R.TRANSITION_COLS}) VALUES "
     "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING"
 )
-_ATTEMPT_UPSERT = (
-    f"INSERT INTO task_attempts ({R.ATTEMPT_COLS}) VALUES "
-    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (task_id, attempt) DO UPDATE SET "
-    "outcome = EXCLUDED.outcome, end_time = EXCLUDED.end_time, "
-    "error_message = EXCLUDED.error_message, error_type = EXCLUDED.error_type, "
-    "error_details = EXCLUDED.error_details, progress = EXCLUDED.progress"
+# Attempts as one INSERT over arrays, parameters from $1 (or from `first`): alone,
+# or in the tasks UPDATE's statement (one round trip for both, the usual case:
+# an attempt ends when its task changes).
+_ATTEMPT_TYPES = (
+    "text", "integer", "text", "integer", "bigint", "bigint", "text", "text", "bytea", "bytea",
+)  # fmt: skip
+
+
+def _attempt_upsert(first: int = 1) -> str:
+    arrays = ", ".join(f"${first + i}::{ty}[]" for i, ty in enumerate(_ATTEMPT_TYPES))
+    return (
+        f"INSERT INTO task_attempts ({R.ATTEMPT_COLS}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (task_id, attempt) DO UPDATE SET "
+        "outcome = EXCLUDED.outcome, end_time = EXCLUDED.end_time, "
+        "error_message = EXCLUDED.error_message, error_type = EXCLUDED.error_type, "
+        "error_details = EXCLUDED.error_details, progress = EXCLUDED.progress"
+    )
+
+
+_ATTEMPT_UPSERT = _attempt_upsert()
+_TASK_UPDATE_AND_ATTEMPTS = (
+    f"WITH attempts AS ({_attempt_upsert(len(_TASK_MUTABLE_TYPES) + 2)}) {_TASK_UPDATE}"
 )
 _SESSION_UPSERT = (
     f"INSERT INTO sessions ({R.SESSION_COLS}) VALUES "
@@ -225,6 +241,11 @@ def _pg_transition_row(t: StateTransition) -> tuple[Any, ...]:
     row = list(R.transition_row(t))
     row[8] = bool(row[8])
     return tuple(row)
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column: the arrays of an INSERT ... unnest."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def _now_us() -> int:
@@ -1045,6 +1066,7 @@ class _Tx:
             by_kind.setdefault(kind, []).append(payload)
         c = self.conn
         rows = 0
+        attempts = by_kind.get("attempt", [])
         if by_kind.get("agent"):
             await c.executemany(_AGENT_UPSERT, [_pg_agent_row(a) for a in by_kind["agent"]])
         if appends.get("transition"):
@@ -1058,13 +1080,14 @@ class _Tx:
             if old:
                 first = _TASK_FIRST_MUTABLE
                 columns = [list(col) for col in zip(*old, strict=True)]
-                await c.execute(
-                    _TASK_UPDATE,
-                    columns[0],
-                    *columns[first : first + len(_TASK_MUTABLE_TYPES)],
-                )
-        if by_kind.get("attempt"):
-            await c.executemany(_ATTEMPT_UPSERT, by_kind["attempt"])
+                args = [columns[0], *columns[first : first + len(_TASK_MUTABLE_TYPES)]]
+                if attempts:
+                    await c.execute(_TASK_UPDATE_AND_ATTEMPTS, *args, *_columns(attempts))
+                    attempts = []
+                else:
+                    await c.execute(_TASK_UPDATE, *args)
+        if attempts:
+            await c.execute(_ATTEMPT_UPSERT, *_columns(attempts))
         if by_kind.get("session"):
             await c.executemany(_SESSION_UPSERT, by_kind["session"])
         if appends.get("session_definition"):
