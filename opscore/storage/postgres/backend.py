@@ -101,6 +101,13 @@ _TASK_UPSERT = (
     "ON CONFLICT (task_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
 )
+# New tasks (an enqueue's hundreds) as one INSERT over arrays, in their order
+# (`seq` is the listing order): one statement instead of one per row. An upsert
+# still: a task not read here may exist (a lost race).
+_TASK_FIXED_TYPES = (
+    "text", "text", "text", "text", "bytea", "integer", "integer", "bigint",
+    "double precision", "bigint", "bigint", "bigint", "text", "text", "text", "bigint",
+)  # fmt: skip
 # Tasks read in the transaction are rewritten with one UPDATE over arrays (one
 # statement for the batch, only the mutable columns), cheaper than an upsert per row.
 _TASK_MUTABLE_TYPES = (
@@ -116,6 +123,18 @@ _TASK_UPDATE = (
     + ") AS u (task_id, "
     + ", ".join(R.TASK_MUTABLE)
     + ") WHERE t.task_id = u.task_id"
+)
+_TASK_ALL_TYPES = (*_TASK_FIXED_TYPES, *_TASK_MUTABLE_TYPES, "text")
+assert len(_TASK_ALL_TYPES) == _TASK_N
+_TASK_INSERT_MANY = (
+    f"INSERT INTO tasks ({_TASK_COLS}) SELECT "
+    + ", ".join(f"u.c{i}" for i in range(_TASK_N))
+    + " FROM unnest("
+    + ", ".join(f"${i + 1}::{ty}[]" for i, ty in enumerate(_TASK_ALL_TYPES))
+    + ") WITH ORDINALITY AS u ("
+    + ", ".join(f"c{i}" for i in range(_TASK_N))
+    + ", n) ORDER BY u.n ON CONFLICT (task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
 )
 _AGENT_N = len(R.AGENT_COLS.split(","))
 _AGENT_UPSERT = (
@@ -1075,8 +1094,10 @@ class _Tx:
             new, old = [], []
             for t in by_kind["task"]:
                 (old if t.task_id in self._read_tasks else new).append(_pg_task_row(t))
-            if new:  # an upsert still: a task not read here may exist (a lost race)
-                await c.executemany(_TASK_UPSERT, new)
+            if len(new) == 1:
+                await c.execute(_TASK_UPSERT, *new[0])
+            elif new:
+                await c.execute(_TASK_INSERT_MANY, *_columns(new))
             if old:
                 first = _TASK_FIRST_MUTABLE
                 columns = [list(col) for col in zip(*old, strict=True)]
