@@ -57,7 +57,7 @@ from opscore.models import (
 from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.observability.tracecontext import attempt_traceparent
 from opscore.payload import Payload
-from opscore.storage.api import Storage, Tx
+from opscore.storage.api import Storage, Tx, Want
 
 log = logging.getLogger("opscore.dispatch")
 
@@ -250,9 +250,9 @@ class DispatchEngine:
         self.observer = observer
         self.listeners: list[TaskListener] = []
         self.draining = False
-        # While a batch of one agent's results is applied: the streams whose
-        # freed slots are filled once, at its end (one claim, not one per result).
-        self._deferred_fills: dict[Subscription, None] | None = None
+        # Streams whose slots wait to be filled at the end of a transaction, by
+        # transaction: all of them then, in one claim (Tx.before_flush).
+        self._pending_fills: dict[Tx, dict[Subscription, None]] = {}
         self._clear()
         lifecycle.listeners.append(self._on_agent_event)
         storage.on_task_due = self._due
@@ -266,6 +266,7 @@ class DispatchEngine:
         self._available: dict[str, dict[Subscription, None]] = {}
         self._available_by_agent: dict[str, dict[Subscription, None]] = {}
         self._holder: dict[str, Subscription] = {}
+        self._pending_fills = {}
 
     # ------------------------------------------------------------------ start / stop
 
@@ -867,11 +868,11 @@ class DispatchEngine:
         )
         if not pool:
             return None
-        pending = self._deferred_fills
+        pending = self._pending_fills
         if pending:
-            # A stream whose freed slots wait for the batch's fill takes the best
+            # A stream whose slots wait for its transaction's fill takes the best
             # ready task then, not this one ahead of older ones.
-            return next((sub for sub in pool if sub not in pending), None)
+            return next((sub for sub in pool if not any(sub in p for p in pending.values())), None)
         return next(iter(pool))
 
     async def _assign(self, tx: Tx, task: Task, sub: Subscription) -> None:
@@ -904,10 +905,7 @@ class DispatchEngine:
             sub.in_flight.discard(task.task_id)
             if not sub.closed:
                 self._refresh(sub)
-                if self._deferred_fills is not None:
-                    self._deferred_fills[sub] = None
-                else:
-                    await self._fill(tx, sub)
+                await self._fill(tx, sub)
         elif task.assigned_agent_id:
             # Held through another server's stream: its slot is freed there.
             tx.publish("released", task.task_id)
@@ -996,31 +994,40 @@ class DispatchEngine:
                 pool.pop(sub, None)
 
     async def batch_in(self, tx: Tx, apply: Callable[[], Awaitable[T]]) -> T:
-        """Run `apply` (a batch of results from one agent) with the slots it frees
-        filled once, at its end: one claim, not one per result."""
-        if self._deferred_fills is not None:  # nested: the outer batch fills
-            return await apply()
-        self._deferred_fills = {}
-        try:
-            result = await apply()
-        finally:
-            subs, self._deferred_fills = self._deferred_fills, None
-        for sub in subs:
-            await self._fill(tx, sub)
-        return result
+        """Run `apply` (a batch of results from one agent). The slots it frees are
+        filled at the end of the transaction like every other (see `_fill`)."""
+        return await apply()
 
     async def _fill(self, tx: Tx, sub: Subscription) -> None:
-        """Give `sub` the best ready tasks it can take until it is full."""
-        while self._eligible(sub):
-            room = sub.max_in_flight - len(sub.in_flight)
-            tasks = await tx.claim(sub.capabilities, sub.agent.agent_id, room)
-            if not tasks:
-                return
-            for task in tasks:
-                if not self._eligible(sub):
-                    tx.put_task(task)  # back in line, unchanged
-                    continue
-                await self._assign(tx, task, sub)
+        """Give `sub` the best ready tasks it can take until it is full, at the end
+        of the transaction: every stream waiting then is filled in one claim, not
+        one claim per result (Tx.before_flush)."""
+        pending = self._pending_fills.get(tx)
+        if pending is None:
+            pending = self._pending_fills[tx] = {}
+            tx.before_flush(lambda: self._fill_pending(tx))
+        pending[sub] = None
+
+    async def _fill_pending(self, tx: Tx) -> None:
+        pending = self._pending_fills.pop(tx, None)
+        # Checked now, not when the fill was asked for: a stream closed, paused or
+        # filled since (or freed by an operation refused after) asks for what it
+        # can take now.
+        subs = [sub for sub in pending or () if self._eligible(sub)]
+        if not subs:
+            return
+        wants = [
+            Want(sub.capabilities, sub.agent.agent_id, sub.max_in_flight - len(sub.in_flight))
+            for sub in subs
+        ]
+        claimed = await tx.claim_many(wants)
+        with tx.atomic():
+            for sub, tasks in zip(subs, claimed, strict=True):
+                for task in tasks:
+                    if not self._eligible(sub):
+                        tx.put_task(task)  # back in line, unchanged
+                        continue
+                    await self._assign(tx, task, sub)
 
     async def _on_agent_event(self, tx: Tx, event: AgentEventType, agent: Agent) -> None:
         subs = list(self._subs_by_agent.get(agent.agent_id, ()))

@@ -78,6 +78,16 @@ class Pruned:
         return sum(self.rows.values())
 
 
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One stream's claim in `Tx.claim_many`: up to `n` tasks that a stream of
+    `agent_id` serving `capabilities` may take."""
+
+    capabilities: frozenset[str]
+    agent_id: str
+    n: int
+
+
 class Tx(Protocol):
     """One operation's access to the state. See the module docstring for the rules."""
 
@@ -128,16 +138,27 @@ class Tx(Protocol):
 
     def put_task(self, task: Task) -> None:
         """Record a new or changed task. The backend keeps its indexes from the
-        task's state: a QUEUED task is ready for `claim`, a SCHEDULED one is due
+        task's state: a QUEUED task is ready for `claim_many`, a SCHEDULED one is due
         at `schedule_time`, an ASSIGNED one at `lease_expire_time`, a final one is
         no longer open once committed."""
 
     def put_attempt(self, attempt: TaskAttempt) -> None: ...
 
-    async def claim(self, capabilities: frozenset[str], agent_id: str) -> Task | None:
-        """The best ready task a stream of `agent_id` serving `capabilities` may
-        take (priority, then first ready; tasks pinned to the agent included), to
-        assign now: the caller changes and puts it. None when there is none."""
+    async def claim_many(self, wants: Sequence[Want]) -> list[list[Task]]:
+        """The ready tasks each want may take, to assign now (in the order of
+        `wants`; the caller changes and puts each, and puts back unchanged one
+        it does not assign after all). A want may take the tasks of its
+        capabilities and those pinned to its agent, up to `n`; every task goes
+        to one want at most, and none is passed over for a worse one: a want
+        left with room got every ready task it may take."""
+
+    def before_flush(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` once the operations of this transaction are done, before its
+        writes are stored: at the end of the transaction (PostgreSQL), or of the
+        operation (SQLite, which has no transaction boundary). `fn` follows the
+        rules of an operation's changes; what it registers runs too. Not undone
+        when the operation that registered it fails: `fn` must check what it
+        finds then."""
 
     async def held_by(self, agent_id: str) -> list[Task]:
         """Open tasks whose current attempt is leased to `agent_id`, by task id."""

@@ -56,7 +56,7 @@ from opscore.models import (
     TaskState,
 )
 from opscore.storage import rows as R
-from opscore.storage.api import Operation, Pruned, PruneKind
+from opscore.storage.api import Operation, Pruned, PruneKind, Want
 from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import (
     agent_size,
@@ -101,6 +101,13 @@ _TASK_UPSERT = (
     "ON CONFLICT (task_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
 )
+# New tasks (an enqueue's hundreds) as one INSERT over arrays, in their order
+# (`seq` is the listing order): one statement instead of one per row. An upsert
+# still: a task not read here may exist (a lost race).
+_TASK_FIXED_TYPES = (
+    "text", "text", "text", "text", "bytea", "integer", "integer", "bigint",
+    "double precision", "bigint", "bigint", "bigint", "text", "text", "text", "bigint",
+)  # fmt: skip
 # Tasks read in the transaction are rewritten with one UPDATE over arrays (one
 # statement for the batch, only the mutable columns), cheaper than an upsert per row.
 _TASK_MUTABLE_TYPES = (
@@ -117,6 +124,18 @@ _TASK_UPDATE = (
     + ", ".join(R.TASK_MUTABLE)
     + ") WHERE t.task_id = u.task_id"
 )
+_TASK_ALL_TYPES = (*_TASK_FIXED_TYPES, *_TASK_MUTABLE_TYPES, "text")
+assert len(_TASK_ALL_TYPES) == _TASK_N
+_TASK_INSERT_MANY = (
+    f"INSERT INTO tasks ({_TASK_COLS}) SELECT "
+    + ", ".join(f"u.c{i}" for i in range(_TASK_N))
+    + " FROM unnest("
+    + ", ".join(f"${i + 1}::{ty}[]" for i, ty in enumerate(_TASK_ALL_TYPES))
+    + ") WITH ORDINALITY AS u ("
+    + ", ".join(f"c{i}" for i in range(_TASK_N))
+    + ", n) ORDER BY u.n ON CONFLICT (task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
+)
 _AGENT_N = len(R.AGENT_COLS.split(","))
 _AGENT_UPSERT = (
     f"INSERT INTO agents ({R.AGENT_COLS}) VALUES "
@@ -127,12 +146,28 @@ _TRANSITION_INSERT = (
     f"INSERT INTO agent_transitions ({R.TRANSITION_COLS}) VALUES "
     "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING"
 )
-_ATTEMPT_UPSERT = (
-    f"INSERT INTO task_attempts ({R.ATTEMPT_COLS}) VALUES "
-    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (task_id, attempt) DO UPDATE SET "
-    "outcome = EXCLUDED.outcome, end_time = EXCLUDED.end_time, "
-    "error_message = EXCLUDED.error_message, error_type = EXCLUDED.error_type, "
-    "error_details = EXCLUDED.error_details, progress = EXCLUDED.progress"
+# Attempts as one INSERT over arrays, parameters from $1 (or from `first`): alone,
+# or in the tasks UPDATE's statement (one round trip for both, the usual case:
+# an attempt ends when its task changes).
+_ATTEMPT_TYPES = (
+    "text", "integer", "text", "integer", "bigint", "bigint", "text", "text", "bytea", "bytea",
+)  # fmt: skip
+
+
+def _attempt_upsert(first: int = 1) -> str:
+    arrays = ", ".join(f"${first + i}::{ty}[]" for i, ty in enumerate(_ATTEMPT_TYPES))
+    return (
+        f"INSERT INTO task_attempts ({R.ATTEMPT_COLS}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (task_id, attempt) DO UPDATE SET "
+        "outcome = EXCLUDED.outcome, end_time = EXCLUDED.end_time, "
+        "error_message = EXCLUDED.error_message, error_type = EXCLUDED.error_type, "
+        "error_details = EXCLUDED.error_details, progress = EXCLUDED.progress"
+    )
+
+
+_ATTEMPT_UPSERT = _attempt_upsert()
+_TASK_UPDATE_AND_ATTEMPTS = (
+    f"WITH attempts AS ({_attempt_upsert(len(_TASK_MUTABLE_TYPES) + 2)}) {_TASK_UPDATE}"
 )
 _SESSION_UPSERT = (
     f"INSERT INTO sessions ({R.SESSION_COLS}) VALUES "
@@ -225,6 +260,11 @@ def _pg_transition_row(t: StateTransition) -> tuple[Any, ...]:
     row = list(R.transition_row(t))
     row[8] = bool(row[8])
     return tuple(row)
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column: the arrays of an INSERT ... unnest."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def _now_us() -> int:
@@ -466,6 +506,9 @@ class PostgresStorage:
                         raise tx.faulted
                     if not item.wait and not item.result.done():
                         item.result.set_result(item.done)
+                await tx.end_operations()
+                if tx.faulted is not None:
+                    raise tx.faulted
                 rows = await tx.flush()
         except BaseException as exc:
             await self._drop_executor_conn()
@@ -991,6 +1034,9 @@ class _Tx:
         self._writes: list[tuple[str, Any, Any]] = []
         self._notes: list[str] = []
         self._stream_delta: dict[str, int] = {}
+        # Run after the operations, before `flush` (Tx.before_flush): not part of
+        # an operation's mark, so an operation refused later never drops them.
+        self._before_flush: list[Callable[[], Awaitable[None]]] = []
 
     # ---- transaction plumbing
 
@@ -1039,6 +1085,7 @@ class _Tx:
             by_kind.setdefault(kind, []).append(payload)
         c = self.conn
         rows = 0
+        attempts = by_kind.get("attempt", [])
         if by_kind.get("agent"):
             await c.executemany(_AGENT_UPSERT, [_pg_agent_row(a) for a in by_kind["agent"]])
         if appends.get("transition"):
@@ -1047,18 +1094,21 @@ class _Tx:
             new, old = [], []
             for t in by_kind["task"]:
                 (old if t.task_id in self._read_tasks else new).append(_pg_task_row(t))
-            if new:  # an upsert still: a task not read here may exist (a lost race)
-                await c.executemany(_TASK_UPSERT, new)
+            if len(new) == 1:
+                await c.execute(_TASK_UPSERT, *new[0])
+            elif new:
+                await c.execute(_TASK_INSERT_MANY, *_columns(new))
             if old:
                 first = _TASK_FIRST_MUTABLE
                 columns = [list(col) for col in zip(*old, strict=True)]
-                await c.execute(
-                    _TASK_UPDATE,
-                    columns[0],
-                    *columns[first : first + len(_TASK_MUTABLE_TYPES)],
-                )
-        if by_kind.get("attempt"):
-            await c.executemany(_ATTEMPT_UPSERT, by_kind["attempt"])
+                args = [columns[0], *columns[first : first + len(_TASK_MUTABLE_TYPES)]]
+                if attempts:
+                    await c.execute(_TASK_UPDATE_AND_ATTEMPTS, *args, *_columns(attempts))
+                    attempts = []
+                else:
+                    await c.execute(_TASK_UPDATE, *args)
+        if attempts:
+            await c.execute(_ATTEMPT_UPSERT, *_columns(attempts))
         if by_kind.get("session"):
             await c.executemany(_SESSION_UPSERT, by_kind["session"])
         if appends.get("session_definition"):
@@ -1245,39 +1295,76 @@ class _Tx:
     def put_attempt(self, attempt: TaskAttempt) -> None:
         self._writes.append(("attempt", (attempt.task_id, attempt.attempt), R.attempt_row(attempt)))
 
-    async def claim(self, capabilities: frozenset[str], agent_id: str, n: int) -> list[Task]:
-        if n <= 0:
-            return []
-        taken = [t for t, task in self._tasks.items() if task.state == TaskState.QUEUED]
-        # Rows this transaction locked itself come back from SKIP LOCKED: leave
-        # out those it read as ready (claimed earlier, not yet written).
-        mine = list(self._read_ready)
-        # One round trip. Each capability's ready tasks, and the agent's pinned
+    async def claim_many(self, wants: Sequence[Want]) -> list[list[Task]]:
+        out: list[list[Task]] = [[] for _ in wants]
+        room = [max(0, w.n) for w in wants]
+        # Who may take what: a capability's tasks, and those pinned to an agent.
+        by_cap: dict[str, list[int]] = {}
+        by_agent: dict[str, list[int]] = {}
+        for i, w in enumerate(wants):
+            if room[i]:
+                for c in w.capabilities:
+                    by_cap.setdefault(c, []).append(i)
+                by_agent.setdefault(w.agent_id, []).append(i)
+        if not by_agent:
+            return out
+        # Rows this transaction locked itself come back from SKIP LOCKED, so one
+        # branch per capability (and per agent), reading as many as every want
+        # of it together may take; and the rows it read as ready (claimed
+        # earlier, not yet written) are left out of the read.
+        caps = list(by_cap)
+        agents = list(by_agent)
+        # One round trip. Each capability's ready tasks, and each agent's pinned
         # ones, are read in their index's (priority DESC, ready_seq) order, which
-        # stops at n; `capability = ANY(...)` would read and sort them all. The
-        # repeated `agent_id <> ''` lets a generic plan use the partial index.
+        # stops at the limit; `capability = ANY(...)` would read and sort them
+        # all. The repeated `agent_id <> ''` lets a generic plan use the partial
+        # index. Rows read but handed to no one stay as they are (never written)
+        # and are released at COMMIT.
         rows = await self.conn.fetch(
-            "WITH by_capability AS (SELECT t.* FROM unnest($1::text[]) AS c (capability), "
-            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = '' "
-            "AND capability = c.capability AND task_id <> ALL($3::text[]) "
-            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) t), "
-            f"pinned AS (SELECT {_TASK_COLS} FROM tasks WHERE state = 2 AND agent_id = $2 "
-            "AND agent_id <> '' AND task_id <> ALL($3::text[]) "
-            "ORDER BY priority DESC, ready_seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "WITH by_capability AS (SELECT t.* FROM unnest($1::text[], $2::integer[]) "
+            f"AS c (capability, n), LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE "
+            "tasks.state = 2 AND tasks.agent_id = '' AND tasks.capability = c.capability "
+            "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
+            "tasks.ready_seq LIMIT c.n FOR UPDATE SKIP LOCKED) t), "
+            "pinned AS (SELECT t.* FROM unnest($3::text[], $4::integer[]) AS p (agent_id, n), "
+            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE tasks.state = 2 "
+            "AND tasks.agent_id = p.agent_id AND tasks.agent_id <> '' "
+            "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
+            "tasks.ready_seq LIMIT p.n FOR UPDATE SKIP LOCKED) t) "
             "SELECT * FROM by_capability UNION ALL SELECT * FROM pinned",
-            list(capabilities),
-            agent_id,
-            mine,
-            n,
+            caps,
+            [sum(room[i] for i in by_cap[c]) for c in caps],
+            agents,
+            [sum(room[i] for i in by_agent[a]) for a in agents],
+            list(self._read_ready),
         )
-        found = [R.task_from_row(r) for r in rows]
+        found = {t.task_id: t for t in map(R.task_from_row, rows)}
         # Ready tasks of this transaction not yet written (re-queued here).
-        for task_id in taken:
-            t = self._tasks[task_id]
-            if t.agent_id == agent_id or (not t.agent_id and t.capability in capabilities):
-                found.append(t)
-        found.sort(key=lambda t: (-t.priority, t.ready_seq))
-        return [self._keep(t) for t in found[:n]]
+        for task_id, task in self._tasks.items():
+            if task.state == TaskState.QUEUED:
+                found[task_id] = task
+        # Best first, each to the first want that may take it and has room: a
+        # capability's tasks handed out are the best of its queue, so the limits
+        # above read every task that can be handed out.
+        for task in sorted(found.values(), key=lambda t: (-t.priority, t.ready_seq)):
+            takers = by_agent.get(task.agent_id) if task.agent_id else by_cap.get(task.capability)
+            for i in takers or ():
+                if room[i]:
+                    room[i] -= 1
+                    out[i].append(self._keep(task))
+                    break
+        return out
+
+    def before_flush(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._before_flush.append(fn)
+
+    async def end_operations(self) -> None:
+        """Run what the operations left for the end of the transaction (and what
+        that leaves in turn)."""
+        while self._before_flush:
+            hooks, self._before_flush = self._before_flush, []
+            for fn in hooks:
+                await fn()
 
     async def held_by(self, agent_id: str) -> list[Task]:
         rows = await self.conn.fetch(

@@ -38,7 +38,7 @@ from opscore.models import (
     TaskFilter,
     TaskState,
 )
-from opscore.storage.api import Operation, Pruned, PruneKind
+from opscore.storage.api import Operation, Pruned, PruneKind, Want
 from opscore.storage.background import BackgroundTasks
 from opscore.storage.pages import agent_size, clamp_page_size, decode_cursor, encode_cursor
 from opscore.storage.sqlite import retention
@@ -69,7 +69,6 @@ class SQLiteStorage:
         self.on_task_due: Callable[[Any, str, int], Awaitable[None]] | None = None
         self.on_agent_silent: Callable[[Any, str], Awaitable[None]] | None = None
         self.build_session: Callable[[Session, bytes, int], Awaitable[object]] | None = None
-        self._tx = _Tx(self)
         self._background = BackgroundTasks(log)
         self._clear()
 
@@ -169,7 +168,16 @@ class SQLiteStorage:
     # ------------------------------------------------------------------ operations
 
     async def run(self, op: Operation[T], *, wait: bool = True, tasks: Sequence[str] = ()) -> T:
-        result = await op(self._tx)
+        # A Tx per operation: what it leaves for its end (Tx.before_flush) is its own.
+        tx = _Tx(self)
+        try:
+            result = await op(tx)
+        except BaseException:
+            if tx.hooks:
+                await tx.end_operation(failed=True)
+            raise
+        if tx.hooks:
+            await tx.end_operation()
         if wait:
             await self.store.commit()
         return result
@@ -495,10 +503,11 @@ class SQLiteStorage:
 class _Tx:
     """An operation's view: the in-memory state itself, written through the store."""
 
-    __slots__ = ("_s",)
+    __slots__ = ("_s", "hooks")
 
     def __init__(self, storage: SQLiteStorage) -> None:
         self._s = storage
+        self.hooks: list[Callable[[], Awaitable[None]]] | None = None
 
     @property
     def committed(self) -> asyncio.Future[None]:
@@ -582,8 +591,30 @@ class _Tx:
     def put_attempt(self, attempt: TaskAttempt) -> None:
         self._s.store.put_attempt(attempt)
 
-    async def claim(self, capabilities: frozenset[str], agent_id: str, n: int) -> list[Task]:
-        return self._s._claim(capabilities, agent_id, n)
+    async def claim_many(self, wants: Sequence[Want]) -> list[list[Task]]:
+        # In memory: each want in turn takes the best of what is left.
+        claim = self._s._claim
+        return [claim(w.capabilities, w.agent_id, w.n) for w in wants]
+
+    def before_flush(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """No transaction boundary here: at the end of the operation."""
+        if self.hooks is None:
+            self.hooks = [fn]
+        else:
+            self.hooks.append(fn)
+
+    async def end_operation(self, *, failed: bool = False) -> None:
+        while self.hooks:
+            hooks, self.hooks = self.hooks, None
+            for fn in hooks:
+                if not failed:
+                    await fn()
+                    continue
+                # The operation's own error is the one its caller hears.
+                try:
+                    await fn()
+                except Exception:
+                    log.exception("work left by a failed operation failed too")
 
     async def held_by(self, agent_id: str) -> list[Task]:
         s = self._s
