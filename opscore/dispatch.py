@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from opscore import limits
 from opscore import validation as v
@@ -61,7 +60,6 @@ from opscore.storage.api import Storage, Tx, Want
 
 log = logging.getLogger("opscore.dispatch")
 
-T = TypeVar("T")
 
 MAX_IN_FLIGHT = limits.MAX_IN_FLIGHT
 # TaskError.type of a cancelled task (and of the attempt a cancellation ended).
@@ -992,11 +990,6 @@ class DispatchEngine:
                     pool[sub] = None  # to the back: round robin among subscriptions
             else:
                 pool.pop(sub, None)
-
-    async def batch_in(self, tx: Tx, apply: Callable[[], Awaitable[T]]) -> T:
-        """Run `apply` (a batch of results from one agent). The slots it frees are
-        filled at the end of the transaction like every other (see `_fill`)."""
-        return await apply()
 
     async def _fill(self, tx: Tx, sub: Subscription) -> None:
         """Give `sub` the best ready tasks it can take until it is full, at the end

@@ -89,10 +89,9 @@ class WorkStream:
         the commit of that operation."""
         self.received += len(items)
         ids = [i.task_id for i in items if isinstance(i, Completion | Failure | Heartbeat)]
-        await self.engine.storage.run(lambda tx: self._apply_all(tx, items), wait=False, tasks=ids)
-
-    async def _apply_all(self, tx: Tx, items: list[Item]) -> None:
-        await self.engine.batch_in(tx, lambda: self._apply_each(tx, items))
+        # The slots these results free are filled once, at the end of the
+        # transaction (DispatchEngine._fill), not once per result.
+        await self.engine.storage.run(lambda tx: self._apply_each(tx, items), wait=False, tasks=ids)
 
     async def _apply_each(self, tx: Tx, items: list[Item]) -> None:
         for item in items:
