@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -412,6 +413,14 @@ def run(config: Config) -> int:
 async def serve(config: Config) -> int:
     server = OpsCoreServer(config)
     await server.start()
+    # Starting leaves tens of thousands of objects that live as long as the
+    # process (modules, gRPC and protobuf descriptors, the state loaded from the
+    # database), and every full collection walked them all: 18-30 ms pauses, the
+    # longest enqueue -> assignment waits at 500 tasks/s. Frozen, they are left
+    # out of collections (freed as usual when nothing refers to them); the
+    # longest wait in the same runs fell to 9-11 ms.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
