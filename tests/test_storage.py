@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from opscore_proto.v1 import lifecycle_pb2 as pb
 
 from opscore.clock import to_micros
+from opscore.models import RetryPolicy, Task, TaskState
 from opscore.storage.sqlite import SCHEMA_VERSION, Store, apply_migrations, migrations
 from tests.conftest import eventually
 
@@ -245,10 +246,6 @@ async def test_a_batch_of_any_size_is_written_whole_and_upserts_in_place(
     """Rows go to SQLite in multi-row INSERTs of 64, 16 and 4 rows, the rest one by
     one: every count across those boundaries stores every row once, and a second
     batch over the same keys updates them instead of adding rows."""
-    from datetime import timedelta
-
-    from opscore.models import RetryPolicy, Task, TaskState
-
     now = datetime.now(UTC)
     tasks = [
         Task(
