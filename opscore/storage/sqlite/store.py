@@ -452,7 +452,7 @@ class Store:
         it but never cancel it; RPC handlers `await commit()` instead."""
         batch = self._pending
         if batch.future is None:
-            batch.future = (self._loop or asyncio.get_running_loop()).create_future()
+            batch.future = self.loop.create_future()
         self._wake.set()
         return batch.future
 
