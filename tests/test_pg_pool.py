@@ -16,6 +16,8 @@ import pytest
 
 from opscore.config import from_sources
 from opscore.errors import ConfigError
+from opscore.storage.postgres import backend as pg_backend
+from opscore.storage.postgres.backend import PostgresStorage
 from opscore.storage.postgres.pool import (
     DEFAULTS,
     Backoff,
@@ -465,6 +467,26 @@ async def test_stopping_the_listener_closes_its_connection(pg: PgCluster, pg_url
     await listener.stop()  # twice is fine
     # The server's backend exits just after the socket closes.
     await eventually(lambda: pg.sql(count) == "0", what="the LISTEN backend to exit")
+
+
+async def test_a_connection_never_released_does_not_hold_the_store_closing(
+    pg: PgCluster, pg_migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncpg's Pool.close() waits for every connection to come back, without
+    # end; one lost to a query cancelled at the wrong moment once held a test
+    # server's stop past its 120 s timeout. Here the lost connection is made so.
+    monkeypatch.setattr(pg_backend, "CLOSE_STEP_TIMEOUT", 0.5)
+    dbname = pg_migrated_url.rsplit("/", 1)[1]
+    store = PostgresStorage(pg_migrated_url + "?application_name=opscore_close_test")
+    await store.open()
+    assert store._pool is not None
+    await store._pool.acquire()
+    await asyncio.wait_for(store.close(), WAIT)
+    count = (
+        "SELECT count(*) FROM pg_stat_activity "
+        f"WHERE datname = '{dbname}' AND application_name = 'opscore_close_test'"
+    )
+    await eventually(lambda: pg.sql(count) == "0", what="the pool's backends to exit")
 
 
 def test_sqlite_only_settings_are_refused_with_postgresql():

@@ -87,6 +87,8 @@ CHANNEL = "opscore"
 MAX_BATCH_OPS = 256
 # Replicas heartbeat this many times per replica_timeout (a setting, pool.py).
 HEARTBEATS_PER_TIMEOUT = 5
+# Longest a stopping replica waits for each step of closing (close()).
+CLOSE_STEP_TIMEOUT = 5.0
 # The longest a replica sleeps without looking for due deadlines: a safety net
 # for a notification lost while its listener reconnected, not the normal path.
 MAX_DUE_SLEEP = 2.0
@@ -267,6 +269,19 @@ def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
+async def _within(awaitable: Awaitable[object], what: str) -> bool:
+    """Wait up to CLOSE_STEP_TIMEOUT for one step of closing; False (logged) if
+    it failed or did not finish. A stopping server must stop."""
+    try:
+        await asyncio.wait_for(awaitable, CLOSE_STEP_TIMEOUT)
+        return True
+    except TimeoutError:
+        log.warning("closing: gave up waiting for %s after %g s", what, CLOSE_STEP_TIMEOUT)
+    except Exception as exc:
+        log.warning("closing: %s failed: %s", what, exc)
+    return False
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -401,29 +416,33 @@ class PostgresStorage:
         self._background.cancel()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._tasks:
+            await _within(asyncio.wait(self._tasks), "background loops to end")
         self._tasks.clear()
         if self._listener is not None:
-            await self._listener.stop()
+            await _within(self._listener.stop(), "the LISTEN connection to close")
         await self._drop_executor_conn()
         if self._pool is not None:
-            with contextlib.suppress(Exception):
-                # Our streams are gone: their agents count from now, not from the
-                # replica timeout.
-                async with self._pool.acquire() as conn, conn.transaction():
-                    await conn.execute(
-                        "UPDATE agents a SET last_seen_time = GREATEST(a.last_seen_time, $2) "
-                        "FROM agent_streams s WHERE s.agent_id = a.agent_id AND "
-                        "s.replica_id = $1",
-                        self.replica_id,
-                        _now_us(),
-                    )
-                    await conn.execute(
-                        "DELETE FROM replicas WHERE replica_id = $1", self.replica_id
-                    )
-            await self._pool.close()
+            await _within(self._forget_replica(), "the replica's row to be removed")
+            # A connection whose query was cancelled by the loops' cancellation
+            # can keep Pool.close() waiting for its release without end (asyncpg
+            # warns after 60 s); a stopping server drops such connections.
+            if not await _within(self._pool.close(), "the connection pool to close"):
+                self._pool.terminate()
+
+    async def _forget_replica(self) -> None:
+        assert self._pool is not None
+        # Our streams are gone: their agents count from now, not from the
+        # replica timeout.
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE agents a SET last_seen_time = GREATEST(a.last_seen_time, $2) "
+                "FROM agent_streams s WHERE s.agent_id = a.agent_id AND "
+                "s.replica_id = $1",
+                self.replica_id,
+                _now_us(),
+            )
+            await conn.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
         for item in self._queue:
             item.fail(Unavailable("server is shutting down; retry the call"))
         self._queue.clear()
