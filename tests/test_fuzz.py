@@ -52,6 +52,7 @@ from tests.support.hostile import (
     integrity,
     raw_call,
     round_trip,
+    work_stream_outcome,
 )
 
 T = TypeVar("T")
@@ -193,29 +194,6 @@ def _summary(request: message.Message) -> str:
     return text if len(text) < 1500 else text[:1500] + f"... ({size} bytes)"
 
 
-async def _work_stream(call: Any, first: message.Message, later: message.Message) -> Outcome:
-    """Send `first`, and `later` once the server has answered, as an agent does;
-    read up to three messages, then cancel. Writing while the server refuses the
-    first message trips a grpc.aio client bug (grpc/grpc#36066) that reports
-    INTERNAL "Internal error from Core" in place of the server's status."""
-    n = 0
-    try:
-        await call.write(first)
-        while n < 3:
-            response = await call.read()
-            if response is grpc.aio.EOF:
-                return Outcome(await call.code(), await call.details() or "", n)
-            n += 1
-            if n == 1:
-                await call.write(later)
-        call.cancel()
-        return Outcome(grpc.StatusCode.OK, "stream cancelled by the client", n)
-    except grpc.aio.AioRpcError as err:
-        return Outcome(err.code(), err.details() or "", n)
-    except asyncio.InvalidStateError:  # ended before `later` could be written
-        return Outcome(await call.code(), await call.details() or "", n)
-
-
 async def _send(rig: Rig, method: Method, request: message.Message) -> Outcome:
     resp_cls = method.response_class()
     if method.client_streaming:
@@ -233,7 +211,7 @@ async def _send(rig: Rig, method: Method, request: message.Message) -> Outcome:
             request_serializer=type(request).SerializeToString,
             response_deserializer=resp_cls.FromString,
         )
-        return await _work_stream(stub(timeout=STREAM_TIMEOUT), request, later)
+        return await work_stream_outcome(stub(timeout=STREAM_TIMEOUT), request, later)
     if method.server_streaming:
         stub = rig.channel.unary_stream(
             method.path,
