@@ -80,8 +80,14 @@ async def test_scrape_after_a_workload(make_harness):
     worker = await Worker(h.channel, "w1", {"work": handler}).start()
 
     async def all_completed() -> bool:
+        # The engine counts a completion before its RPC returns; the RPC itself
+        # is counted as it returns.
         s, _ = await scrape(h)
-        return value(s, "opscore_tasks_completed_total", capability="work") == 5
+        rpc = {"service": "opscore.v1.DispatchService", "method": "CompleteTask", "code": "OK"}
+        return (
+            value(s, "opscore_tasks_completed_total", capability="work") == 5
+            and value(s, "opscore_rpc_handled_total", **rpc) == 5
+        )
 
     await eventually(all_completed, what="5 completions counted")
     samples, _ = await scrape(h)
