@@ -46,7 +46,7 @@ from opscore.ids import new_token
 from opscore.security import roles
 from opscore.security.audit import AuthFailures
 from opscore.security.authn import Authenticator
-from opscore.security.principal import CallAuth, agent_not_allowed, set_current_call
+from opscore.security.principal import CallAuth, agent_not_allowed, current_call, set_current_call
 
 if TYPE_CHECKING:
     # Only when configured: an unobserved server never imports either library.
@@ -64,7 +64,20 @@ async def stream_ready(context: grpc.aio.ServicerContext) -> None:
     """Streaming servicers call this once their subscription or watch is registered:
     the initial metadata (carrying x-request-id) then tells the client that
     everything from now on reaches it."""
-    await context.send_initial_metadata((("x-request-id", _request_id_var.get()),))
+    auth = current_call()
+    if auth is None or auth.task is None:
+        await context.send_initial_metadata((("x-request-id", _request_id_var.get()),))
+        return
+    # Not interruptible while gRPC holds the send: a revocation that cancelled us
+    # here would leave the send pending, gRPC would then refuse the status
+    # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the client never hear why.
+    auth.inside = False
+    try:
+        await context.send_initial_metadata((("x-request-id", _request_id_var.get()),))
+    finally:
+        auth.inside = True
+    if auth.ended is not None:
+        raise auth.ended  # revoked meanwhile
 
 
 # Standard services that probes and tools call without a key.
@@ -352,6 +365,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             if span is not None:
                 info.trace_id = span.trace_id
             code = grpc.StatusCode.OK
+            reported = False
             request: Any = raw if request_stream else None
             try:
                 auth = self._admit(info)
@@ -365,13 +379,14 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                 code, message, md = _classify(exc, context, info)
                 if message is None:
                     raise
+                # Counted, logged and traced before the status leaves: a client
+                # that has its answer finds the call in the metrics and the log.
+                reported = True
+                _report(rpc, tracer, span, info, code, request, request_stream, True)
                 await context.abort(code, message, trailing_metadata=md)
             finally:
-                if rpc is not None:
-                    rpc.done(code, time.perf_counter() - info.started)
-                _log(info, code, None if request_stream else request)
-                if span is not None:
-                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
+                if not reported:
+                    _report(rpc, tracer, span, info, code, request, request_stream, True)
 
         return call
 
@@ -401,6 +416,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
             auth: CallAuth | None = None
             responses: Any = None
             writing = False
+            reported = False
             try:
                 auth = self._admit(info)
                 if not request_stream:
@@ -459,21 +475,45 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
                 code, message, md = _classify(exc, context, info)
                 if message is None:
                     raise
+                # The servicer's cleanup adds to the call's log line; then the call
+                # is counted, logged and traced before its status leaves.
+                await self._stream_done(auth, responses)
+                _report(rpc, tracer, span, info, code, request, request_stream, False)
+                reported = True
                 await context.abort(code, message, trailing_metadata=md)
             finally:
-                if auth is not None:
-                    self._streams.discard(auth)
-                if responses is not None and hasattr(responses, "aclose"):
-                    # The servicer's cleanup (unsubscribe) runs now, not at GC.
-                    with contextlib.suppress(BaseException):
-                        await responses.aclose()
-                if rpc is not None:
-                    rpc.done(code, None)
-                _log(info, code, None if request_stream else request)
-                if span is not None:
-                    tracer.end(span, code, info.request_id)  # type: ignore[union-attr]
+                if not reported:
+                    await self._stream_done(auth, responses)
+                    _report(rpc, tracer, span, info, code, request, request_stream, False)
 
         return call
+
+    async def _stream_done(self, auth: CallAuth | None, responses: Any) -> None:
+        if auth is not None:
+            self._streams.discard(auth)
+        if responses is not None and hasattr(responses, "aclose"):
+            # The servicer's cleanup (unsubscribe) runs now, not at GC.
+            with contextlib.suppress(BaseException):
+                await responses.aclose()
+
+
+def _report(
+    rpc: Any,
+    tracer: Any,
+    span: Any,
+    info: _Call,
+    code: grpc.StatusCode,
+    request: Any,
+    request_stream: bool,
+    timed: bool,
+) -> None:
+    """The call's metrics, log line and span, once per call. Streams are counted
+    but not timed (their length is the client's choice)."""
+    if rpc is not None:
+        rpc.done(code, time.perf_counter() - info.started if timed else None)
+    _log(info, code, None if request_stream else request)
+    if span is not None:
+        tracer.end(span, code, info.request_id)
 
 
 def _decode(method: str, decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
