@@ -28,6 +28,14 @@ def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
+def set_ts(msg: timestamp_pb2.Timestamp, dt: datetime) -> None:
+    """Write `dt` into a message's Timestamp field in place (no copy)."""
+    seconds, micros = divmod((dt - _EPOCH) // _MICRO, 1_000_000)
+    msg.seconds = seconds
+    if micros:
+        msg.nanos = micros * 1000
+
+
 def from_ts(msg: object, field: str, prefix: str = "") -> datetime | None:
     """A request's Timestamp, refused unless it is one the protobuf spec allows."""
     if not msg.HasField(field):  # type: ignore[attr-defined]

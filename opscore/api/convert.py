@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from datetime import timedelta
 
 from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_pb2
 
@@ -23,7 +24,7 @@ from opscore.models import (
 from opscore.observability.tracecontext import attempt_traceparent
 
 # Servicers reach the value helpers through this module: one import for all translation.
-from opscore.protovalues import dur, from_dur, from_ts, payload, struct, ts
+from opscore.protovalues import dur, from_dur, from_ts, payload, set_ts, struct, ts
 from opscore.workflow.models import Session, StoredEvent, TaskRun
 
 # ---------------------------------------------------------------- lifecycle
@@ -133,18 +134,16 @@ def from_task_error(msg: object, field: str = "error", prefix: str = "") -> Task
 
 
 def task(t: Task) -> dispatch_pb2.Task:
-    msg = _task(t)
-    if t.trace_context:
-        msg.trace_context["traceparent"] = t.trace_context
+    msg = dispatch_pb2.Task()
+    fill_task(msg, t)
     return msg
 
 
-def assignment(t: Task) -> dispatch_pb2.TaskAssignment:
+def fill_assignment(msg: dispatch_pb2.TaskAssignment, t: Task) -> None:
     """The assignment of `t`'s current attempt, with the attempt span's context."""
-    msg = dispatch_pb2.TaskAssignment(task=task(t))
+    fill_task(msg.task, t)
     if t.trace_context:
         msg.trace_context["traceparent"] = attempt_traceparent(t.trace_context, t.attempt)
-    return msg
 
 
 def task_attempt(a: TaskAttempt) -> dispatch_pb2.TaskAttempt:
@@ -163,33 +162,71 @@ def task_attempt(a: TaskAttempt) -> dispatch_pb2.TaskAttempt:
     return msg
 
 
-def _task(t: Task) -> dispatch_pb2.Task:
-    return dispatch_pb2.Task(
-        task_id=t.task_id,
-        name=t.name,
-        capability=t.capability,
-        agent_id=t.agent_id,
-        input=struct(t.input),
-        priority=t.priority,
-        retry_policy=retry_policy(t.retry_policy),
-        timeout=dur(t.timeout),
-        heartbeat_timeout=dur(t.heartbeat_timeout),
-        idempotency_key=t.idempotency_key,
-        state=int(t.state),  # type: ignore[arg-type]
-        attempt=t.attempt,
-        assigned_agent_id=t.assigned_agent_id,
-        lease_expire_time=ts(t.lease_expire_time),
-        schedule_time=ts(t.schedule_time),
-        output=struct(t.output),
-        last_error=task_error(t.last_error),
-        progress=struct(t.progress),
-        session_id=t.session_id,
-        workflow_task_id=t.workflow_task_id,
-        cancel_requested=t.cancel_requested,
-        create_time=ts(t.create_time),
-        update_time=ts(t.update_time),
-        finish_time=ts(t.finish_time),
-    )
+def fill_task(msg: dispatch_pb2.Task, t: Task) -> None:
+    """Write `t` into `msg`, a new Task (or the empty task field of a response).
+
+    Every task of every response passes here, and protobuf's constructors copy
+    each submessage they are given: a Task built whole, then put in an
+    assignment, a server message and a response, was copied three times over.
+    Written in place, with the stored payloads parsed straight into their fields
+    and fields left at their defaults untouched, it costs about a third."""
+    msg.task_id = t.task_id
+    if t.name:
+        msg.name = t.name
+    msg.capability = t.capability
+    if t.agent_id:
+        msg.agent_id = t.agent_id
+    if t.input is not None:
+        msg.input.MergeFromString(t.input)
+    if t.priority:
+        msg.priority = t.priority
+    msg.retry_policy.MergeFromString(_retry_policy_bytes(t.retry_policy))
+    msg.timeout.MergeFromString(_dur_bytes(t.timeout))
+    if t.heartbeat_timeout is not None:
+        msg.heartbeat_timeout.MergeFromString(_dur_bytes(t.heartbeat_timeout))
+    if t.idempotency_key:
+        msg.idempotency_key = t.idempotency_key
+    msg.state = t.state  # type: ignore[assignment]
+    if t.attempt:
+        msg.attempt = t.attempt
+    if t.assigned_agent_id:
+        msg.assigned_agent_id = t.assigned_agent_id
+    if t.lease_expire_time is not None:
+        set_ts(msg.lease_expire_time, t.lease_expire_time)
+    if t.schedule_time is not None:
+        set_ts(msg.schedule_time, t.schedule_time)
+    if t.output is not None:
+        msg.output.MergeFromString(t.output)
+    if t.last_error is not None:
+        e = t.last_error
+        msg.last_error.message = e.message
+        msg.last_error.type = e.type
+        if e.details is not None:
+            msg.last_error.details.MergeFromString(e.details)
+    if t.progress is not None:
+        msg.progress.MergeFromString(t.progress)
+    if t.session_id:
+        msg.session_id = t.session_id
+    if t.workflow_task_id:
+        msg.workflow_task_id = t.workflow_task_id
+    if t.cancel_requested:
+        msg.cancel_requested = True
+    set_ts(msg.create_time, t.create_time)
+    set_ts(msg.update_time, t.update_time)
+    if t.finish_time is not None:
+        set_ts(msg.finish_time, t.finish_time)
+    if t.trace_context:
+        msg.trace_context["traceparent"] = t.trace_context
+
+
+@functools.lru_cache(maxsize=1024)
+def _retry_policy_bytes(p: RetryPolicy) -> bytes:
+    return retry_policy(p).SerializeToString()
+
+
+@functools.lru_cache(maxsize=1024)
+def _dur_bytes(td: timedelta) -> bytes:
+    return dur(td).SerializeToString()  # type: ignore[union-attr]
 
 
 def task_spec(r: dispatch_pb2.EnqueueTaskRequest, prefix: str = "") -> TaskSpec:
@@ -313,12 +350,19 @@ def _connect_item(m: dispatch_pb2.AgentMessage, kind: str | None) -> ws.Item:
 
 
 def ack(a: Ack) -> dispatch_pb2.AgentMessageResult:
-    out = dispatch_pb2.AgentMessageResult(
-        id=a.id,
-        task_state=int(a.task_state),  # type: ignore[arg-type]
-        lease_expire_time=ts(a.lease_expire_time),
-        cancel_requested=a.cancel_requested,
-    )
+    out = dispatch_pb2.AgentMessageResult()
+    fill_ack(out, a)
+    return out
+
+
+def fill_ack(out: dispatch_pb2.AgentMessageResult, a: Ack) -> None:
+    out.id = a.id
+    if a.task_state:
+        out.task_state = a.task_state  # type: ignore[assignment]
+    if a.lease_expire_time is not None:
+        set_ts(out.lease_expire_time, a.lease_expire_time)
+    if a.cancel_requested:
+        out.cancel_requested = True
     err = a.error
     if err is not None:
         out.code = status_code(err).value[0]
@@ -326,4 +370,3 @@ def ack(a: Ack) -> dispatch_pb2.AgentMessageResult:
         out.reason = err.reason
         if isinstance(err, InvalidArgument) and err.violations:
             out.field = err.violations[0].field
-    return out

@@ -31,15 +31,19 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         self, request: pb.EnqueueTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnqueueTaskResponse:
         task, created = await self.engine.enqueue(c.task_spec(request))
-        return pb.EnqueueTaskResponse(task=c.task(task), created=created)
+        resp = pb.EnqueueTaskResponse(created=created)
+        c.fill_task(resp.task, task)
+        return resp
 
     async def EnqueueTasks(
         self, request: pb.EnqueueTasksRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnqueueTasksResponse:
         results = await self.engine.enqueue_many([c.task_spec(r) for r in request.tasks])
-        return pb.EnqueueTasksResponse(
-            results=[pb.EnqueueTaskResponse(task=c.task(t), created=new) for t, new in results]
-        )
+        resp = pb.EnqueueTasksResponse()
+        add = resp.results.add
+        for t, new in results:
+            c.fill_task(add(created=new).task, t)
+        return resp
 
     async def SubscribeTasks(
         self, request: pb.SubscribeTasksRequest, context: grpc.aio.ServicerContext
@@ -107,29 +111,33 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             while True:
                 in_hand = await sub.take()
                 waited: asyncio.Future[None] | None = None
-                out: list[pb.ServerMessage] = []
-                size = 0
+                # Messages are written into the response in place: built apart
+                # and handed to it, each would be copied whole again.
+                out = pb.ConnectResponse()
+                n = size = 0
                 for commit, message in in_hand:
                     if commit is not None and commit is not waited:
                         await asyncio.shield(commit)
                         waited = commit
                     if isinstance(message, StreamEnd):
-                        if out:
-                            yield pb.ConnectResponse(messages=out)
+                        if n:
+                            yield out
                         in_hand = []
                         if message.error is not None:
                             raise message.error
                         return
-                    item, cost = _server_message(message)
-                    if out and size + cost > budget:
+                    cost = _cost(message)
+                    if n and size + cost > budget:
                         sent["responses"] += 1
-                        yield pb.ConnectResponse(messages=out)
-                        out, size = [], 0
-                    out.append(item)
+                        yield out
+                        out = pb.ConnectResponse()
+                        n = size = 0
+                    _write_server_message(out.messages.add(), message)
                     sent[_KIND[type(message)]] += 1
+                    n += 1
                     size += cost
                 sent["responses"] += 1
-                yield pb.ConnectResponse(messages=out)
+                yield out
                 in_hand = []
         finally:
             reader.cancel()
@@ -143,7 +151,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         task = await self.engine.complete(
             request.task_id, request.agent_id, request.attempt, c.payload(request, "output")
         )
-        return pb.CompleteTaskResponse(task=c.task(task))
+        resp = pb.CompleteTaskResponse()
+        c.fill_task(resp.task, task)
+        return resp
 
     async def FailTask(
         self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext
@@ -155,7 +165,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             c.from_task_error(request),
             request.non_retryable,
         )
-        return pb.FailTaskResponse(task=c.task(task))
+        resp = pb.FailTaskResponse()
+        c.fill_task(resp.task, task)
+        return resp
 
     async def HeartbeatTask(
         self, request: pb.HeartbeatTaskRequest, context: grpc.aio.ServicerContext
@@ -168,7 +180,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
     async def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTaskResponse:
-        return pb.GetTaskResponse(task=c.task(await self.engine.get(request.task_id)))
+        resp = pb.GetTaskResponse()
+        c.fill_task(resp.task, await self.engine.get(request.task_id))
+        return resp
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
@@ -180,9 +194,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             session_id=request.session_id,
         )
         page = await self.engine.list(flt, request.page_size, request.page_token)
-        return pb.ListTasksResponse(
-            tasks=[c.task(t) for t in page.items], next_page_token=page.next_page_token
-        )
+        resp = pb.ListTasksResponse(next_page_token=page.next_page_token)
+        add = resp.tasks.add
+        for t in page.items:
+            c.fill_task(add(), t)
+        return resp
 
     async def ListTaskAttempts(
         self, request: pb.ListTaskAttemptsRequest, context: grpc.aio.ServicerContext
@@ -198,7 +214,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
         task = await self.engine.cancel(request.task_id, request.reason)
-        return pb.CancelTaskResponse(task=c.task(task))
+        resp = pb.CancelTaskResponse()
+        c.fill_task(resp.task, task)
+        return resp
 
 
 async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> None:
@@ -232,33 +250,34 @@ async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> N
 _KIND = {Assignment: "assignments", Cancellation: "cancellations", Ack: "results"}
 
 
-def _server_message(message: Assignment | Cancellation | Ack) -> tuple[pb.ServerMessage, int]:
-    """The message and about what it costs on the wire, to split batches to fit."""
+def _cost(message: Assignment | Cancellation | Ack) -> int:
+    """About what a message costs on the wire, to split batches to fit."""
     if isinstance(message, Assignment):
-        task = message.task
-        return (
-            pb.ServerMessage(assignment=c.assignment(task)),
-            512 + len(task.input or b""),
-        )
+        return 512 + len(message.task.input or b"")
     if isinstance(message, Cancellation):
-        return (
-            pb.ServerMessage(
-                cancellation=pb.TaskCancellation(
-                    task_id=message.task_id, attempt=message.attempt, reason=message.reason
-                )
-            ),
-            128 + len(message.reason),
-        )
-    return pb.ServerMessage(result=c.ack(message)), 128 + (
-        len(message.error.message) if message.error else 0
-    )
+        return 128 + len(message.reason)
+    return 128 + (len(message.error.message) if message.error else 0)
+
+
+def _write_server_message(out: pb.ServerMessage, message: Assignment | Cancellation | Ack) -> None:
+    if isinstance(message, Assignment):
+        c.fill_assignment(out.assignment, message.task)
+    elif isinstance(message, Cancellation):
+        _write_cancellation(out.cancellation, message)
+    else:
+        c.fill_ack(out.result, message)
+
+
+def _write_cancellation(out: pb.TaskCancellation, message: Cancellation) -> None:
+    out.task_id = message.task_id
+    out.attempt = message.attempt
+    out.reason = message.reason
 
 
 def _stream_message(message: Assignment | Cancellation) -> pb.SubscribeTasksResponse:
+    out = pb.SubscribeTasksResponse()
     if isinstance(message, Assignment):
-        return pb.SubscribeTasksResponse(assignment=c.assignment(message.task))
-    return pb.SubscribeTasksResponse(
-        cancellation=pb.TaskCancellation(
-            task_id=message.task_id, attempt=message.attempt, reason=message.reason
-        )
-    )
+        c.fill_assignment(out.assignment, message.task)
+    else:
+        _write_cancellation(out.cancellation, message)
+    return out
