@@ -107,6 +107,21 @@ async def _one_transaction(h: Harness, n_ops: int) -> AsyncIterator[None]:
         await conn.close()
 
 
+def _complete_all(
+    h: Harness, held: dict[str, list[pb.Task]]
+) -> list[asyncio.Future[pb.CompleteTaskResponse]]:
+    """Start a CompleteTask for every task each agent holds, all at once."""
+    return [
+        asyncio.ensure_future(
+            h.dispatch.CompleteTask(
+                pb.CompleteTaskRequest(task_id=t.task_id, agent_id=agent, attempt=t.attempt)
+            )
+        )
+        for agent, tasks in held.items()
+        for t in tasks
+    ]
+
+
 async def _queued(h: Harness) -> list[pb.Task]:
     page = await h.dispatch.ListTasks(
         pb.ListTasksRequest(state=TS.TASK_STATE_QUEUED, page_size=1000)
@@ -156,15 +171,7 @@ async def test_one_transaction_fills_every_stream_best_first(harness: Harness):
     # Every agent completes everything it holds, in one transaction.
     n_ops = sum(len(t) for t in held.values())
     async with _one_transaction(h, n_ops):
-        calls = [
-            asyncio.ensure_future(
-                h.dispatch.CompleteTask(
-                    pb.CompleteTaskRequest(task_id=t.task_id, agent_id=a, attempt=t.attempt)
-                )
-            )
-            for a, tasks in held.items()
-            for t in tasks
-        ]
+        calls = _complete_all(h, held)
     for call in calls:
         assert (await call).task.state == TS.TASK_STATE_COMPLETED
 
@@ -211,15 +218,7 @@ async def test_a_refused_operation_in_the_transaction_leaves_no_stream_short(har
         )
     )
     async with _one_transaction(h, 4):
-        calls = [
-            asyncio.ensure_future(
-                h.dispatch.CompleteTask(
-                    pb.CompleteTaskRequest(task_id=t.task_id, agent_id=agent, attempt=t.attempt)
-                )
-            )
-            for agent, tasks in held.items()
-            for t in tasks
-        ]
+        calls = _complete_all(h, held)
         stale = held["a1"][0]
         calls.append(
             asyncio.ensure_future(
