@@ -115,7 +115,7 @@ class RetryPolicySpec:
 class TaskSpec:
     """What a caller asks to enqueue, before validation and defaults. Not
     frozen: one is made per task enqueued, and a frozen dataclass pays a
-    object.__setattr__ call per field (4.7 against 1.1 us for the 14 fields).
+    object.__setattr__ call per field (2.5 against 0.55 us for the 14 fields).
     Nothing changes one after it is made; dataclasses.replace makes a copy."""
 
     name: str = ""

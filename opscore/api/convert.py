@@ -352,12 +352,6 @@ def _connect_item(m: dispatch_pb2.AgentMessage, kind: str | None) -> ws.Item:
     )
 
 
-def ack(a: Ack) -> dispatch_pb2.AgentMessageResult:
-    out = dispatch_pb2.AgentMessageResult()
-    fill_ack(out, a)
-    return out
-
-
 def fill_ack(out: dispatch_pb2.AgentMessageResult, a: Ack) -> None:
     out.id = a.id
     if a.task_state:
