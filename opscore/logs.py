@@ -1,4 +1,11 @@
-"""Structured logging: one JSON object per line (or plain text for people)."""
+"""Structured logging: one JSON object per line (or plain text for people).
+
+At the default INFO level the server writes a line per unary RPC, so the
+formatters are on the hot path of every call: they format the time from a
+per-second cache and encode with one prebuilt JSON encoder (`json.dumps` with
+`default=` builds a new encoder per call). `python -m bench.tools.log_cost`
+measures a line.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +13,73 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is
 # emitted as a field of the JSON line.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+}
+
+# Values the encoder cannot represent (datetimes, enums, exceptions) are written
+# as their str(); a log line must never fail because of a field.
+_encode = json.JSONEncoder(default=str).encode
+
+
+class _SecondCache:
+    """The formatted part of a timestamp down to the second, for the last second
+    seen: lines come many per second, and formatting a datetime costs more than
+    the rest of the time field."""
+
+    __slots__ = ("pattern", "second", "text")
+
+    def __init__(self, pattern: str) -> None:
+        self.second = -1
+        self.text = ""
+        self.pattern = pattern
+
+    def get(self, second: int) -> str:
+        if second != self.second:
+            self.text = datetime.fromtimestamp(second, UTC).strftime(self.pattern)
+            self.second = second
+        return self.text
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+    }
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _SecondCache("%Y-%m-%dT%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
+        # ISO 8601 in UTC to the millisecond, as datetime.isoformat() writes it.
+        stamp = f"{self._seconds.get(int(record.created))}.{int(record.msecs):03d}+00:00"
         out = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": stamp,
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(_extras(record))
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return _encode(out)
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _SecondCache("%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(
-            f"{k}={v}"
-            for k, v in record.__dict__.items()
-            if k not in _STANDARD and not k.startswith("_")
-        )
-        base = f"{datetime.fromtimestamp(record.created, UTC):%H:%M:%S.%f}"[:-3]
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        base = f"{self._seconds.get(int(record.created))}.{int(record.msecs):03d}"
         line = f"{base} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if extras:
             line += "  " + extras
