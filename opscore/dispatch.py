@@ -193,12 +193,24 @@ class Subscription:
     # Set whenever the outbox is short: a work stream stops reading its client
     # while the client is not reading what it is sent.
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # The last commit whose completion wakes this stream (take()).
+    watched: asyncio.Future[None] | None = None
 
     def push(self, item: StreamItem) -> None:
         self.outbox.append(item)
-        self.wakeup.set()
+        commit = item[0]
+        if commit is None or commit.done():
+            self.wakeup.set()
+        elif commit is not self.watched:
+            # The stream wakes when the commit ends, not now: nothing can be
+            # sent before. Items of one transaction share one callback.
+            self.watched = commit
+            commit.add_done_callback(self._committed)
         if len(self.outbox) > _OUTBOX_HIGH_WATER:
             self.drained.clear()
+
+    def _committed(self, _commit: asyncio.Future[None]) -> None:
+        self.wakeup.set()
 
     async def next(self) -> StreamItem:
         while not self.outbox:
@@ -210,14 +222,26 @@ class Subscription:
         return item
 
     async def take(self) -> list[StreamItem]:
-        """Everything queued now, waiting for at least one item (never for more)."""
-        while not self.outbox:
+        """The items at the head of the queue whose commit has ended, in order,
+        waiting for at least one (never for more). The caller reads each
+        commit's outcome with `result()` and never has to await it: a stream
+        wakes once per commit instead of at the push and again at the commit
+        (behind a shield, so that its cancellation cannot cancel a commit other
+        calls wait on), which cost a loop turn and two futures per message."""
+        outbox = self.outbox
+        while not outbox or not _settled(outbox[0][0]):
             self.wakeup.clear()
             await self.wakeup.wait()
-        items = list(self.outbox)
-        self.outbox.clear()
-        self.drained.set()
+        items = []
+        while outbox and _settled(outbox[0][0]):
+            items.append(outbox.popleft())
+        if len(outbox) <= _OUTBOX_LOW_WATER:
+            self.drained.set()
         return items
+
+
+def _settled(commit: asyncio.Future[None] | None) -> bool:
+    return commit is None or commit.done()
 
 
 _OUTBOX_HIGH_WATER = 2000

@@ -117,7 +117,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
                 n = size = 0
                 for commit, message in in_hand:
                     if commit is not None and commit is not waited:
-                        await asyncio.shield(commit)
+                        commit.result()  # settled (take()): raises if the commit failed
                         waited = commit
                     if isinstance(message, StreamEnd):
                         if n:
