@@ -30,7 +30,8 @@ _encode = json.JSONEncoder(default=str).encode
 class _SecondCache:
     """The formatted part of a timestamp down to the second, for the last second
     seen: lines come many per second, and formatting a datetime costs more than
-    the rest of the time field."""
+    the rest of the time field. Not locked: logging formats a record under its
+    handler's lock, and each formatter belongs to one handler."""
 
     __slots__ = ("pattern", "second", "text")
 
