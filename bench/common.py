@@ -326,6 +326,20 @@ def opscore_server(
         raise BenchError(f"server exited with code {code} after SIGTERM\n{srv.tail()}")
 
 
+@contextlib.contextmanager
+def bare_server(workdir: Path, tag: str) -> Iterator[ServerUnderTest]:
+    """The bare grpc.aio baseline (bench/baselines/bare_grpc.py) on a free loopback
+    port, on uvloop as the server under test; stopped with SIGTERM after."""
+    port = free_port()
+    cmd = [PY, "-m", "bench.baselines.bare_grpc", "--listen", f"127.0.0.1:{port}"]
+    srv = ServerUnderTest([*cmd, "--event-loop", "uvloop"], port, None, workdir / f"{tag}-bare.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 def remove_db(db: Path | None) -> None:
     if db is None:
         return

@@ -257,12 +257,18 @@ def plots(results: Path) -> list[Path]:
     lat = by.get("latency")
     if lat and lat.get("configs"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for shape, style in (("unary", "--"), ("stream", "-")):
-            cs = [c for c in lat["configs"] if c["params"].get("shape", "unary") == shape]
+        series = (("opscore", "unary", "--"), ("opscore", "stream", "-"), ("bare", "stream", ":"))
+        for server, shape, style in series:
+            cs = [
+                c
+                for c in lat["configs"]
+                if c["params"].get("shape", "unary") == shape
+                and c["params"].get("server", "opscore") == server
+            ]
             if not cs:
                 continue
             rates = [c["params"]["rate"] for c in cs]
-            for k in ("p50_ms", "p99_ms"):
+            for k in ("p50_ms", "p99_ms") if server == "opscore" else ("p99_ms",):
                 ms = [c["metrics"][k] for c in cs]
                 ys = [x["median"] for x in ms]
                 err = [
@@ -270,6 +276,8 @@ def plots(results: Path) -> list[Path]:
                     [x["max"] - y for y, x in zip(ys, ms, strict=True)],
                 ]
                 name = "work stream" if shape == "stream" else "unary shape"
+                if server == "bare":
+                    name = f"bare grpc.aio, {name}"
                 ax.errorbar(
                     rates,
                     ys,

@@ -33,8 +33,8 @@ from bench.common import (
     Context,
     CpuMeter,
     LoadGen,
-    ServerUnderTest,
     _bench_env,
+    bare_server,
     free_port,
     loadgens,
     metric,
@@ -204,24 +204,8 @@ PATTERN_NAMES = {
 
 def run_bare(ctx: Context, tag: str, agents: int, n: int, pattern: str) -> dict[str, Any]:
     shape, mode, mif = PATTERNS[pattern]
-    port = free_port()
-    srv = ServerUnderTest(
-        [
-            PY,
-            "-m",
-            "bench.baselines.bare_grpc",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--event-loop",
-            "uvloop",
-        ],
-        port,
-        None,
-        ctx.work_dir / f"{tag}-bare.log",
-    )
-    srv.start()
-    try:
-        r = run_dispatch(
+    with bare_server(ctx.work_dir, tag) as srv:
+        return run_dispatch(
             target=srv.target,
             server_pid=srv.pid,
             work_dir=ctx.work_dir,
@@ -232,9 +216,6 @@ def run_bare(ctx: Context, tag: str, agents: int, n: int, pattern: str) -> dict[
             shape=shape,
             max_in_flight=mif,
         )
-    finally:
-        srv.stop()
-    return r
 
 
 def run_opscore(ctx: Context, tag: str, agents: int, n: int, pattern: str) -> dict[str, Any]:
