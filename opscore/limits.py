@@ -40,6 +40,8 @@ MAX_DELAY = timedelta(days=365)  # delay, and how far ahead schedule_time may be
 MAX_BACKOFF = timedelta(days=1)  # initial_backoff, max_backoff
 MAX_BACKOFF_MULTIPLIER = 100.0
 MAX_ATTEMPTS = 100
+# Workflow definition versions are int32 on the wire.
+MAX_DEFINITION_VERSION = 2**31 - 1
 # How far ahead of the server clock an agent's observe_time may be (clock skew).
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 

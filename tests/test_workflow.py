@@ -14,6 +14,7 @@ from opscore_proto.v1 import workflow_pb2 as pb
 
 from opscore.errors import ConfigError
 from tests.conftest import Harness, StreamReader, eventually, expect_error, make_config
+from tests.support.security import reason
 from tests.support.worker import Fail, Worker
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -192,6 +193,31 @@ tasks:
     depends_on: [fetch]
     retry_policy: {max_attempts: 5, initial_backoff: 0.5}
 """
+
+
+async def test_no_next_version_after_the_highest(harness):
+    """ "Next" after version 2**31 - 1 would not fit the int32 field: a precise
+    refusal, not INTERNAL, and the stored versions stay as they were."""
+    top = 2**31 - 1
+    first = await create(harness, definition("edge", [{"id": "a", "capability": "c"}], version=top))
+    assert first.created and first.definition.version == top
+    # The same content as the latest is returned, as ever.
+    same = await create(harness, definition("edge", [{"id": "a", "capability": "c"}]))
+    assert not same.created and same.definition.version == top
+    err = await expect_error(
+        create(harness, definition("edge", [{"id": "b", "capability": "c"}])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "highest",
+        "new id",
+    )
+    assert reason(err) == "DEFINITION_VERSIONS_EXHAUSTED"
+    latest = await harness.workflow.GetWorkflowDefinition(
+        pb.GetWorkflowDefinitionRequest(definition_id="edge")
+    )
+    assert latest.definition.version == top and latest.definition.tasks[0].id == "a"
+    # A version below the top can still be given explicitly.
+    low = await create(harness, definition("edge", [{"id": "b", "capability": "c"}], version=7))
+    assert low.created and low.definition.version == 7
 
 
 async def test_yaml_definition_versions_and_immutability(harness):

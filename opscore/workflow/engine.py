@@ -220,7 +220,15 @@ class WorkflowEngine:
                     body, stored_hash = latest
                     if stored_hash == digest:
                         return Definition.FromString(body), False
-                    version = Definition.FromString(body).version + 1
+                    latest_version = Definition.FromString(body).version
+                    if latest_version >= limits.MAX_DEFINITION_VERSION:
+                        raise FailedPrecondition(
+                            f"workflow {definition.id!r} is at version {latest_version}, the "
+                            "highest a version can be; there is no next one: create it under "
+                            "a new id",
+                            reason="DEFINITION_VERSIONS_EXHAUSTED",
+                        )
+                    version = latest_version + 1
                 else:
                     version = 1
             stored = Definition()

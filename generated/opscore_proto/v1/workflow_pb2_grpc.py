@@ -105,7 +105,9 @@ class WorkflowServiceServicer:
         again returns the stored one (`created` false); different content under an
         existing (id, version) is ALREADY_EXISTS. `version` 0 means "next":
         1 for a new id, otherwise the latest version + 1, unless the content is the
-        same as the latest version, which is then returned.
+        same as the latest version, which is then returned. When the latest version
+        is 2147483647 there is no next one: FAILED_PRECONDITION (reason
+        DEFINITION_VERSIONS_EXHAUSTED).
 
         Source text is at most 2 MiB, nested at most 64 levels, and at most 200,000
         values once YAML aliases are expanded; the definition at most 3 MiB
