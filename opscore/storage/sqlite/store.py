@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -206,6 +207,9 @@ _DELETE_SQL: dict[str, str] = {
 # parameters, far below SQLite's limit of 32,766.
 _CHUNKS = (64, 16, 4)
 
+# Batches handed to the writer thread at once: one committing, one behind it.
+_IN_FLIGHT = 2
+
 
 def _multi_row(sql: str, rows: int) -> str:
     """`sql` (an INSERT with one VALUES group) inserting `rows` rows at once."""
@@ -235,22 +239,55 @@ def _write_rows(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]])
         conn.executemany(sql, rows[start:])
 
 
+class _NotWritten(Exception):
+    """A batch handed to the writer thread after one before it failed: built on
+    changes that were never stored, so it is not written either."""
+
+
 def _write_transaction(
-    aconn: aiosqlite.Connection, work: list[tuple[str, list[tuple[Any, ...]]]]
-) -> None:
-    """Runs on aiosqlite's thread: one transaction for a whole batch."""
+    aconn: aiosqlite.Connection,
+    work: list[tuple[str, list[tuple[Any, ...]]]],
+    generation: int,
+    failed: list[int],
+) -> float:
+    """Runs on aiosqlite's thread: one transaction for a whole batch; the seconds it
+    took. `failed[0]` is the generation of the last batch that failed, written only
+    here: a batch of that generation or older was handed over before the store
+    heard of the failure."""
+    if generation <= failed[0]:
+        raise _NotWritten()
+    started = time.perf_counter()
     conn = aconn._conn
-    conn.execute("BEGIN IMMEDIATE")
     try:
+        conn.execute("BEGIN IMMEDIATE")
         for sql, rows in work:
             _write_rows(conn, sql, rows)
         conn.execute("COMMIT")
     except BaseException:
+        failed[0] = generation
         # Some errors (a full database, an I/O error) roll the transaction back
         # by themselves; a ROLLBACK then would raise and hide the real error.
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return time.perf_counter() - started
+
+
+def _work(batch: _Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The statements of one batch, in the order they must run."""
+    # Purges first: a row purged and then put again within one batch (an agent
+    # forgotten, then registered anew) must end up stored.
+    work: list[tuple[str, list[tuple[Any, ...]]]] = list(batch.purges)
+    for table, rows in batch.upserts.items():
+        if rows:
+            work.append((_UPSERT_SQL[table], list(rows.values())))
+    for table, appended in batch.appends.items():
+        if appended:
+            work.append((_APPEND_SQL[table], appended))
+    for table, keys in batch.deletes.items():
+        if keys:
+            work.append((_DELETE_SQL[table], list(keys.values())))
+    return work
 
 
 class _Batch:
@@ -271,6 +308,19 @@ class _Batch:
             or any(self.deletes.values())
             or self.purges
         )
+
+
+class _Flight:
+    """A batch handed to the writer thread (`done` its outcome there), or an empty
+    one (`done` None) whose waiters wait for the batches handed over before it."""
+
+    __slots__ = ("batch", "done", "generation", "rows")
+
+    def __init__(self, batch: _Batch, generation: int) -> None:
+        self.batch = batch
+        self.generation = generation
+        self.done: asyncio.Future[float] | None = None
+        self.rows = 0
 
 
 def _resolve(batch: _Batch, error: OpsCoreError | None) -> None:
@@ -339,6 +389,15 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        # Batches handed to the writer thread, oldest first, settled in order.
+        self._flights: deque[_Flight] = deque()
+        self._slot = asyncio.Event()
+        # Bumped by every fault: a batch handed over before a commit failed, of
+        # that commit's generation, is built on it and must not be written.
+        self._generation = 0
+        self._failed = [-1]  # written by the writer thread only
+        self._failed_generation = -1
+        self._failure: OpsCoreError | None = None
         # Work for the write connection between two commits (run_exclusive).
         self._jobs: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = deque()
         self._closing = False
@@ -492,22 +551,75 @@ class Store:
                     fut.set_result(result)
 
     async def _write_loop(self) -> None:
+        """Seal the pending batch and hand it to the writer thread, up to
+        _IN_FLIGHT at a time, so that the thread starts the next commit as soon
+        as one ends instead of after the event loop has heard of it (a busy loop
+        holds the GIL for milliseconds, and the thread needs it to start)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._jobs:
+                await self._drain()
                 await self._run_jobs()
+            while len(self._flights) >= _IN_FLIGHT:
+                self._slot.clear()
+                await self._slot.wait()
             batch, self._pending = self._pending, _Batch()
-            if batch.empty():
+            if batch.empty() and not self._flights:
                 _resolve(batch, None)
                 continue
-            started = time.perf_counter()
-            try:
-                rows = await self._apply(batch)
-            except asyncio.CancelledError:
-                _resolve(batch, Unavailable("server is shutting down; retry the call"))
-                raise
-            except Exception as exc:
+            self._hand_over(batch)
+
+    async def _drain(self) -> None:
+        """Until every batch handed over is settled."""
+        while self._flights:
+            self._slot.clear()
+            await self._slot.wait()
+
+    def _hand_over(self, batch: _Batch) -> None:
+        flight = _Flight(batch, self._generation)
+        self._flights.append(flight)
+        if batch.empty():
+            return
+        work = _work(batch)
+        flight.rows = sum(len(rows) for _, rows in work)
+        conn = self._writer
+        assert conn is not None
+        # The whole transaction runs in one hop to aiosqlite's thread. This is
+        # what `Connection._execute` does, without awaiting: the outcome is
+        # settled by a callback, in order. The version is pinned in pyproject.
+        done: asyncio.Future[float] = self.loop.create_future()
+        call = partial(_write_transaction, conn, work, flight.generation, self._failed)
+        conn._tx.put_nowait((done, call))
+        done.add_done_callback(self._settle)
+        flight.done = done
+
+    def _settle(self, _: object = None) -> None:
+        """Resolve the batches whose commit ended, oldest first."""
+        flights = self._flights
+        while flights:
+            flight = flights[0]
+            done = flight.done
+            if done is not None and not done.done():
+                break
+            flights.popleft()
+            if done is None:
+                failed = flight.generation <= self._failed_generation
+                _resolve(flight.batch, self._failure if failed else None)
+                continue
+            exc = (
+                Unavailable("server is shutting down; retry the call")
+                if done.cancelled()
+                else done.exception()
+            )
+            if exc is None:
+                self.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(flight.rows, done.result())
+                _resolve(flight.batch, None)
+            elif isinstance(exc, _NotWritten):
+                _resolve(flight.batch, self._failure)
+            else:
                 # Never retried: the rows may be the problem. The batch's callers
                 # hear that nothing was stored, and everything recorded on top of
                 # it is dropped too; the owner rebuilds memory from the database.
@@ -518,13 +630,11 @@ class Store:
                     exc_info=exc,
                     extra={"error": str(exc)},
                 )
-                _resolve(batch, error)
+                self._failed_generation = flight.generation
+                self._failure = error
+                _resolve(flight.batch, error)
                 self.fault(error)
-                continue
-            self.commits += 1
-            if self.on_commit is not None:
-                self.on_commit(rows, time.perf_counter() - started)
-            _resolve(batch, None)
+        self._slot.set()
 
     def atomic(self) -> _Atomic:
         return _Atomic(self)
@@ -532,6 +642,7 @@ class Store:
     def fault(self, error: OpsCoreError) -> None:
         """Memory is ahead of the database: drop what is pending, tell the owner."""
         self.faults += 1
+        self._generation += 1
         self.discard_pending(error)
         if self.on_failure is not None:
             self.on_failure(error)
@@ -540,30 +651,6 @@ class Store:
         """Forget every change recorded since the last commit; its waiters get `error`."""
         batch, self._pending = self._pending, _Batch()
         _resolve(batch, error)
-
-    async def _apply(self, batch: _Batch) -> int:
-        """Write one batch in one transaction; the number of rows written."""
-        # Purges first: a row purged and then put again within one batch (an
-        # agent forgotten, then registered anew) must end up stored.
-        work: list[tuple[str, list[tuple[Any, ...]]]] = list(batch.purges)
-        for table, rows in batch.upserts.items():
-            if rows:
-                work.append((_UPSERT_SQL[table], list(rows.values())))
-        for table, appended in batch.appends.items():
-            if appended:
-                work.append((_APPEND_SQL[table], appended))
-        for table, keys in batch.deletes.items():
-            if keys:
-                work.append((_DELETE_SQL[table], list(keys.values())))
-        conn = self._writer
-        assert conn is not None
-        # The whole transaction runs in one hop to aiosqlite's thread. Each hop
-        # costs a wake-up of a busy event loop, and a batch of five awaited calls
-        # made commit latency (and so every agent's round trip) several times
-        # longer. `_execute` is the primitive all of aiosqlite's public methods use;
-        # the version is pinned in pyproject.
-        await conn._execute(_write_transaction, conn, work)
-        return sum(len(rows) for _, rows in work)
 
     # ---- write API (record now, durable after `await commit()`)
 
