@@ -43,8 +43,8 @@ What `run()` does:
    `task.cancelled` now and then.
 6. Reconnects with jittered backoff when the server goes away (draining or
    unreachable), keeping the tasks it holds, and sends again what the server
-   had not answered (results are idempotent); an assignment it already runs,
-   re-sent by the server after the reconnect, is ignored. Registers again if
+   had not answered (results are idempotent); an assignment it already runs
+   or has finished, re-sent by the server after the reconnect, is ignored. Registers again if
    the server no longer knows it. A stream the server ends normally means the
    agent was deregistered: `run()` then cancels its handlers and returns.
 7. On SIGTERM or SIGINT (or `shutdown()`), stops taking work (capacity 0 on
@@ -75,6 +75,7 @@ import random
 import signal
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -113,6 +114,9 @@ _FINISHED = lifecycle_pb2.AGENT_STATE_FINISHED
 # the server's limit, or the failure itself is refused and the attempt lingers
 # until its lease ends. Characters of the traceback's tail kept at most:
 _TRACEBACK_LIMIT = 16_000
+# Finished attempts remembered against stale re-sent assignments (a re-send
+# follows a reconnect by moments; this bounds the memory).
+_FINISHED_REMEMBERED = 4096
 #: The shapes an agent can work in (see DispatchService in the protos).
 TRANSPORTS = ("connect", "subscribe")
 # Errors that reconnecting cannot fix: `run()` raises them.
@@ -476,6 +480,11 @@ class Agent:
         )
         self._handlers: dict[str, Handler] = {}
         self._held: dict[str, _Held] = {}
+        # The last attempt of each task this agent finished, most recent last: an
+        # assignment of one of them, re-sent after a reconnect, can arrive after
+        # the result's answer (the unary answer and the task stream are separate
+        # calls) and must not run the attempt again.
+        self._finished: OrderedDict[str, int] = OrderedDict()
         self._running = False
         self._stopping = False
         self._forced = False
@@ -962,6 +971,9 @@ class Agent:
     def _accept(
         self, task: dispatch_pb2.Task, trace_context: Mapping[str, str] | None = None
     ) -> None:
+        if self._finished.get(task.task_id, 0) >= task.attempt:
+            log.debug("task %s attempt %d: already finished here", task.task_id, task.attempt)
+            return
         held = self._held.get(task.task_id)
         if held is not None:
             if held.ctx.attempt >= task.attempt:
@@ -1044,7 +1056,14 @@ class Agent:
             held = self._held.get(ctx.task_id)
             if held is not None and held.ctx is ctx:
                 del self._held[ctx.task_id]
+            self._remember_finished(ctx.task_id, ctx.attempt)
             self._load_changed()
+
+    def _remember_finished(self, task_id: str, attempt: int) -> None:
+        finished = self._finished
+        finished[task_id] = max(attempt, finished.pop(task_id, 0))
+        if len(finished) > _FINISHED_REMEMBERED:
+            finished.popitem(last=False)
 
     async def _report_exception(self, ctx: TaskContext, exc: BaseException) -> None:
         retryable = not isinstance(exc, NonRetryableError)

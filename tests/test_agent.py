@@ -113,6 +113,39 @@ async def test_async_and_sync_handlers_complete_tasks(harness, client, transport
     assert history[0] == S.AGENT_STATE_FINISHED
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_stale_resend_of_a_finished_attempt_does_not_run_it_again(
+    harness, client, transport
+):
+    """After a reconnect the server re-sends the leases it holds for the agent; on
+    the older shape that re-send can arrive after the answer to the attempt's
+    result (two separate calls), when the attempt is no longer running here.
+    It must not run the attempt a second time. The re-send is fed to the agent
+    where its stream reader hands assignments over."""
+    agent = make_agent(harness, transport=transport)
+    calls: list[int] = []
+
+    @agent.task("once")
+    async def once(task: TaskContext) -> dict[str, Any]:
+        calls.append(task.attempt)
+        return {}
+
+    async with running(agent, client):
+        queued = await client.enqueue_task("once")
+        done = await finished(client, queued.task_id)
+        assert done.state == T.TASK_STATE_COMPLETED and calls == [1]
+        await eventually(lambda: agent.in_flight == 0, what="the attempt to be let go")
+        agent._accept(done)  # the stale re-send: the same task at its finished attempt
+        assert agent.in_flight == 0
+        # A later attempt of the same task (a real retry) still runs.
+        retry = dispatch_pb2.Task()
+        retry.CopyFrom(done)
+        retry.attempt = 2
+        agent._accept(retry)
+        await eventually(lambda: calls == [1, 2], what="the new attempt to run")
+    assert calls == [1, 2]
+
+
 async def test_failures_are_retried_and_non_retryable_ones_are_not(harness, client, transport):
     agent = make_agent(harness, transport=transport)
     attempts: list[int] = []
