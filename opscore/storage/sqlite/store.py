@@ -396,6 +396,8 @@ class Store:
         # that commit's generation, is built on it and must not be written.
         self._generation = 0
         self._failed = [-1]  # written by the writer thread only
+        # The same, as settled here in order: the thread's value may already
+        # name a later failure than the flight being settled.
         self._failed_generation = -1
         self._failure: OpsCoreError | None = None
         # Work for the write connection between two commits (run_exclusive).
@@ -578,8 +580,8 @@ class Store:
 
     def _hand_over(self, batch: _Batch) -> None:
         flight = _Flight(batch, self._generation)
-        self._flights.append(flight)
         if batch.empty():
+            self._flights.append(flight)
             return
         work = _work(batch)
         flight.rows = sum(len(rows) for _, rows in work)
@@ -593,6 +595,8 @@ class Store:
         conn._tx.put_nowait((done, call))
         done.add_done_callback(self._settle)
         flight.done = done
+        # Only now: a flight without `done` counts as written once it is first.
+        self._flights.append(flight)
 
     def _settle(self, _: object = None) -> None:
         """Resolve the batches whose commit ended, oldest first."""
