@@ -74,7 +74,7 @@ def summary(rs: list[dict[str, Any]], name: str, params: dict[str, Any]) -> dict
 def run(ctx: Context) -> dict[str, Any]:
     duration = 3 if ctx.quick else 10
 
-    def measure(srv: Any, tag: str, shape: str, rate: int) -> dict[str, Any]:
+    def measure(srv: Any, tag: str, shape: str, rate: int, who: str = "") -> dict[str, Any]:
         r = run_dispatch(
             target=srv.target,
             server_pid=srv.pid,
@@ -93,7 +93,6 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         r["saturated"] = saturated(r, rate)
         lat = r["assign_latency"]
-        who = "" if srv.db else "bare grpc.aio "
         ctx.say(
             f"  {who}{shape} {rate}/s: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, "
             f"max {lat['max_ms']:.1f} ms"
@@ -110,7 +109,7 @@ def run(ctx: Context) -> dict[str, Any]:
             remove_db(srv.db)
             if rate in bare and shape == BARE_SHAPE:
                 with bare_server(ctx.work_dir, f"{tag}-bare") as srv:
-                    bare[rate].append(measure(srv, f"{tag}-bare", shape, rate))
+                    bare[rate].append(measure(srv, f"{tag}-bare", shape, rate, "bare grpc.aio "))
     cfgs = []
     for shape, rate in POINTS:
         what = "work stream" if shape == "stream" else "unary shape"
