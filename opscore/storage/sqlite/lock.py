@@ -16,8 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 
 from opscore.errors import ConfigError
+
+# How long a new server waits for a dead server's commit process to exit.
+_ORPHAN_WAIT_S = 10.0
 
 
 class DatabaseLock:
@@ -29,7 +33,7 @@ class DatabaseLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -47,12 +51,45 @@ class DatabaseLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    @property
+    def fd(self) -> int:
+        """The locked descriptor: a child process that inherits it holds the lock
+        until it exits too (the commit process does)."""
+        assert self._fd is not None
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def _lock(fd: int) -> None:
+    """Take the lock, or raise BlockingIOError. A server that died leaves its
+    commit process holding the lock until it reads end of file and exits, a
+    moment later: when the recorded holder is no longer alive, wait that out."""
+    deadline = time.monotonic() + _ORPHAN_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            if holder is None or _alive(holder) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _read_pid(fd: int) -> int | None:

@@ -1,6 +1,7 @@
 """The one module that speaks SQL.
 
-Writes go through a single writer coroutine that owns its own connection. Engines
+Writes go through a single writer coroutine, which hands each batch to the commit
+process (commitproc.py), a child process that owns the connection commits use. Engines
 record changes with the `put_*`/`add_*` methods (a snapshot of the row is taken at
 once, later puts of the same key replace earlier ones) and await `commit()`, which
 resolves when everything recorded so far is durable. While one commit is on disk the
@@ -17,11 +18,9 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from opscore.clock import to_micros
-from opscore.errors import OpsCoreError, ResourceExhausted, Unavailable
+from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.models import (
     Agent,
     StateTransition,
@@ -62,6 +61,7 @@ from opscore.storage.rows import (
     transition_row,
 )
 from opscore.storage.sqlite import retention
+from opscore.storage.sqlite.commitproc import CommitProcess, CommitProcessDied, NotWritten
 from opscore.storage.sqlite.lock import DatabaseLock
 from opscore.workflow.models import Session, TaskRun
 
@@ -200,77 +200,11 @@ _DELETE_SQL: dict[str, str] = {
 }
 
 
-# Rows per multi-row INSERT, largest first. One statement for many rows costs a
-# third less per row than executemany's one step per row (measured on the tasks
-# table: 10.3 against 15.9 us), and fixed sizes keep the prepared statements few
-# (sqlite3 caches them per connection). 64 rows of the widest table bind 2,048
-# parameters, far below SQLite's limit of 32,766.
-_CHUNKS = (64, 16, 4)
-
-# Batches handed to the writer thread at once: one committing, one behind it.
+# Batches handed to the commit process at once: one committing, one behind it.
 _IN_FLIGHT = 2
 
-
-def _multi_row(sql: str, rows: int) -> str:
-    """`sql` (an INSERT with one VALUES group) inserting `rows` rows at once."""
-    head, _, tail = sql.partition(" VALUES (")
-    group, _, rest = tail.partition(")")
-    return f"{head} VALUES " + ", ".join([f"({group})"] * rows) + rest
-
-
-_MULTI_ROW: dict[str, dict[int, str]] = {
-    sql: {n: _multi_row(sql, n) for n in _CHUNKS}
-    for sql in (*_UPSERT_SQL.values(), *_APPEND_SQL.values())
-}
-
-
-def _write_rows(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    multi = _MULTI_ROW.get(sql)
-    if multi is None or len(rows) < _CHUNKS[-1]:
-        conn.executemany(sql, rows)
-        return
-    start = 0
-    for size in _CHUNKS:
-        statement = multi[size]
-        while len(rows) - start >= size:
-            conn.execute(statement, [value for row in rows[start : start + size] for value in row])
-            start += size
-    if start < len(rows):
-        conn.executemany(sql, rows[start:])
-
-
-class _NotWritten(Exception):
-    """A batch handed to the writer thread after one before it failed: built on
-    changes that were never stored, so it is not written either."""
-
-
-def _write_transaction(
-    aconn: aiosqlite.Connection,
-    work: list[tuple[str, list[tuple[Any, ...]]]],
-    generation: int,
-    failed: list[int],
-) -> float:
-    """Runs on aiosqlite's thread: one transaction for a whole batch; the seconds it
-    took. `failed[0]` is the generation of the last batch that failed, written only
-    here: a batch of that generation or older was handed over before the store
-    heard of the failure."""
-    if generation <= failed[0]:
-        raise _NotWritten()
-    started = time.perf_counter()
-    conn = aconn._conn
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        for sql, rows in work:
-            _write_rows(conn, sql, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        failed[0] = generation
-        # Some errors (a full database, an I/O error) roll the transaction back
-        # by themselves; a ROLLBACK then would raise and hide the real error.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return time.perf_counter() - started
+# The statements that get multi-row forms in the commit process.
+_MULTI_ROW_SQL = (*_UPSERT_SQL.values(), *_APPEND_SQL.values())
 
 
 def _work(batch: _Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
@@ -311,7 +245,7 @@ class _Batch:
 
 
 class _Flight:
-    """A batch handed to the writer thread (`done` its outcome there), or an empty
+    """A batch handed to the commit process (`done` its outcome), or an empty
     one (`done` None) whose waiters wait for the batches handed over before it."""
 
     __slots__ = ("batch", "done", "generation", "rows")
@@ -340,6 +274,12 @@ def _resolve(batch: _Batch, error: OpsCoreError | None) -> None:
 def storage_error(exc: BaseException) -> OpsCoreError:
     """The error the calls of a batch that could not commit are answered with."""
     text = str(exc)
+    if isinstance(exc, CommitProcessDied):
+        return Unavailable(
+            f"storage could not confirm the commit ({text}); the call may or may not "
+            "have been stored: check, or retry it (repeats with the same attempt or "
+            "idempotency key are answered as repeats)"
+        )
     if isinstance(exc, sqlite3.OperationalError) and "full" in text:
         return ResourceExhausted(
             "storage is full: the database reached its size limit (--max-db-bytes) or "
@@ -380,24 +320,32 @@ class Store:
         self.path = str(path)
         self.sync = sync
         self.max_db_bytes = max_db_bytes
-        self._lock = DatabaseLock(self.path) if self.path != ":memory:" else None
+        if self.path == ":memory:":
+            # The server, its reads and its commit process each need the same file.
+            raise ConfigError(
+                "--db :memory: is not supported: give a file path (for a throwaway "
+                "server, one under /dev/shm or a temporary directory)"
+            )
+        self._lock = DatabaseLock(self.path)
+        # Group commits go through the commit process; this connection runs the
+        # maintenance jobs between them (run_exclusive), reads use the other.
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self.committer: CommitProcess | None = None
         self._pending = _Batch()
         # Set by open(). asyncio.get_running_loop() makes a getpid() system call
         # on Python 3.11 (its fork check), and batch() runs for every change.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
-        # Batches handed to the writer thread, oldest first, settled in order.
+        # Batches handed to the commit process, oldest first, settled in order.
         self._flights: deque[_Flight] = deque()
         self._slot = asyncio.Event()
         # Bumped by every fault: a batch handed over before a commit failed, of
         # that commit's generation, is built on it and must not be written.
         self._generation = 0
-        self._failed = [-1]  # written by the writer thread only
-        # The same, as settled here in order: the thread's value may already
-        # name a later failure than the flight being settled.
+        # The generation of the last failed commit, as settled here in order (the
+        # commit process keeps its own, which may already name a later one).
         self._failed_generation = -1
         self._failure: OpsCoreError | None = None
         # Work for the write connection between two commits (run_exclusive).
@@ -425,28 +373,35 @@ class Store:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        if self._lock is not None:
-            self._lock.acquire()  # before anything touches the file
+        self._lock.acquire()  # before anything touches the file
         try:
             # Migrations run on a plain connection first: they are one-off and need
             # per-statement control that is simplest without the thread hop.
             await asyncio.to_thread(self._migrate)
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             await self._pragmas(self._writer)
-            if self.max_db_bytes:
-                page = (await (await self._writer.execute("PRAGMA page_size")).fetchone())[0]
-                pages = max(1, self.max_db_bytes // page)
-                await self._writer.execute(f"PRAGMA max_page_count = {pages}")
+            for pragma in await self._limit_sql():
+                await self._writer.execute(pragma)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._pragmas(self._reader)
             await self._reader.execute("PRAGMA query_only = ON")
+            self.committer = CommitProcess(
+                self._loop,
+                self.path,
+                pragmas=self._pragma_sql() + await self._limit_sql(),
+                multi_row_sql=_MULTI_ROW_SQL,
+                # It holds the file's lock as long as it may write to the file.
+                keep_fds=(self._lock.fd,),
+            )
+            self.committer.on_restart = self._committer_died
+            self.committer.start()
         except BaseException:
             for conn in (self._writer, self._reader):
                 if conn is not None:
                     await conn.close()
             self._writer = self._reader = None
-            if self._lock is not None:
-                self._lock.release()
+            self.committer = None
+            self._lock.release()
             raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="opscore-writer")
 
@@ -460,11 +415,32 @@ class Store:
         finally:
             conn.close()
 
+    def _pragma_sql(self) -> list[str]:
+        return [
+            "PRAGMA journal_mode = WAL",
+            f"PRAGMA synchronous = {'FULL' if self.sync == 'full' else 'NORMAL'}",
+            "PRAGMA busy_timeout = 5000",
+            "PRAGMA foreign_keys = ON",
+        ]
+
+    async def _limit_sql(self) -> list[str]:
+        """The size limit (--max-db-bytes) of a connection that writes."""
+        if not self.max_db_bytes:
+            return []
+        assert self._writer is not None
+        page = (await (await self._writer.execute("PRAGMA page_size")).fetchone())[0]
+        return [f"PRAGMA max_page_count = {max(1, self.max_db_bytes // page)}"]
+
     async def _pragmas(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync == 'full' else 'NORMAL'}")
-        await conn.execute("PRAGMA busy_timeout = 5000")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        for pragma in self._pragma_sql():
+            await conn.execute(pragma)
+
+    def _committer_died(self, code: int | None) -> None:
+        log.error(
+            "the commit process exited; the calls of its batches in flight are refused, "
+            "state is rebuilt from the database and a new one starts with the next commit",
+            extra={"exit_code": code},
+        )
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections."""
@@ -482,12 +458,15 @@ class Store:
             if not fut.done():
                 fut.set_exception(Unavailable("server is shutting down"))
                 fut.exception()
+        if self.committer is not None:
+            # Before the lock is released: the child holds it until it exits.
+            await self.committer.close()
+            self.committer = None
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
         self._writer = self._reader = None
-        if self._lock is not None:
-            self._lock.release()
+        self._lock.release()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -553,10 +532,9 @@ class Store:
                     fut.set_result(result)
 
     async def _write_loop(self) -> None:
-        """Seal the pending batch and hand it to the writer thread, up to
-        _IN_FLIGHT at a time, so that the thread starts the next commit as soon
-        as one ends instead of after the event loop has heard of it (a busy loop
-        holds the GIL for milliseconds, and the thread needs it to start)."""
+        """Seal the pending batch and hand it to the commit process, up to
+        _IN_FLIGHT at a time, so that it starts the next commit as soon as one
+        ends instead of after the event loop has heard of it."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -585,14 +563,9 @@ class Store:
             return
         work = _work(batch)
         flight.rows = sum(len(rows) for _, rows in work)
-        conn = self._writer
-        assert conn is not None
-        # The whole transaction runs in one hop to aiosqlite's thread. This is
-        # what `Connection._execute` does, without awaiting: the outcome is
-        # settled by a callback, in order. The version is pinned in pyproject.
-        done: asyncio.Future[float] = self.loop.create_future()
-        call = partial(_write_transaction, conn, work, flight.generation, self._failed)
-        conn._tx.put_nowait((done, call))
+        assert self.committer is not None
+        # The outcome is settled by a callback, in order.
+        done = self.committer.submit(flight.generation, work)
         done.add_done_callback(self._settle)
         flight.done = done
         # Only now: a flight without `done` counts as written once it is first.
@@ -621,7 +594,7 @@ class Store:
                 if self.on_commit is not None:
                     self.on_commit(flight.rows, done.result())
                 _resolve(flight.batch, None)
-            elif isinstance(exc, _NotWritten):
+            elif isinstance(exc, NotWritten):
                 _resolve(flight.batch, self._failure)
             else:
                 # Never retried: the rows may be the problem. The batch's callers
