@@ -11,6 +11,10 @@ import fcntl
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import dispatch_pb2_grpc
 
 from opscore.errors import ConfigError, OpsCoreError, Unavailable
-from opscore.storage.sqlite import Store
+from opscore.storage.sqlite import Store, commitproc
+from opscore.storage.sqlite import lock as lock_mod
 from tests.conftest import eventually
 from tests.support.procserver import running_server
 from tests.test_group_commit import in_flight, stored_names, task, write_lock_held
@@ -168,8 +173,6 @@ async def test_a_killed_servers_commit_process_holds_the_file_until_it_exits(tmp
 async def test_a_commit_process_that_cannot_start_fails_that_commit_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from opscore.storage.sqlite import commitproc
-
     db = tmp_path / "commit.db"
     store = Store(db)
     await store.open()
@@ -193,3 +196,62 @@ async def test_a_commit_process_that_cannot_start_fails_that_commit_only(
 def test_an_in_memory_database_is_refused_with_what_to_do_instead():
     with pytest.raises(ConfigError, match="give a file path"):
         Store(":memory:")
+
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, sys.argv[2].encode() + b"\\n")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_recorded_for_a_dead_server_is_waited_for_then_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What a dead server's orphaned commit process looks like to the next
+    server: the lock held, the pid in the file no longer alive."""
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    db = tmp_path / "x.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, f"{db}.lock", str(dead_pid.pid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        # Never released: it waits the whole grace, then says who holds it.
+        monkeypatch.setattr(lock_mod, "_ORPHAN_WAIT_S", 0.3)
+        started = time.monotonic()
+        with pytest.raises(
+            ConfigError, match=f"in use by another Ops-Core server \\(pid {dead_pid.pid}\\)"
+        ):
+            lock_mod.DatabaseLock(str(db)).acquire()
+        assert time.monotonic() - started >= 0.3
+        # Released while waited for: taken.
+        monkeypatch.setattr(lock_mod, "_ORPHAN_WAIT_S", 30.0)
+        taken: list[BaseException | None] = []
+        lock = lock_mod.DatabaseLock(str(db))
+
+        def take() -> None:
+            try:
+                lock.acquire()
+                taken.append(None)
+            except BaseException as exc:
+                taken.append(exc)
+
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder exits, as the orphan does at end of file
+        holder.wait(timeout=10)
+        waiter.join(timeout=20)
+        assert taken == [None]
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
