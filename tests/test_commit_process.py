@@ -72,6 +72,7 @@ async def test_the_commit_process_has_the_stores_durability_settings(tmp_path: P
             assert committer.settings["journal_mode"] == "wal"
             assert committer.settings["synchronous"] == level
             assert committer.settings["max_page_count"] == (8 << 20) // 4096
+            assert committer.settings["temp_store"] == 2  # MEMORY
         finally:
             await store.close()
         assert committer.proc is None, "closed with the store"

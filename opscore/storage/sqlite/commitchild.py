@@ -155,6 +155,7 @@ def _child(fd: int) -> None:
                 "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
                 "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0],
                 "max_page_count": conn.execute("PRAGMA max_page_count").fetchone()[0],
+                "temp_store": conn.execute("PRAGMA temp_store").fetchone()[0],
             },
         )
     )
