@@ -36,6 +36,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from opscore.storage.sqlite import commitchild
@@ -84,7 +85,8 @@ class CommitProcess:
         self._waiting: deque[asyncio.Future[float]] = deque()
         self._inbox = bytearray()
         self._outbox = bytearray()
-        self.on_restart: Any = None  # called with the exit code of a child that died
+        # Called with the exit code of a child that died (the next submit starts one).
+        self.on_died: Callable[[int | None], None] | None = None
 
     def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -217,8 +219,8 @@ class CommitProcess:
                 first = False
             else:
                 done.set_exception(NotWritten())
-        if self.on_restart is not None:
-            self.on_restart(code)
+        if self.on_died is not None:
+            self.on_died(code)
 
     def _stop_watching(self) -> int | None:
         sock, self._sock = self._sock, None

@@ -400,7 +400,7 @@ class Store:
                 # It holds the file's lock as long as it may write to the file.
                 keep_fds=(self._lock.fd,),
             )
-            self.committer.on_restart = self._committer_died
+            self.committer.on_died = self._committer_died
             self.committer.start()
         except BaseException:
             for conn in (self._writer, self._reader):
