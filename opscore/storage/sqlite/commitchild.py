@@ -143,7 +143,7 @@ def _child(fd: int) -> None:
     if setup is None:
         return
     path, pragmas, multi_row_sql = setup
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None)
     for pragma in pragmas:
         conn.execute(pragma)
     tx = Transactions(conn, tuple(multi_row_sql))
