@@ -80,6 +80,10 @@ class SQLiteStorage:
         self._ready: dict[str, list[_Entry]] = {}
         self._ready_pinned: dict[str, list[_Entry]] = {}
         self._queued: dict[str, int] = {}  # task id -> ready_seq of its heap entry
+        # (capability, pinned agent id or "") -> {task id: when it became ready}, in
+        # the order tasks became ready: the counts and oldest age that metrics and
+        # the no-agent watch read, without a walk over every ready task.
+        self._waiting: dict[tuple[str, str], dict[str, datetime]] = {}
         self._ready_seq = 0
         self._held: dict[str, set[str]] = {}  # agent id -> ids of tasks it holds
         self._holder_of: dict[str, str] = {}
@@ -146,7 +150,8 @@ class SQLiteStorage:
             agent.last_seen_time = max(agent.last_seen_time, now)
             self._watch_liveness(agent)
         self._ready_seq = await self.store.max_ready_seq()
-        for task in await self.store.load_open_tasks():
+        # In the order they became ready, which _waiting keeps.
+        for task in sorted(await self.store.load_open_tasks(), key=lambda t: t.update_time):
             self.tasks[task.task_id] = task
             if task.idempotency_key:
                 self._keys[task.idempotency_key] = task.task_id
@@ -282,9 +287,23 @@ class SQLiteStorage:
                 )
                 heapq.heappush(heap, entry)
                 self._queued[task_id] = task.ready_seq
+                waiting = self._waiting.setdefault((task.capability, task.agent_id), {})
+                waiting.pop(task_id, None)  # re-queued: now the newest
+                waiting[task_id] = task.update_time
         else:
-            self._queued.pop(task_id, None)
+            self._unqueue(task)
             self._arm(task, _due_time(task))
+
+    def _unqueue(self, task: Task) -> None:
+        """`task` is no longer ready (its heap entry, if any, goes stale)."""
+        if self._queued.pop(task.task_id, None) is None:
+            return
+        key = (task.capability, task.agent_id)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.pop(task.task_id, None)
+            if not waiting:
+                del self._waiting[key]
 
     def _is_ready(self, entry: _Entry) -> bool:
         _, seq, task_id = entry
@@ -305,8 +324,9 @@ class SQLiteStorage:
             if best is None:
                 break
             _, _, task_id = heapq.heappop(best)
-            del self._queued[task_id]
-            out.append(self.tasks[task_id])
+            task = self.tasks[task_id]
+            self._unqueue(task)
+            out.append(task)
         return out
 
     def _evict_when_durable(self, task: Task) -> None:
@@ -486,18 +506,8 @@ class SQLiteStorage:
 
     def ready_queues(self) -> dict[tuple[str, str], tuple[int, datetime]]:
         """Ready tasks by (capability, pinned agent id or ""): how many, and when
-        the oldest became ready. One step per heap entry: for scrapes."""
-        out: dict[tuple[str, str], tuple[int, datetime]] = {}
-        for pinned, heaps in ((False, self._ready), (True, self._ready_pinned)):
-            for key, heap in heaps.items():
-                for entry in heap:
-                    if not self._is_ready(entry):
-                        continue
-                    t = self.tasks[entry[2]]
-                    k = (t.capability, key) if pinned else (key, "")
-                    n, oldest = out.get(k, (0, t.update_time))
-                    out[k] = (n + 1, min(oldest, t.update_time))
-        return out
+        the oldest became ready. One step per queue, whatever their length."""
+        return {key: (len(w), next(iter(w.values()))) for key, w in self._waiting.items()}
 
 
 class _Tx:
@@ -580,7 +590,7 @@ class _Tx:
                 s._keys[task.idempotency_key] = task.task_id
         if task.is_final:
             s._arm(task, None)
-            s._queued.pop(task.task_id, None)
+            s._unqueue(task)
             if task.task_id in s.tasks:
                 s._index(task)
                 s._evict_when_durable(task)
