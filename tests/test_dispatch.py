@@ -622,6 +622,43 @@ async def test_list_filters_and_paging(harness):
     )
 
 
+async def test_list_by_agent_merges_pinned_and_assigned_newest_first(harness):
+    """The agent filter takes tasks pinned to the agent and tasks it was assigned
+    (each side read from its own index): one order, no task twice, paged."""
+    h = harness
+    await h.register("p", ["c"])
+    await h.register("q", ["c"])
+    D = h.dispatch
+    names: list[str] = []
+    sub = await subscribe(h, "p", max_in_flight=10, capabilities=["c"])
+    for i in range(4):
+        await enqueue(h, capability="c", name=f"run{i}")  # p takes it: assigned
+        await assignment(sub)
+        await enqueue(h, agent_id="q", name=f"other{i}")  # pinned elsewhere
+        await enqueue(h, agent_id="p", name=f"pin{i}")  # pinned to p and taken by it
+        await assignment(sub)
+        names = [f"pin{i}", f"run{i}", *names]
+    await sub.close()
+    await enqueue(h, agent_id="p", name="waiting")  # pinned, not assigned (yet)
+    names.insert(0, "waiting")
+
+    got, token = [], ""
+    while True:
+        page = await D.ListTasks(pb.ListTasksRequest(agent_id="p", page_size=3, page_token=token))
+        assert len(page.tasks) <= 3
+        got += [t.name for t in page.tasks]
+        token = page.next_page_token
+        if not token:
+            break
+    assert got == names
+    assigned = await D.ListTasks(
+        pb.ListTasksRequest(agent_id="p", state=TS.TASK_STATE_ASSIGNED, page_size=100)
+    )
+    assert [t.name for t in assigned.tasks] == [n for n in names if n != "waiting"]
+    others = await D.ListTasks(pb.ListTasksRequest(agent_id="q"))
+    assert [t.name for t in others.tasks] == [f"other{i}" for i in reversed(range(4))]
+
+
 async def test_restart_keeps_queue_order_leases_and_schedules(harness):
     await harness.register("a1", ["c"])
     sub = await subscribe(harness, "a1")

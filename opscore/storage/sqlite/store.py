@@ -224,6 +224,29 @@ def _work(batch: _Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
     return work
 
 
+def _pinned_or_assigned(
+    where: list[str], params: list[Any], agent_id: str, n: int
+) -> tuple[str, list[Any]]:
+    """The newest `n` tasks pinned to or assigned to `agent_id` (and matching
+    `where`). Each side walks its own index backwards from the newest and stops
+    after `n`; written as one `agent_id = ? OR assigned_agent_id = ?`, SQLite
+    reads every task of the agent and sorts them, for every page."""
+    sides = []
+    side_params: list[Any] = []
+    for column in ("agent_id", "assigned_agent_id"):
+        sides.append(
+            "SELECT r FROM (SELECT rowid AS r FROM tasks WHERE "
+            + " AND ".join([f"{column} = ?", *where])
+            + " ORDER BY rowid DESC LIMIT ?)"
+        )
+        side_params += [agent_id, *params, n]
+    sql = (
+        f"SELECT rowid, {TASK_COLS} FROM tasks WHERE rowid IN ({' UNION '.join(sides)}) "
+        "ORDER BY rowid DESC LIMIT ?"
+    )
+    return sql, [*side_params, n]
+
+
 class _Batch:
     __slots__ = ("appends", "deletes", "future", "purges", "upserts")
 
@@ -790,7 +813,8 @@ class Store:
     ) -> tuple[list[Task], str]:
         """Newest first, by insertion order (rowid), which never changes for a task."""
         limit = clamp_page_size(page_size)
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if page_token:
             where.append("rowid < ?")
             params.append(decode_cursor(page_token, int)[0])
@@ -800,17 +824,17 @@ class Store:
         if flt.capability:
             where.append("capability = ?")
             params.append(flt.capability)
-        if flt.agent_id:
-            where.append("(agent_id = ? OR assigned_agent_id = ?)")
-            params += [flt.agent_id, flt.agent_id]
         if flt.session_id:
             where.append("session_id = ?")
             params.append(flt.session_id)
-        sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid DESC LIMIT ?"
-        params.append(limit + 1)
+        if flt.agent_id:
+            sql, params = _pinned_or_assigned(where, params, flt.agent_id, limit + 1)
+        else:
+            sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY rowid DESC LIMIT ?"
+            params.append(limit + 1)
         rows = await self._fetchall(sql, params)
         # rowid, then TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
