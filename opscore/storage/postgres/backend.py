@@ -958,8 +958,12 @@ class PostgresStorage:
         limit = clamp_page_size(page_size)
         after = decode_cursor(page_token, str)[0] if page_token else ""
         rows = await self._fetch(
-            "SELECT DISTINCT ON (definition_id) definition_id, body FROM workflow_definitions "
-            "WHERE definition_id > $1 ORDER BY definition_id, version DESC LIMIT $2",
+            # The page's ids first, in the key's order (DISTINCT ON with
+            # "version DESC" sorts every id after the cursor), then their bodies.
+            "SELECT d.definition_id, d.body FROM (SELECT definition_id, MAX(version) AS v "
+            "FROM workflow_definitions WHERE definition_id > $1 GROUP BY definition_id "
+            "ORDER BY definition_id LIMIT $2) m JOIN workflow_definitions d "
+            "ON d.definition_id = m.definition_id AND d.version = m.v ORDER BY d.definition_id",
             after,
             limit + 1,
         )

@@ -881,11 +881,12 @@ class Store:
         limit = clamp_page_size(page_size)
         after = decode_cursor(page_token, str)[0] if page_token else ""
         rows = await self._fetchall(
-            "SELECT d.definition_id, d.body FROM workflow_definitions d "
-            "JOIN (SELECT definition_id, MAX(version) AS v FROM workflow_definitions "
-            "      WHERE definition_id > ? GROUP BY definition_id) m "
-            "ON d.definition_id = m.definition_id AND d.version = m.v "
-            "ORDER BY d.definition_id LIMIT ?",
+            # The page's ids first (the key's order, stopping after the page),
+            # then their latest bodies: not the latest of every id to sort.
+            "SELECT d.definition_id, d.body FROM (SELECT definition_id, MAX(version) AS v "
+            "FROM workflow_definitions WHERE definition_id > ? GROUP BY definition_id "
+            "ORDER BY definition_id LIMIT ?) m JOIN workflow_definitions d "
+            "ON d.definition_id = m.definition_id AND d.version = m.v ORDER BY d.definition_id",
             [after, limit + 1],
         )
         n = fit((len(r[1]) for r in rows[:limit]), budget)
