@@ -81,3 +81,16 @@ def agent_size(a: Agent) -> int:
         + sum(len(k) + len(val) + 4 for k, val in a.metadata.items())
         + len(a.state_details or b"")
     )
+
+
+def latest_definitions_sql(after: str, limit: str) -> str:
+    """The latest version of a page of workflow definitions, by id, with the
+    backend's placeholders for the cursor and the page size. The page's ids come
+    first, in the primary key's order and stopping after the page, then their
+    latest bodies: not the latest version of every id after the cursor, sorted."""
+    return (
+        "SELECT d.definition_id, d.body FROM (SELECT definition_id, MAX(version) AS v "
+        f"FROM workflow_definitions WHERE definition_id > {after} GROUP BY definition_id "
+        f"ORDER BY definition_id LIMIT {limit}) m JOIN workflow_definitions d "
+        "ON d.definition_id = m.definition_id AND d.version = m.v ORDER BY d.definition_id"
+    )

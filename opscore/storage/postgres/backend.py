@@ -64,6 +64,7 @@ from opscore.storage.pages import (
     decode_cursor,
     encode_cursor,
     fit,
+    latest_definitions_sql,
     nbytes,
 )
 from opscore.storage.postgres import retention
@@ -958,12 +959,7 @@ class PostgresStorage:
         limit = clamp_page_size(page_size)
         after = decode_cursor(page_token, str)[0] if page_token else ""
         rows = await self._fetch(
-            # The page's ids first, in the key's order (DISTINCT ON with
-            # "version DESC" sorts every id after the cursor), then their bodies.
-            "SELECT d.definition_id, d.body FROM (SELECT definition_id, MAX(version) AS v "
-            "FROM workflow_definitions WHERE definition_id > $1 GROUP BY definition_id "
-            "ORDER BY definition_id LIMIT $2) m JOIN workflow_definitions d "
-            "ON d.definition_id = m.definition_id AND d.version = m.v ORDER BY d.definition_id",
+            latest_definitions_sql("$1", "$2"),
             after,
             limit + 1,
         )

@@ -37,7 +37,14 @@ from opscore.models import (
     TaskAttempt,
     TaskFilter,
 )
-from opscore.storage.pages import clamp_page_size, decode_cursor, encode_cursor, fit, nbytes
+from opscore.storage.pages import (
+    clamp_page_size,
+    decode_cursor,
+    encode_cursor,
+    fit,
+    latest_definitions_sql,
+    nbytes,
+)
 from opscore.storage.rows import (
     AGENT_COLS,
     AGENT_UPDATED,
@@ -881,12 +888,7 @@ class Store:
         limit = clamp_page_size(page_size)
         after = decode_cursor(page_token, str)[0] if page_token else ""
         rows = await self._fetchall(
-            # The page's ids first (the key's order, stopping after the page),
-            # then their latest bodies: not the latest of every id to sort.
-            "SELECT d.definition_id, d.body FROM (SELECT definition_id, MAX(version) AS v "
-            "FROM workflow_definitions WHERE definition_id > ? GROUP BY definition_id "
-            "ORDER BY definition_id LIMIT ?) m JOIN workflow_definitions d "
-            "ON d.definition_id = m.definition_id AND d.version = m.v ORDER BY d.definition_id",
+            latest_definitions_sql("?", "?"),
             [after, limit + 1],
         )
         n = fit((len(r[1]) for r in rows[:limit]), budget)
