@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping
 
@@ -14,6 +15,7 @@ from opscore_proto.v1 import common_pb2
 from opscore_proto.v1 import dispatch_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from opscore.observability.looplag import LoopLagProbe
 from opscore.observability.noagent import NoAgentWatch
 from tests.conftest import Harness, eventually, expect_error
 from tests.support.worker import Fail, Worker
@@ -328,3 +330,42 @@ async def test_metrics_listen_setting(tmp_path):
         except ConfigError:
             continue
         raise AssertionError(f"{bad} must be refused")
+
+
+async def test_loop_lag_probe_sees_a_held_loop_and_warns_once(caplog):
+    caplog.set_level(logging.WARNING, logger="opscore.server")
+    seen: list[float] = []
+    probe = LoopLagProbe(seen.append, interval_s=0.01, warn_s=0.2, repeat_s=60.0)
+    probe.start()
+    try:
+        await eventually(lambda: len(seen) >= 3, what="the probe ticking")
+        assert max(seen) < 0.2  # nothing held the loop yet
+        for _ in range(2):
+            time.sleep(0.3)  # noqa: ASYNC251 -- holding the loop is what is under test
+            ticks = len(seen)
+            await eventually(lambda n=ticks: len(seen) > n, what="a tick after the stall")
+    finally:
+        probe.stop()
+    assert probe.worst_s >= 0.25 and sum(lag >= 0.25 for lag in seen) == 2
+    held = [r for r in caplog.records if "event loop was held up" in r.getMessage()]
+    assert len(held) == 1  # the second stall came within repeat_s
+    assert held[0].lag_s >= 0.25  # type: ignore[attr-defined]
+
+
+async def test_loop_lag_is_a_metric(make_harness):
+    h = await metrics_harness(make_harness)
+    name = "opscore_event_loop_lag_seconds"
+
+    async def observed() -> Samples | None:
+        samples, _ = await scrape(h)
+        return samples if (value(samples, f"{name}_count") or 0) >= 2 else None
+
+    samples = await eventually(observed, what="lag observations")
+    assert value(samples, f"{name}_bucket", le="0.25") == value(samples, f"{name}_count")
+    time.sleep(0.35)  # noqa: ASYNC251 -- the server runs on this loop: hold it
+
+    async def stall_counted() -> bool:
+        s, _ = await scrape(h)
+        return (value(s, f"{name}_bucket", le="0.25") or 0) < (value(s, f"{name}_count") or 0)
+
+    await eventually(stall_counted, what="the stall in the histogram")

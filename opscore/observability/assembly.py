@@ -2,7 +2,8 @@
 
 Nothing configured: the engines get the no-op observer, the interceptor gets no
 hooks, and neither prometheus_client nor opentelemetry is imported. Only the
-no-agent log watch always runs (one cheap timer).
+no-agent log watch and the event-loop lag probe always run (cheap timers that
+log what an operator must hear of).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from opscore.config import Config
 from opscore.observability.hub import combine
+from opscore.observability.looplag import LoopLagProbe
 from opscore.observability.noagent import NoAgentWatch
 from opscore.observability.observer import EngineObserver
 
@@ -35,6 +37,7 @@ class Observability:
         self.rpc_tracer: RpcTracer | None = None
         self.endpoint: MetricsEndpoint | None = None
         self.watch: NoAgentWatch | None = None
+        self.lag: LoopLagProbe | None = None
         self._listen = config.metrics_listen
         metrics_observer = tracing_observer = None
         if config.metrics_listen is not None:
@@ -67,6 +70,7 @@ class Observability:
     ) -> None:
         """Connect to the engines once they exist (before storage opens)."""
         self.watch = NoAgentWatch(dispatch)
+        self.lag = LoopLagProbe(self.metrics.loop_lag.observe if self.metrics else None)
         if self.metrics is not None:
             from opscore.observability.metrics import EngineCollector
 
@@ -94,16 +98,20 @@ class Observability:
         return self.endpoint.port if self.endpoint is not None else 0
 
     def serving(self) -> None:
-        """The server is up: start the watch and the log correlation."""
+        """The server is up: start the watch, the lag probe and the log correlation."""
         if self.watch is not None:
             self.watch.start()
+        if self.lag is not None:
+            self.lag.start()
         if self.tracing is not None:
             self.tracing.install_log_correlation()
 
     def stop_watch(self) -> None:
-        """On the event loop (the watch is a loop timer)."""
+        """On the event loop (the watch and the probe are loop timers)."""
         if self.watch is not None:
             self.watch.stop()
+        if self.lag is not None:
+            self.lag.stop()
 
     def close(self) -> None:
         """Stop the endpoint, flush and stop tracing. Idempotent; blocking (flushing

@@ -57,6 +57,8 @@ RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 TASK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Event-loop lag: the timer's own resolution is a millisecond.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 # How long a scrape waits for the event loop to copy the engines' state.
 SNAPSHOT_TIMEOUT_S = 5.0
@@ -156,6 +158,14 @@ class Metrics:
             "Time one group commit took on disk (the transaction, fsync included).",
             (),
             COMMIT_BUCKETS,
+        )
+        # ---- the server process
+        self.loop_lag = histogram(
+            "opscore_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 0.1 s: how long every call "
+            "in flight waited at that moment.",
+            (),
+            LAG_BUCKETS,
         )
         self.capabilities = CapabilityLabels(
             limits.MAX_METRIC_CAPABILITIES if max_capabilities is None else max_capabilities
