@@ -346,7 +346,7 @@ async def test_loop_lag_probe_sees_a_held_loop_and_warns_once(caplog):
             await eventually(lambda n=ticks: len(seen) > n, what="a tick after the stall")
     finally:
         probe.stop()
-    assert probe.worst_s >= 0.25 and sum(lag >= 0.25 for lag in seen) == 2
+    assert sum(lag >= 0.25 for lag in seen) == 2
     held = [r for r in caplog.records if "event loop was held up" in r.getMessage()]
     assert len(held) == 1  # the second stall came within repeat_s
     assert held[0].lag_s >= 0.25  # type: ignore[attr-defined]

@@ -36,7 +36,6 @@ class LoopLagProbe:
         self.interval_s = interval_s
         self.warn_s = warn_s
         self.repeat_s = repeat_s
-        self.worst_s = 0.0  # the largest lag seen, for tests and debugging
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
@@ -60,7 +59,6 @@ class LoopLagProbe:
         assert self._loop is not None
         now = self._loop.time()
         lag = max(0.0, now - self._due)
-        self.worst_s = max(self.worst_s, lag)
         try:
             if self.observe is not None:
                 self.observe(lag)

@@ -883,16 +883,16 @@ class PostgresStorage:
         if flt.session_id:
             # The repeated "<> ''" lets a generic plan use the partial index too.
             where.append(f"session_id = {arg(flt.session_id)} AND session_id <> ''")
-        n = arg(limit + 1)
+        page = arg(limit + 1)
         if flt.agent_id:
-            # Each side walks its own index from the newest and stops after n;
+            # Each side walks its own index from the newest and stops after a page;
             # one "agent_id = a OR assigned_agent_id = a" reads every task of
             # the agent and sorts them, for every page.
             a = arg(flt.agent_id)
             sides = [
                 "(SELECT seq FROM tasks WHERE "
                 + " AND ".join([f"{column} = {a} AND {column} <> ''", *where])
-                + f" ORDER BY seq DESC LIMIT {n})"
+                + f" ORDER BY seq DESC LIMIT {page})"
                 for column in ("agent_id", "assigned_agent_id")
             ]
             sql = f"SELECT seq, {_TASK_COLS} FROM tasks WHERE seq IN ({' UNION '.join(sides)})"
@@ -900,7 +900,7 @@ class PostgresStorage:
             sql = f"SELECT seq, {_TASK_COLS} FROM tasks"
             if where:
                 sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY seq DESC LIMIT {n}"
+        sql += f" ORDER BY seq DESC LIMIT {page}"
         rows = await self._fetch(sql, *args)
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
         items = [R.task_from_row(tuple(r)[1:]) for r in rows[:n]]
