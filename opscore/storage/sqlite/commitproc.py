@@ -98,13 +98,7 @@ class CommitProcess:
             theirs.setblocking(True)
             ours.sendall(setup)
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-E",
-                    "-s",
-                    os.path.abspath(commitchild.__file__),
-                    str(theirs.fileno()),
-                ],
+                [sys.executable, "-E", "-s", _CHILD, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(), *self.keep_fds),
                 stdin=subprocess.DEVNULL,
             )

@@ -411,7 +411,8 @@ class Store:
             await asyncio.to_thread(self._migrate)
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             await self._pragmas(self._writer)
-            for pragma in await self._limit_sql():
+            limit = await self._limit_sql()
+            for pragma in limit:
                 await self._writer.execute(pragma)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._pragmas(self._reader)
@@ -425,7 +426,7 @@ class Store:
                 pragmas=[
                     *self._pragma_sql(),
                     "PRAGMA temp_store = MEMORY",
-                    *await self._limit_sql(),
+                    *limit,
                 ],
                 multi_row_sql=_MULTI_ROW_SQL,
                 # It holds the file's lock as long as it may write to the file.
