@@ -622,6 +622,56 @@ async def test_list_filters_and_paging(harness):
     )
 
 
+async def test_list_by_each_final_state_pages_newest_first(harness):
+    """FAILED and CANCELLED are read through a partial index of their own,
+    COMPLETED from the table: each state lists exactly its tasks, newest first,
+    across pages."""
+    await harness.register("a1", ["c"])
+    sub = await subscribe(harness, "a1")
+    D = harness.dispatch
+    want: dict[int, list[str]] = {TS.TASK_STATE_COMPLETED: [], TS.TASK_STATE_FAILED: []}
+    want[TS.TASK_STATE_CANCELLED] = []
+    for i in range(9):
+        if i % 3 == 2:  # cancelled while it waits, so that it is never assigned
+            t = await enqueue(harness, capability="c", name=f"t{i}", delay=dur(600))
+            await D.CancelTask(pb.CancelTaskRequest(task_id=t.task_id))
+            want[TS.TASK_STATE_CANCELLED].insert(0, t.name)
+            continue
+        t = await enqueue(harness, capability="c", name=f"t{i}")
+        got = await assignment(sub)
+        assert got.task_id == t.task_id
+        if i % 3 == 0:
+            await complete(harness, got, "a1")
+            want[TS.TASK_STATE_COMPLETED].insert(0, t.name)
+        else:
+            await D.FailTask(
+                pb.FailTaskRequest(
+                    task_id=t.task_id,
+                    agent_id="a1",
+                    attempt=got.attempt,
+                    error=common_pb2.TaskError(message="no"),
+                    non_retryable=True,
+                )
+            )
+            want[TS.TASK_STATE_FAILED].insert(0, t.name)
+    queued = await enqueue(harness, capability="other", name="queued")
+    for state, names in want.items():
+        listed, token = [], ""
+        while True:
+            page = await D.ListTasks(
+                pb.ListTasksRequest(state=state, page_size=2, page_token=token)
+            )
+            assert all(t.state == state for t in page.tasks)
+            listed += [t.name for t in page.tasks]
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == names, TS.Name(state)
+    open_ = await D.ListTasks(pb.ListTasksRequest(state=TS.TASK_STATE_QUEUED))
+    assert [t.task_id for t in open_.tasks] == [queued.task_id]
+    await sub.close()
+
+
 async def test_list_by_agent_merges_pinned_and_assigned_newest_first(harness):
     """The agent filter takes tasks pinned to the agent and tasks it was assigned
     (each side read from its own index): one order, no task twice, paged."""

@@ -211,6 +211,48 @@ _RUN_UPSERT = (
 _OPEN = "state IN (1, 2, 3)"
 
 
+def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, list[Any]]:
+    """ListTasks' query: the newest `n` tasks matching `flt`, after the cursor."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if page_token:
+        where.append(f"seq < {arg(decode_cursor(page_token, int)[0])}")
+    if flt.state:
+        where.append(f"state = {arg(int(flt.state))}")
+        term = R.task_state_index_term(flt.state)
+        if term is not None:
+            where.append(term)
+    if flt.capability:
+        where.append(f"capability = {arg(flt.capability)}")
+    if flt.session_id:
+        # The repeated "<> ''" lets a generic plan use the partial index too.
+        where.append(f"session_id = {arg(flt.session_id)} AND session_id <> ''")
+    page = arg(n)
+    if flt.agent_id:
+        # Each side walks its own index from the newest and stops after a page;
+        # one "agent_id = a OR assigned_agent_id = a" reads every task of
+        # the agent and sorts them, for every page.
+        a = arg(flt.agent_id)
+        sides = [
+            "(SELECT seq FROM tasks WHERE "
+            + " AND ".join([f"{column} = {a} AND {column} <> ''", *where])
+            + f" ORDER BY seq DESC LIMIT {page})"
+            for column in ("agent_id", "assigned_agent_id")
+        ]
+        sql = f"SELECT seq, {_TASK_COLS} FROM tasks WHERE seq IN ({' UNION '.join(sides)})"
+    else:
+        sql = f"SELECT seq, {_TASK_COLS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY seq DESC LIMIT {page}"
+    return sql, args
+
+
 def _pg_agent_row(a: Agent) -> tuple[Any, ...]:
     return (
         a.agent_id,
@@ -868,39 +910,7 @@ class PostgresStorage:
         self, flt: TaskFilter, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Task], str]:
         limit = clamp_page_size(page_size)
-        where, args = [], []
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        if page_token:
-            where.append(f"seq < {arg(decode_cursor(page_token, int)[0])}")
-        if flt.state:
-            where.append(f"state = {arg(int(flt.state))}")
-        if flt.capability:
-            where.append(f"capability = {arg(flt.capability)}")
-        if flt.session_id:
-            # The repeated "<> ''" lets a generic plan use the partial index too.
-            where.append(f"session_id = {arg(flt.session_id)} AND session_id <> ''")
-        page = arg(limit + 1)
-        if flt.agent_id:
-            # Each side walks its own index from the newest and stops after a page;
-            # one "agent_id = a OR assigned_agent_id = a" reads every task of
-            # the agent and sorts them, for every page.
-            a = arg(flt.agent_id)
-            sides = [
-                "(SELECT seq FROM tasks WHERE "
-                + " AND ".join([f"{column} = {a} AND {column} <> ''", *where])
-                + f" ORDER BY seq DESC LIMIT {page})"
-                for column in ("agent_id", "assigned_agent_id")
-            ]
-            sql = f"SELECT seq, {_TASK_COLS} FROM tasks WHERE seq IN ({' UNION '.join(sides)})"
-        else:
-            sql = f"SELECT seq, {_TASK_COLS} FROM tasks"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY seq DESC LIMIT {page}"
+        sql, args = list_tasks_query(flt, page_token, limit + 1)
         rows = await self._fetch(sql, *args)
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
         items = [R.task_from_row(tuple(r)[1:]) for r in rows[:n]]

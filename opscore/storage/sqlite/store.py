@@ -30,7 +30,6 @@ import aiosqlite
 from opscore.clock import to_micros
 from opscore.errors import ConfigError, OpsCoreError, ResourceExhausted, Unavailable
 from opscore.models import (
-    FINAL_TASK_STATES,
     Agent,
     StateTransition,
     Task,
@@ -65,6 +64,7 @@ from opscore.storage.rows import (
     session_row,
     task_from_row,
     task_row,
+    task_state_index_term,
     transition_from_row,
     transition_row,
 )
@@ -230,6 +230,33 @@ def _work(batch: _Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
         if keys:
             work.append((_DELETE_SQL[table], list(keys.values())))
     return work
+
+
+def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, list[Any]]:
+    """ListTasks' query: the newest `n` tasks matching `flt`, after the cursor."""
+    where: list[str] = []
+    params: list[Any] = []
+    if page_token:
+        where.append("rowid < ?")
+        params.append(decode_cursor(page_token, int)[0])
+    if flt.state:
+        where.append("state = ?")
+        params.append(int(flt.state))
+        term = task_state_index_term(flt.state)
+        if term is not None:
+            where.append(term)
+    if flt.capability:
+        where.append("capability = ?")
+        params.append(flt.capability)
+    if flt.session_id:
+        where.append("session_id = ?")
+        params.append(flt.session_id)
+    if flt.agent_id:
+        return _pinned_or_assigned(where, params, flt.agent_id, n)
+    sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql + " ORDER BY rowid DESC LIMIT ?", [*params, n]
 
 
 def _pinned_or_assigned(
@@ -822,32 +849,7 @@ class Store:
     ) -> tuple[list[Task], str]:
         """Newest first, by insertion order (rowid), which never changes for a task."""
         limit = clamp_page_size(page_size)
-        where: list[str] = []
-        params: list[Any] = []
-        if page_token:
-            where.append("rowid < ?")
-            params.append(decode_cursor(page_token, int)[0])
-        if flt.state:
-            where.append("state = ?")
-            params.append(int(flt.state))
-            if flt.state not in FINAL_TASK_STATES:
-                # Spelled out so SQLite reads the partial index of open tasks,
-                # in order, instead of every task newest first to find a few.
-                where.append("state IN (1, 2, 3)")
-        if flt.capability:
-            where.append("capability = ?")
-            params.append(flt.capability)
-        if flt.session_id:
-            where.append("session_id = ?")
-            params.append(flt.session_id)
-        if flt.agent_id:
-            sql, params = _pinned_or_assigned(where, params, flt.agent_id, limit + 1)
-        else:
-            sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY rowid DESC LIMIT ?"
-            params.append(limit + 1)
+        sql, params = list_tasks_query(flt, page_token, limit + 1)
         rows = await self._fetchall(sql, params)
         # rowid, then TASK_COLS: input 5, output 23, error message/details 24/26, progress 27
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
