@@ -80,7 +80,7 @@ def render(results: Path) -> str:
         return f"No results in {results}\n"
     head = docs[0]
     m = head["machine"]
-    quick = " (QUICK smoke run: small N, 1 repeat)" if head["quick"] else ""
+    quick = " (QUICK smoke run: small N)" if head["quick"] else ""
     dirty = " (work tree dirty)" if head["git"]["dirty"] else ""
     lines = [
         f"# Ops-Core benchmark report{quick}",
@@ -89,7 +89,14 @@ def render(results: Path) -> str:
         f"- Commit: `{head['git']['describe']}`{dirty}",
         f"- Machine: {m['cpu_count']} {TIMES} {m['cpu_model']}, {m['memory_gib']} GiB, "
         f"Python {m['python']}, {m['platform']}; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}"
+        + (
+            f"; Python speed at start {m['python_speed_ms_at_start']:.1f} ms "
+            "(`sum(range(10**6))`, best of 5: lower is faster; compare runs on "
+            "different hosts by it)"
+            if "python_speed_ms_at_start" in m
+            else ""
+        ),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- Repeats: {head['repeats']}; every figure is the median of the repeats with "
         f"[min{DASH}max]; ratios are computed from medians of this same run.",
@@ -131,7 +138,8 @@ def render(results: Path) -> str:
             lines.append("| ratio (within this run) | value |")
             lines.append("|---|---:|")
             for r in d["ratios"]:
-                lines.append(f"| {r['name']} | {r['value']:.2f} |")
+                # Three places: at two, 0.497 would read as a target of 0.5 met.
+                lines.append(f"| {r['name']} | {r['value']:.3f} |")
             lines.append("")
         tables = d.get("window_tables") or (
             [{"title": "the soak", "windows": d["windows"]}] if d.get("windows") else []

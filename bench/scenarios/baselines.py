@@ -327,7 +327,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     {
                         "target": f"work stream ≥ {MIN_STREAM_RATIO} of bare grpc.aio "
                         f"bidirectional, 16 agents ({PATTERN_NAMES[pattern]})",
-                        "measured": f"{o / b:.2f} ({o:,.0f} / {b:,.0f} tasks/s)",
+                        "measured": f"{o / b:.3f} ({o:,.0f} / {b:,.0f} tasks/s)",
                         "met": o / b >= MIN_STREAM_RATIO,
                     }
                 )
