@@ -143,10 +143,13 @@ TASK_MUTABLE = (
 TASK_ADDED = "trace_context"
 TASK_COLS = TASK_FIXED + ", " + ", ".join(TASK_MUTABLE) + ", " + TASK_ADDED
 
-# The partial indexes over tasks.state in both schemas, by the states each holds.
-# A query filtered by state repeats the index's predicate as a literal: from
-# `state = ?` alone neither planner can tell that the value falls inside it, and
-# then reads the whole table newest first to find a few rows. COMPLETED has no
+# The partial indexes over tasks.state, by the states each holds. A query
+# filtered by state repeats the index's predicate as a literal: from `state = ?`
+# alone a planner cannot tell that the value falls inside it, and then reads the
+# whole table newest first to find a few rows. The open states' index is
+# SQLite's only (PostgreSQL dropped its own in its migration 0006: its planner
+# preferred it to the ready-queue indexes for claims); there the term is merely
+# redundant. COMPLETED has no
 # index on purpose: it is the usual end, so a page of it is found at once newest
 # first, and an entry per completed task would cost the commit that completes it
 # (12-18% more of the commit's CPU in a replay, against none measurable for
