@@ -14,6 +14,7 @@ from opscore_proto.v1 import lifecycle_pb2 as pb
 from opscore.clock import to_micros
 from opscore.models import RetryPolicy, Task, TaskState
 from opscore.storage.sqlite import SCHEMA_VERSION, Store, apply_migrations, migrations
+from opscore.workflow.models import SessionState
 from tests.conftest import eventually
 
 S = pb.AgentState
@@ -351,5 +352,55 @@ async def test_postgres_list_tasks_by_failed_or_cancelled_reads_its_index(
     finally:
         await conn.close()
     text = json.dumps(plan)
+    assert index in text, text
+    assert '"Sort"' not in text, text
+
+
+_SESSION_STATE_INDEXES = [
+    (SessionState.PENDING, "sessions_open"),
+    (SessionState.RUNNING, "sessions_open"),
+    (SessionState.FAILED, "sessions_failed_or_cancelled"),
+    (SessionState.CANCELLED, "sessions_failed_or_cancelled"),
+]
+
+
+@pytest.mark.parametrize(("state", "index"), _SESSION_STATE_INDEXES)
+def test_sqlite_list_sessions_by_state_reads_its_index(
+    tmp_path: Path, state: SessionState, index: str
+) -> None:
+    from opscore.storage.sqlite.store import list_sessions_query
+
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    apply_migrations(conn)
+    sql, params = list_sessions_query(int(state), "", "", 101)
+    plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    conn.close()
+    assert f"USING INDEX {index} (state=?" in plan, plan
+    if state in (SessionState.FAILED, SessionState.CANCELLED):
+        assert "TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.backends("postgres")
+@pytest.mark.parametrize(
+    ("state", "definition_id", "index"),
+    [
+        (SessionState.FAILED, "", "sessions_failed_or_cancelled"),
+        (SessionState.CANCELLED, "", "sessions_failed_or_cancelled"),
+        (0, "d1", "sessions_by_definition"),
+    ],
+)
+async def test_postgres_list_sessions_reads_the_filter_s_index(
+    db_url: str, state: int, definition_id: str, index: str
+) -> None:
+    from opscore.storage.postgres.backend import list_sessions_query
+    from opscore.storage.postgres.pool import PgSettings, connect
+
+    sql, args = list_sessions_query(int(state), definition_id, "", 101)
+    conn = await connect(PgSettings.from_url(db_url))
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        text = json.dumps(json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)))
+    finally:
+        await conn.close()
     assert index in text, text
     assert '"Sort"' not in text, text

@@ -668,6 +668,35 @@ async def test_list_sessions_filters(harness):
     assert len(page.sessions) == 2 and page.next_page_token
 
 
+async def test_list_sessions_by_state_and_definition_pages_newest_first(harness):
+    """CANCELLED (read through its own partial index), RUNNING (the open one's) and
+    a definition with a state: exactly their sessions, newest first, across pages."""
+    await create(harness, definition("m1", [{"id": "a", "capability": "nobody"}]))
+    await create(harness, definition("m2", [{"id": "a", "capability": "nobody"}]))
+    defs = ["m1", "m2", "m1", "m1", "m2", "m1"]
+    ids = [(await start(harness, d)).session_id for d in defs]
+    for i in (0, 1, 3, 5):
+        await harness.workflow.CancelSession(pb.CancelSessionRequest(session_id=ids[i]))
+
+    async def listed(**kw: object) -> list[str]:
+        out, token = [], ""
+        while True:
+            page = await harness.workflow.ListSessions(
+                pb.ListSessionsRequest(page_size=2, page_token=token, **kw)
+            )
+            out += [x.session_id for x in page.sessions]
+            token = page.next_page_token
+            if not token:
+                return out
+
+    cancelled = SS.SESSION_STATE_CANCELLED
+    assert await listed(state=cancelled) == [ids[5], ids[3], ids[1], ids[0]]
+    assert await listed(state=cancelled, definition_id="m1") == [ids[5], ids[3], ids[0]]
+    assert await listed(state=SS.SESSION_STATE_RUNNING) == [ids[4], ids[2]]
+    assert await listed(state=SS.SESSION_STATE_FAILED) == []
+    assert await listed(definition_id="m2") == [ids[4], ids[1]]
+
+
 async def test_sessions_continue_after_restart(harness):
     await create(
         harness,

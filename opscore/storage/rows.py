@@ -162,7 +162,24 @@ _TASK_STATE_INDEXES = (
 
 def task_state_index_term(state: TaskState) -> str | None:
     """The literal predicate of the partial index that holds `state`, if any."""
-    for states, term in _TASK_STATE_INDEXES:
+    return _index_term(_TASK_STATE_INDEXES, state)
+
+
+# The same for sessions (SessionState), for the same reasons: the open ones, and
+# the rare ends FAILED and CANCELLED; COMPLETED has none.
+_SESSION_STATE_INDEXES = (
+    (frozenset({SessionState.PENDING, SessionState.RUNNING}), "state IN (1, 2)"),
+    (frozenset({SessionState.FAILED, SessionState.CANCELLED}), "state IN (4, 5)"),
+)
+
+
+def session_state_index_term(state: int) -> str | None:
+    """The literal predicate of the partial index of sessions that holds `state`."""
+    return _index_term(_SESSION_STATE_INDEXES, state)
+
+
+def _index_term(indexes: tuple[tuple[frozenset[Any], str], ...], state: int) -> str | None:
+    for states, term in indexes:
         if state in states:
             return term
     return None

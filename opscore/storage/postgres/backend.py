@@ -253,6 +253,33 @@ def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, lis
     return sql, args
 
 
+def list_sessions_query(
+    state: int, definition_id: str, page_token: str, n: int
+) -> tuple[str, list[Any]]:
+    """ListSessions' query. Built per filter rather than one statement with
+    `($1 = 0 OR state = $1)` terms: under a generic plan those read every
+    session newest first whatever the filter, as a filter on each row."""
+    where: list[str] = []
+    args: list[Any] = []
+    if page_token:
+        args.append(decode_cursor(page_token, int)[0])
+        where.append(f"seq < ${len(args)}")
+    if state:
+        args.append(state)
+        where.append(f"state = ${len(args)}")
+        term = R.session_state_index_term(state)
+        if term is not None:
+            where.append(term)
+    if definition_id:
+        args.append(definition_id)
+        where.append(f"definition_id = ${len(args)}")
+    sql = f"SELECT seq, {R.SESSION_COLS} FROM sessions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    args.append(n)
+    return sql + f" ORDER BY seq DESC LIMIT ${len(args)}", args
+
+
 def _pg_agent_row(a: Agent) -> tuple[Any, ...]:
     return (
         a.agent_id,
@@ -1000,16 +1027,8 @@ class PostgresStorage:
         self, state: int, definition_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Session], str]:
         limit = clamp_page_size(page_size)
-        before = decode_cursor(page_token, int)[0] if page_token else None
-        rows = await self._fetch(
-            f"SELECT seq, {R.SESSION_COLS} FROM sessions WHERE ($1::bigint IS NULL OR seq < $1) "
-            "AND ($2 = 0 OR state = $2) AND ($3 = '' OR definition_id = $3) "
-            "ORDER BY seq DESC LIMIT $4",
-            before,
-            state,
-            definition_id,
-            limit + 1,
-        )
+        sql, args = list_sessions_query(state, definition_id, page_token, limit + 1)
+        rows = await self._fetch(sql, *args)
         n = fit((nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
         return [R.session_from_row(tuple(r)[1:]) for r in rows[:n]], (
             encode_cursor(rows[n - 1][0]) if len(rows) > n else ""

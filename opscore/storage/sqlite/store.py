@@ -62,6 +62,7 @@ from opscore.storage.rows import (
     run_row,
     session_from_row,
     session_row,
+    session_state_index_term,
     task_from_row,
     task_row,
     task_state_index_term,
@@ -71,7 +72,7 @@ from opscore.storage.rows import (
 from opscore.storage.sqlite import retention
 from opscore.storage.sqlite.commitproc import CommitProcess, CommitProcessDied, NotWritten
 from opscore.storage.sqlite.lock import DatabaseLock
-from opscore.workflow.models import Session, SessionState, TaskRun
+from opscore.workflow.models import Session, TaskRun
 
 log = logging.getLogger("opscore.storage")
 
@@ -254,6 +255,30 @@ def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, lis
     if flt.agent_id:
         return _pinned_or_assigned(where, params, flt.agent_id, n)
     sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql + " ORDER BY rowid DESC LIMIT ?", [*params, n]
+
+
+def list_sessions_query(
+    state: int, definition_id: str, page_token: str, n: int
+) -> tuple[str, list[Any]]:
+    """ListSessions' query: the newest `n` sessions matching, after the cursor."""
+    where: list[str] = []
+    params: list[Any] = []
+    if page_token:
+        where.append("rowid < ?")
+        params.append(decode_cursor(page_token, int)[0])
+    if state:
+        where.append("state = ?")
+        params.append(state)
+        term = session_state_index_term(state)
+        if term is not None:
+            where.append(term)
+    if definition_id:
+        where.append("definition_id = ?")
+        params.append(definition_id)
+    sql = f"SELECT rowid, {SESSION_COLS} FROM sessions"
     if where:
         sql += " WHERE " + " AND ".join(where)
     return sql + " ORDER BY rowid DESC LIMIT ?", [*params, n]
@@ -947,23 +972,7 @@ class Store:
         self, state: int, definition_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Session], str]:
         limit = clamp_page_size(page_size)
-        where, params = [], []
-        if page_token:
-            where.append("rowid < ?")
-            params.append(decode_cursor(page_token, int)[0])
-        if state:
-            where.append("state = ?")
-            params.append(state)
-            if state in (SessionState.PENDING, SessionState.RUNNING):
-                where.append("state IN (1, 2)")  # the partial index of open sessions
-        if definition_id:
-            where.append("definition_id = ?")
-            params.append(definition_id)
-        sql = f"SELECT rowid, {SESSION_COLS} FROM sessions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid DESC LIMIT ?"
-        params.append(limit + 1)
+        sql, params = list_sessions_query(state, definition_id, page_token, limit + 1)
         rows = await self._fetchall(sql, params)
         # rowid, then SESSION_COLS: input 5, output 6, error message/details 7/9
         n = fit((nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
