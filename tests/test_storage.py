@@ -404,3 +404,34 @@ async def test_postgres_list_sessions_reads_the_filter_s_index(
         await conn.close()
     assert index in text, text
     assert '"Sort"' not in text, text
+
+
+@pytest.mark.backends("postgres")
+async def test_postgres_list_tasks_by_queued_stops_after_a_page(db_url: str) -> None:
+    """PostgreSQL has no index of open tasks: a page of QUEUED walks seq backwards
+    and stops after it. Repeating `state IN (1, 2, 3)` (SQLite's index predicate)
+    made the planner expect a few rows and read and sort the whole table."""
+    from opscore.models import TaskFilter
+    from opscore.storage.postgres.backend import list_tasks_query
+    from opscore.storage.postgres.pool import PgSettings, connect
+
+    insert = (
+        "INSERT INTO tasks (task_id, name, capability, agent_id, priority, max_attempts, "
+        "initial_backoff_us, backoff_multiplier, max_backoff_us, timeout_us, session_id, "
+        "workflow_task_id, create_time, state, attempt, assigned_agent_id, cancel_requested, "
+        "update_time, ready_seq, finish_time) SELECT $1 || g, 'n', 'c', '', 0, 3, 1, 2, 10, 10, "
+        "'', '', 0, $2, 1, '', false, 0, g, $3 FROM generate_series(1, $4) g"
+    )
+    sql, args = list_tasks_query(TaskFilter(state=TaskState.QUEUED), "", 101)
+    conn = await connect(PgSettings.from_url(db_url))
+    try:
+        await conn.execute(insert, "done-", int(TaskState.COMPLETED), 1, 200_000)
+        await conn.execute(insert, "queued-", int(TaskState.QUEUED), None, 3_000)
+        await conn.execute("ANALYZE tasks")
+        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
+        rows = await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+    text = json.dumps(plan)
+    assert "tasks_by_seq" in text and '"Sort"' not in text, text
+    assert len(rows) == 101 and all(r["state"] == TaskState.QUEUED for r in rows)

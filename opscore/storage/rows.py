@@ -146,36 +146,42 @@ TASK_COLS = TASK_FIXED + ", " + ", ".join(TASK_MUTABLE) + ", " + TASK_ADDED
 # The partial indexes over tasks.state, by the states each holds. A query
 # filtered by state repeats the index's predicate as a literal: from `state = ?`
 # alone a planner cannot tell that the value falls inside it, and then reads the
-# whole table newest first to find a few rows. The open states' index is
-# SQLite's only (PostgreSQL dropped its own in its migration 0006: its planner
-# preferred it to the ready-queue indexes for claims); there the term is merely
-# redundant. COMPLETED has no
-# index on purpose: it is the usual end, so a page of it is found at once newest
-# first, and an entry per completed task would cost the commit that completes it
-# (12-18% more of the commit's CPU in a replay, against none measurable for
-# FAILED and CANCELLED, which are rare).
+# whole table newest first to find a few rows. COMPLETED has no index on
+# purpose: it is the usual end, so a page of it is found at once newest first,
+# and an entry per completed task would cost the commit that completes it (12-18%
+# more of the commit's CPU in a replay, against none measurable for FAILED and
+# CANCELLED, which are rare).
+#
+# The open states' terms are for SQLite only (`open_states=False` on
+# PostgreSQL). PostgreSQL has no index of open tasks (its migration 0006 dropped
+# one, which its planner preferred to the ready-queue indexes for claims), and
+# there the repeated predicate only skews the row estimate: with it, a page of
+# QUEUED ran as a full scan and sort (47-50 ms in a probe with 3,000 queued
+# among 200,000 finished); without it the planner walks seq backwards and stops
+# after a page.
 _TASK_STATE_INDEXES = (
     (frozenset({TaskState.SCHEDULED, TaskState.QUEUED, TaskState.ASSIGNED}), "state IN (1, 2, 3)"),
     (frozenset({TaskState.FAILED, TaskState.CANCELLED}), "state IN (5, 6)"),
 )
 
 
-def task_state_index_term(state: TaskState) -> str | None:
-    """The literal predicate of the partial index that holds `state`, if any."""
-    return _index_term(_TASK_STATE_INDEXES, state)
+def task_state_index_term(state: TaskState, *, open_states: bool = True) -> str | None:
+    """The literal predicate of the partial index that holds `state`, if any;
+    `open_states=False` leaves out the open states' (see above)."""
+    return _index_term(_TASK_STATE_INDEXES[0 if open_states else 1 :], state)
 
 
-# The same for sessions (SessionState), for the same reasons: the open ones, and
-# the rare ends FAILED and CANCELLED; COMPLETED has none.
+# The same for sessions (SessionState): the open ones, and the rare ends FAILED
+# and CANCELLED; COMPLETED has none.
 _SESSION_STATE_INDEXES = (
     (frozenset({SessionState.PENDING, SessionState.RUNNING}), "state IN (1, 2)"),
     (frozenset({SessionState.FAILED, SessionState.CANCELLED}), "state IN (4, 5)"),
 )
 
 
-def session_state_index_term(state: int) -> str | None:
+def session_state_index_term(state: int, *, open_states: bool = True) -> str | None:
     """The literal predicate of the partial index of sessions that holds `state`."""
-    return _index_term(_SESSION_STATE_INDEXES, state)
+    return _index_term(_SESSION_STATE_INDEXES[0 if open_states else 1 :], state)
 
 
 def _index_term(indexes: tuple[tuple[frozenset[Any], str], ...], state: int) -> str | None:

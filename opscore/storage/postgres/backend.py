@@ -224,7 +224,7 @@ def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, lis
         where.append(f"seq < {arg(decode_cursor(page_token, int)[0])}")
     if flt.state:
         where.append(f"state = {arg(int(flt.state))}")
-        term = R.task_state_index_term(flt.state)
+        term = R.task_state_index_term(flt.state, open_states=False)
         if term is not None:
             where.append(term)
     if flt.capability:
@@ -267,7 +267,7 @@ def list_sessions_query(
     if state:
         args.append(state)
         where.append(f"state = ${len(args)}")
-        term = R.session_state_index_term(state)
+        term = R.session_state_index_term(state, open_states=False)
         if term is not None:
             where.append(term)
     if definition_id:
