@@ -267,6 +267,8 @@ def list_sessions_query(
     if state:
         args.append(state)
         where.append(f"state = ${len(args)}")
+        # Open states as before: no repeated predicate, whose effect on the
+        # planner's estimate here was not measured (for tasks it was harmful).
         term = R.session_state_index_term(state, open_states=False)
         if term is not None:
             where.append(term)
