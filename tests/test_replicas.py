@@ -436,7 +436,7 @@ async def test_postgres_outage_under_load_is_unavailable_then_recovers(
     tmp_path: Path, pg: PgCluster, pg_migrated_url: str
 ):
     """The database stops under load: both replicas report NOT_SERVING and refuse
-    with UNAVAILABLE (no hang, no crash); once it is back they serve again by
+    writes and reads with UNAVAILABLE (no hang, no crash); once it is back they serve again by
     themselves and every acknowledged task completes. Then an immediate restart
     (`pg_ctl restart -m immediate`) under load, the same."""
     with start_replicas(tmp_path, pg_migrated_url, 2, *FAST) as servers:
@@ -468,6 +468,12 @@ async def test_postgres_outage_under_load_is_unavailable_then_recovers(
                     )
                 with pytest.raises(UnavailableError):
                     await probe.enqueue_task("load", idempotency_key="")
+                # Reads too: once an AttributeError in the read path's error
+                # handling made every failed read INTERNAL.
+                with pytest.raises(UnavailableError):
+                    await probe.get_task(acked[0])
+                with pytest.raises(UnavailableError):
+                    await probe.list_tasks(page_size=10)
             finally:
                 await asyncio.to_thread(pg.start)
             for server in servers:

@@ -867,10 +867,12 @@ class PostgresStorage:
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         try:
             return list(await self._pool_or_fail().fetch(sql, *args))
-        except (TimeoutError, OSError, asyncpg.PostgresConnectionStatusError) as exc:
-            raise DatabaseUnavailable(f"the database cannot be reached ({exc}); retry") from exc
-        except asyncpg.InterfaceError as exc:
-            raise DatabaseUnavailable(f"the database cannot be reached ({exc}); retry") from exc
+        except Exception as exc:
+            # Anything else is a bug of ours (a statement PostgreSQL refuses),
+            # which the interceptor answers with INTERNAL and logs.
+            if is_connection_error(exc) or isinstance(exc, asyncpg.InterfaceError):
+                raise DatabaseUnavailable(f"the database cannot be reached ({exc}); retry") from exc
+            raise
 
     async def read_agent(self, agent_id: str) -> Agent | None:
         rows = await self._fetch(
