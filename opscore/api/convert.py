@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 
 from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_pb2
@@ -311,11 +311,18 @@ def task_run(r: TaskRun, *, with_output: bool = True) -> workflow_pb2.TaskRun:
 # ---------------------------------------------------------------- work stream
 
 
-def connect_items(messages: Iterable[dispatch_pb2.AgentMessage]) -> list[ws.Item]:
-    """The items of a ConnectRequest. An item whose fields are invalid becomes
-    `Refused` in its place, so it is answered in order and the stream goes on."""
+def connect_items(
+    messages: Iterable[dispatch_pb2.AgentMessage],
+    refused: Mapping[int, InvalidArgument] | None = None,
+) -> list[ws.Item]:
+    """The items of a ConnectRequest. An item whose fields are invalid (or whose
+    index is in `refused`, already found invalid) becomes `Refused` in its place,
+    so it is answered in order and the stream goes on."""
     items: list[ws.Item] = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if refused and i in refused:
+            items.append(ws.Refused(m.id, refused[i]))
+            continue
         kind = m.WhichOneof("message")
         try:
             items.append(_connect_item(m, kind))

@@ -41,6 +41,7 @@ import grpc
 import grpc.aio
 
 from opscore import errors, limits
+from opscore.api import nul
 from opscore.api.errors import rich_status, status_code
 from opscore.ids import new_token
 from opscore.security import roles
@@ -96,15 +97,30 @@ class Undecodable:
         self.reason = reason
 
 
-def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+class HoldsNul:
+    """What a request stream's deserializer returns for a message with a NUL in
+    one of its strings (opscore.api.nul): the servicer says which part to refuse."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+
+def _decoder(
+    deserializer: Callable[[bytes], Any] | None, *, stream: bool = False
+) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def decode(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            message = deserializer(data)
         except Exception as exc:  # any decode failure is the client's
             return Undecodable(str(exc) or type(exc).__name__)
+        if stream and nul.may_hold_nul(data) and nul.nul_field(message) is not None:
+            return HoldsNul(message)
+        return message
 
     return decode
 
@@ -318,6 +334,7 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         decode = _decoder(handler.request_deserializer)
+        stream_decode = _decoder(handler.request_deserializer, stream=True)
         encode = _encoder(handler.response_serializer)
         # Unary requests arrive as bytes (no deserializer) and are decoded by the
         # wrapper once the call is admitted.
@@ -334,13 +351,13 @@ class OpsCoreInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream(method, handler.stream_stream, decode, request_stream=True),
-                request_deserializer=decode,
+                request_deserializer=stream_decode,
                 response_serializer=encode,
             )
         # Client streaming: none in the API today, but never unauthenticated.
         return grpc.stream_unary_rpc_method_handler(
             self._unary(method, handler.stream_unary, decode, request_stream=True),
-            request_deserializer=decode,
+            request_deserializer=stream_decode,
             response_serializer=encode,
         )
 
@@ -517,9 +534,12 @@ def _report(
 
 
 def _decode(method: str, decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
-    request = decode(raw) if decode is not None else raw
+    if decode is None:
+        return raw
+    request = decode(raw)
     if isinstance(request, Undecodable):
         raise undecodable_error(method, request)
+    nul.check_request(raw, request)
     return request
 
 

@@ -40,6 +40,10 @@ class RetryPolicy(_message.Message):
       more would not fit, and says so with next_page_token.
     - A body that is not a valid message at all (garbage, invalid UTF-8) gets
       INVALID_ARGUMENT with reason MALFORMED_REQUEST.
+    - No string field may contain U+0000 (NUL), on any backend (PostgreSQL cannot
+      store it in text): INVALID_ARGUMENT with reason NUL_CHARACTER naming the
+      field. On the work stream only the item holding it is refused. Strings
+      inside Struct payloads are exempt: payloads are kept byte for byte.
 
     How a task is retried when an attempt ends without success.
 

@@ -9,7 +9,14 @@ from opscore_proto.v1 import dispatch_pb2_grpc
 
 from opscore import security
 from opscore.api import convert as c
-from opscore.api.interceptors import Undecodable, note_call, stream_ready, undecodable_error
+from opscore.api import nul
+from opscore.api.interceptors import (
+    HoldsNul,
+    Undecodable,
+    note_call,
+    stream_ready,
+    undecodable_error,
+)
 from opscore.dispatch import (
     Ack,
     Assignment,
@@ -81,8 +88,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         first = await anext(stream, None)
         if first is None:
             return  # the client half-closed before saying hello
-        if isinstance(first, Undecodable):
-            raise undecodable_error("/opscore.v1.DispatchService/Connect", first)
+        first, _ = _connect_request(first)
         if not first.HasField("hello") or first.messages:
             raise InvalidArgument(
                 "the first message of a work stream must carry hello, and only hello",
@@ -225,16 +231,15 @@ async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> N
     that floods without reading holds back only itself."""
     sub = work.sub
     try:
-        async for request in stream:
-            if isinstance(request, Undecodable):
-                raise undecodable_error("/opscore.v1.DispatchService/Connect", request)
+        async for received in stream:
+            request, refused = _connect_request(received)
             if request.HasField("hello"):
                 raise InvalidArgument(
                     "hello may only be sent in the first message of a work stream",
                     field="hello",
                     reason="MALFORMED_REQUEST",
                 )
-            await work.handle(c.connect_items(request.messages))
+            await work.handle(c.connect_items(request.messages, refused))
             if not sub.drained.is_set():
                 await sub.drained.wait()
         end: StreamEnd = StreamEnd(None)  # half-closed: answer what came, then OK
@@ -245,6 +250,25 @@ async def _read(stream: AsyncIterator[pb.ConnectRequest], work: WorkStream) -> N
     except Exception as exc:  # the call broke under us (client gone, transport error)
         end = StreamEnd(Unavailable(f"work stream read failed: {exc}"))
     sub.push((None, end))  # after the answers queued before it, which wait for their commit
+
+
+def _connect_request(
+    received: pb.ConnectRequest | Undecodable | HoldsNul,
+) -> tuple[pb.ConnectRequest, dict[int, InvalidArgument]]:
+    """A work-stream message as read, and its items to refuse for a NUL in their
+    strings (each answered in its place; a NUL outside the items ends the stream)."""
+    if isinstance(received, Undecodable):
+        raise undecodable_error("/opscore.v1.DispatchService/Connect", received)
+    if not isinstance(received, HoldsNul):
+        return received, {}
+    request: pb.ConnectRequest = received.message
+    if request.HasField("hello") and (path := nul.nul_field(request.hello, "hello.")):
+        raise nul.nul_error(path)
+    refused: dict[int, InvalidArgument] = {}
+    for i, m in enumerate(request.messages):
+        if path := nul.nul_field(m):  # named within the item, as its other errors are
+            refused[i] = nul.nul_error(path)
+    return request, refused
 
 
 _KIND = {Assignment: "assignments", Cancellation: "cancellations", Ack: "results"}
