@@ -262,6 +262,27 @@ async def test_copy_failing_midway_leaves_the_target_empty(
     lock.release()
 
 
+async def test_copy_of_a_nul_written_by_an_older_server_stops_and_says_where(
+    make_harness, sqlite_path: str, pg_url: str, pg: PgCluster
+) -> None:
+    """Servers refuse NUL in request strings now; an older one stored it. The
+    copy names the table, and docs/postgresql.md's query finds the rows."""
+    h = await make_harness(db=sqlite_path)
+    task = await enqueue(h, capability="c", name="fine")
+    await h.stop()
+    conn = sqlite3.connect(sqlite_path, isolation_level=None)
+    conn.execute("UPDATE tasks SET name = ? WHERE task_id = ?", ("a\x00b", task.task_id))
+    found = conn.execute(
+        "SELECT task_id FROM tasks WHERE instr(CAST(name AS BLOB), x'00') > 0"
+    ).fetchall()
+    conn.close()
+    assert found == [(task.task_id,)]
+    with pytest.raises(ConfigError, match=r"cannot copy table tasks \(rows 1-1\).*0x00"):
+        await copy_sqlite_to_postgres(sqlite_path, pg_url)
+    name = pg_url.rsplit("/", 1)[1]
+    assert pg.sql("SELECT count(*) FROM tasks", dbname=name).strip() == "0"
+
+
 async def test_cli_db_copy(make_harness, sqlite_path: str, pg_url: str) -> None:
     h = await make_harness(db=sqlite_path)
     await h.register("cli-agent", ["c"])
