@@ -4,6 +4,10 @@ Findings that can kill or freeze the process (1, 3, 7, 9) run the server as a
 subprocess, so a crash is a dead process with its log tail, not a dead test
 runner; the others run it in-process, where the `opscore`, `asyncio` and `grpc`
 loggers are captured to prove that no traceback was logged.
+
+Tests on a running server run on both backends; those that reach into the
+SQLite file to set their scene (a trigger, a page limit, a fast-forwarded
+attempt count) on SQLite only.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ TS = dpb.TaskState
 IA = grpc.StatusCode.INVALID_ARGUMENT
 # A subprocess server that dies of a signal prints the Python stack of every thread.
 FAULT_ENV = {"PYTHONFAULTHANDLER": "1"}
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 def ts(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
@@ -247,6 +253,7 @@ def sql(db: str | Path, *statements: str) -> None:
         conn.close()
 
 
+@pytest.mark.backends("sqlite")  # sets its scene in the file
 async def test_finding2_constraint_violation_fails_only_the_poisoned_write(harness: Harness):
     h = harness
     sql(h.config.db, POISON_TRIGGER)
@@ -295,6 +302,7 @@ async def test_finding2_constraint_violation_fails_only_the_poisoned_write(harne
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.backends("sqlite")  # sets its scene in the file
 async def test_finding2_full_database_refuses_writes_and_keeps_what_it_acknowledged(
     make_harness: Any,
 ):
@@ -572,6 +580,7 @@ async def fast_forward(h: Harness, task_id: str, attempt: int) -> None:
     await h.start()
 
 
+@pytest.mark.backends("sqlite")  # sets its scene in the file
 async def test_finding4_retry_at_the_limits_schedules_the_next_attempt(harness: Harness):
     h = harness
     with capture_error_log() as log:
@@ -608,6 +617,7 @@ async def test_finding4_retry_at_the_limits_schedules_the_next_attempt(harness: 
     assert_no_errors(log)
 
 
+@pytest.mark.backends("sqlite")  # sets its scene in the file
 async def test_finding4_lease_expiry_at_the_limits_schedules_the_next_attempt(harness: Harness):
     h = harness
     with capture_error_log() as log:
