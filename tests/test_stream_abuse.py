@@ -44,7 +44,11 @@ from tests.support.ledger import (
 )
 from tests.support.procserver import ServerProcess, running_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.backends("sqlite", "postgres"),
+]
 
 ABUSE_SECONDS = float(os.environ.get("OPSCORE_ABUSE_SECONDS", "12"))
 ABUSERS = 12
@@ -182,10 +186,10 @@ async def monitor(server: ServerProcess, client: Client, stop: asyncio.Event, ta
             await asyncio.wait_for(stop.wait(), 0.25)
 
 
-async def test_streams_abused_under_dispatch_load(tmp_path: Path):
+async def test_streams_abused_under_dispatch_load(tmp_path: Path, db_url: str):
     ledger = Ledger()
     tally = Tally()
-    with running_server(tmp_path, "--agent-timeout", "2", env=FAULT_ENV) as server:
+    with running_server(tmp_path, "--agent-timeout", "2", env=FAULT_ENV, db_path=db_url) as server:
         async with connect(server) as client:
             await client.register("loader", ["load"])
             await client.register("noisy", ["none"])
