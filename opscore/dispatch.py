@@ -383,11 +383,8 @@ class DispatchEngine:
                             f"{where}agent_id {spec.agent_id!r} is not a registered agent",
                             reason="AGENT_NOT_FOUND",
                         )
-            existing: dict[str, Task] = {}
-            for key in {s.idempotency_key for s in specs if s.idempotency_key}:
-                found = await tx.task_by_key(key)
-                if found is not None:
-                    existing[key] = found
+            keys = {s.idempotency_key for s in specs if s.idempotency_key}
+            existing = await tx.tasks_by_keys(sorted(keys)) if keys else {}
             self._check_accepting()  # again: the reads above may have waited
             results: list[tuple[Task, bool]] = []
             batch_keys: dict[str, Task] = {}

@@ -36,7 +36,7 @@ kept from disturbing operations (see `prune`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -133,8 +133,11 @@ class Tx(Protocol):
     async def stored_task(self, task_id: str) -> Task | None:
         """The task in any state, as last committed (to read, not to change)."""
 
-    async def task_by_key(self, key: str) -> Task | None:
-        """The task enqueued with this idempotency key, open or finished."""
+    async def tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
+        """The tasks enqueued with these idempotency keys, open or finished, by
+        key; a key no task has is absent. Raises Unavailable (reason
+        IDEMPOTENCY_KEY_BUSY) when another replica's transaction holds one of
+        the keys right now: the caller's retry then finds its task."""
 
     def put_task(self, task: Task) -> None:
         """Record a new or changed task. The backend keeps its indexes from the

@@ -324,6 +324,8 @@ class EnqueueTaskRequest(_message.Message):
     task is open, and for the server's retention period after it finished
     (`opscore serve --retention`, default 7 days). Once the task is removed, the
     same key creates a new task: retry with a key within the retention period.
+    On PostgreSQL, a call whose key another replica is handling at that moment
+    gets UNAVAILABLE with reason IDEMPOTENCY_KEY_BUSY: retry it.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:

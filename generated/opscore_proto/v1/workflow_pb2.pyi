@@ -657,7 +657,9 @@ class StartWorkflowRequest(_message.Message):
     """Starting again with the same key returns the first session. A key is
     remembered as long as its session is kept: while it runs, and for the
     server's retention period after it finished (`opscore serve --retention`,
-    default 7 days); then the same key starts a new session.
+    default 7 days); then the same key starts a new session. On PostgreSQL, a
+    call whose key another replica is handling at that moment gets UNAVAILABLE
+    with reason IDEMPOTENCY_KEY_BUSY: retry it.
     """
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:

@@ -36,7 +36,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -1074,6 +1074,13 @@ class PostgresStorage:
         return self._last_seq
 
 
+# Advisory lock spaces (the first key of pg_try_advisory_xact_lock(int, int))
+# for idempotency keys, one per table; "ok" and 1 or 2 in ASCII, apart from the
+# migrations' lock, which takes the one-bigint form.
+_TASK_KEYS = 0x6F6B0001
+_SESSION_KEYS = 0x6F6B0002
+
+
 class _Tx:
     """One transaction of operations. Rows read are kept by id for the rest of the
     transaction (later operations see earlier ones' changes); writes are kept
@@ -1331,14 +1338,40 @@ class _Tx:
         for row in rows:
             self._keep(R.task_from_row(row))
 
-    async def task_by_key(self, key: str) -> Task | None:
-        for task in self._tasks.values():
-            if task.idempotency_key == key:
-                return task
-        row = await self.conn.fetchrow(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE idempotency_key = $1", key
+    async def tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
+        found = {t.idempotency_key: t for t in self._tasks.values() if t.idempotency_key in keys}
+        wanted = [k for k in keys if k not in found]
+        if wanted:
+            await self._hold_keys(_TASK_KEYS, wanted)
+            rows = await self.conn.fetch(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE idempotency_key = ANY($1::text[])", wanted
+            )
+            for row in rows:
+                task = R.task_from_row(row)
+                found[task.idempotency_key] = task
+        return found
+
+    async def _hold_keys(self, space: int, keys: list[str]) -> None:
+        """Hold idempotency keys until this transaction ends, or refuse the
+        operation. Without it two replicas given the same key at once (a client
+        that failed over and retried) both found no task, both inserted, and the
+        loser's whole group commit failed on the unique index, ending every
+        stream on that replica while it rebuilt its state. Try-locks, never
+        waits: a batch holding some keys cannot deadlock one holding others.
+        Separate from the read that follows, whose snapshot must be taken after
+        the lock is held (the other replica may just have committed)."""
+        busy = await self.conn.fetchval(
+            "SELECT count(*) FROM unnest($2::text[]) AS k "
+            "WHERE NOT pg_try_advisory_xact_lock($1, hashtext(k))",
+            space,
+            keys,
         )
-        return R.task_from_row(row) if row is not None else None
+        if busy:
+            raise Unavailable(
+                "another replica is handling a request with the same idempotency_key "
+                "right now; retry, and the retry returns what that request created",
+                reason="IDEMPOTENCY_KEY_BUSY",
+            )
 
     def put_task(self, task: Task) -> None:
         self._tasks[task.task_id] = task
@@ -1492,6 +1525,7 @@ class _Tx:
             s = live.session  # type: ignore[attr-defined]
             if s.idempotency_key == key:
                 return s  # type: ignore[no-any-return]
+        await self._hold_keys(_SESSION_KEYS, [key])
         row = await self.conn.fetchrow(
             f"SELECT {R.SESSION_COLS} FROM sessions WHERE idempotency_key = $1", key
         )

@@ -21,7 +21,7 @@ import bisect
 import dataclasses
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -579,8 +579,14 @@ class _Tx:
     async def stored_task(self, task_id: str) -> Task | None:
         return self._s.tasks.get(task_id) or await self._s.store.get_task(task_id)
 
-    async def task_by_key(self, key: str) -> Task | None:
-        return await self._s._task_by_key(key)
+    async def tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
+        # One writer: no other transaction can take a key meanwhile.
+        found = {}
+        for key in keys:
+            task = await self._s._task_by_key(key)
+            if task is not None:
+                found[key] = task
+        return found
 
     def put_task(self, task: Task) -> None:
         s = self._s

@@ -1,0 +1,103 @@
+"""Two replicas given the same idempotency key at once (a client that failed
+over and retried, or two producers): one creates, the other answers with what
+it created, and no replica's group commit fails. Before the keys were held
+(PostgresStorage's _Tx._hold_keys) half of such calls ended UNAVAILABLE and
+each collision rebuilt a replica's state, ending every stream on it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from opscore_proto.v1 import dispatch_pb2 as pb
+from opscore_proto.v1 import workflow_pb2 as wpb
+
+from tests.conftest import Harness
+
+pytestmark = pytest.mark.backends("postgres")
+
+ROUNDS, KEYS = 10, 25
+
+
+async def _until_answered(call: Callable[[], Awaitable[Any]], busy: list[str]) -> Any:
+    """The call, retried while it is refused for a key another replica holds."""
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or "same idempotency_key" not in (
+                err.details() or ""
+            ):
+                raise
+            busy.append(err.details() or "")
+
+
+async def _race(
+    replicas: list[Harness], send: Callable[[Harness, str], Awaitable[tuple[str, bool]]]
+) -> list[str]:
+    busy: list[str] = []
+    for r in range(ROUNDS):
+        keys = [f"key-{r}-{i}" for i in range(KEYS)]
+        answers = await asyncio.gather(
+            *(_until_answered(lambda h=h, k=k: send(h, k), busy) for k in keys for h in replicas)
+        )
+        for i, key in enumerate(keys):
+            (id_a, created_a), (id_b, created_b) = answers[2 * i], answers[2 * i + 1]
+            assert id_a == id_b, f"{key}: two replicas, two ids"
+            assert created_a != created_b, f"{key}: created {created_a}, {created_b}"
+    for h in replicas:
+        assert h.server is not None and h.server.recoveries == 0, "a replica rebuilt its state"
+    return busy
+
+
+async def test_two_replicas_given_one_task_key_create_one_task(make_harness):
+    replicas = [await make_harness(), await make_harness()]
+
+    async def send(h: Harness, key: str) -> tuple[str, bool]:
+        resp = await h.dispatch.EnqueueTask(
+            pb.EnqueueTaskRequest(capability="c", idempotency_key=key)
+        )
+        return resp.task.task_id, resp.created
+
+    await _race(replicas, send)
+    listed = await replicas[0].dispatch.ListTasks(pb.ListTasksRequest(page_size=1000))
+    assert len(listed.tasks) == ROUNDS * KEYS
+
+
+async def test_two_replicas_given_one_batch_of_keys_create_each_task_once(make_harness):
+    """EnqueueTasks holds all its keys at once: with overlapping batches on both
+    replicas each key still gets one task."""
+    replicas = [await make_harness(), await make_harness()]
+
+    async def send(h: Harness, key: str) -> tuple[str, bool]:
+        resp = await h.dispatch.EnqueueTasks(
+            pb.EnqueueTasksRequest(
+                tasks=[
+                    pb.EnqueueTaskRequest(capability="c", idempotency_key=f"{key}-{j}")
+                    for j in range(5)
+                ]
+            )
+        )
+        created = {r.created for r in resp.results}
+        assert len(created) == 1, "a batch is held whole: all created or none"
+        return ",".join(r.task.task_id for r in resp.results), created.pop()
+
+    await _race(replicas, send)
+
+
+async def test_two_replicas_given_one_session_key_start_one_session(make_harness):
+    replicas = [await make_harness(), await make_harness()]
+    await replicas[0].workflow.CreateWorkflowDefinition(
+        wpb.CreateWorkflowDefinitionRequest(source="id: race\ntasks:\n- id: a\n  capability: c\n")
+    )
+
+    async def send(h: Harness, key: str) -> tuple[str, bool]:
+        resp = await h.workflow.StartWorkflow(
+            wpb.StartWorkflowRequest(definition_id="race", idempotency_key=key)
+        )
+        return resp.session.session_id, resp.created
+
+    await _race(replicas, send)
