@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from opscore_proto.v1 import dispatch_pb2 as dpb
 from opscore_proto.v1 import lifecycle_pb2 as pb
 
 from opscore.clock import to_micros
@@ -299,6 +300,70 @@ async def test_a_batch_of_any_size_is_written_whole_and_upserts_in_place(
         )
         for t in tasks
     ]
+
+
+@pytest.mark.parametrize("count", [1, 3, 512, 513, 1100])
+async def test_key_lookups_on_the_loop_and_through_the_reader_agree(tmp_path: Path, count: int):
+    """Tasks by idempotency key, read on the loop's own connection (the usual
+    way) and through the reader thread (when the file is busy): the same tasks,
+    for any number of keys across the 512-key statements and their padding, and
+    nothing for keys no task has."""
+    now = datetime.now(UTC)
+    store = Store(tmp_path / "keys.db")
+    await store.open()
+    try:
+        for n in range(count):
+            store.put_task(
+                Task(
+                    task_id=f"task-{n:05d}",
+                    name="n",
+                    capability="c",
+                    agent_id="",
+                    input=None,
+                    priority=0,
+                    retry_policy=RetryPolicy(),
+                    timeout=timedelta(seconds=300),
+                    heartbeat_timeout=None,
+                    idempotency_key=f"key-{n}",
+                    state=TaskState.COMPLETED,
+                    create_time=now,
+                    update_time=now,
+                    finish_time=now,
+                )
+            )
+        await store.commit()
+        keys = [f"key-{n}" for n in range(count)] + ["key-none", f"key-{count}"]
+        now_read = store.tasks_by_keys_now(keys)
+        assert now_read is not None
+        assert {k: t.task_id for k, t in now_read.items()} == {
+            f"key-{n}": f"task-{n:05d}" for n in range(count)
+        }
+        threaded = await store.tasks_by_keys(keys)
+        assert threaded == now_read
+    finally:
+        await store.close()
+    assert store.tasks_by_keys_now(["key-0"]) is None, "closed: no lookup connection"
+
+
+async def test_an_existing_key_is_found_when_the_loop_cannot_read_the_file(harness):
+    """Without the loop's lookup connection (as when the file is busy), a key of
+    a finished task is still found, through the reader thread."""
+    first = await harness.dispatch.EnqueueTask(
+        dpb.EnqueueTaskRequest(capability="c", idempotency_key="kept")
+    )
+    await harness.dispatch.CancelTask(dpb.CancelTaskRequest(task_id=first.task.task_id))
+    storage = harness.server.storage
+    # Finished and out of memory: only the file knows the key now.
+    await eventually(lambda: storage._open_by_key("kept") is None, what="the task evicted")
+    store = storage.store
+    lookup, store._lookup = store._lookup, None
+    try:
+        again = await harness.dispatch.EnqueueTask(
+            dpb.EnqueueTaskRequest(capability="c", idempotency_key="kept")
+        )
+    finally:
+        store._lookup = lookup
+    assert not again.created and again.task.task_id == first.task.task_id
 
 
 # ------------------------------------------------------------------ ListTasks by state

@@ -347,15 +347,32 @@ class SQLiteStorage:
 
         self.store.batch().add_done_callback(evict)
 
-    async def _task_by_key(self, key: str) -> Task | None:
+    def _open_by_key(self, key: str) -> Task | None:
         task_id = self._keys.get(key)
-        if task_id is not None and task_id in self.tasks:
-            return self.tasks[task_id]
+        return self.tasks.get(task_id) if task_id is not None else None
+
+    async def _tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
+        found: dict[str, Task] = {}
+        missing: list[str] = []
+        for key in keys:
+            task = self._open_by_key(key)
+            if task is not None:
+                found[key] = task
+            else:
+                missing.append(key)
+        if not missing:
+            return found
+        stored = self.store.tasks_by_keys_now(missing)
+        if stored is not None:
+            # Read on this thread, with nothing awaited: what memory and the file
+            # hold are one moment's, and no task can finish in between.
+            found.update(stored)
+            return found
         # While the lookup awaits the file, keys of tasks finishing meanwhile stay
         # in memory: otherwise the lookup could miss both and create a duplicate.
         self._key_lookups += 1
         try:
-            found = await self.store.get_task_by_idempotency_key(key)
+            stored = await self.store.tasks_by_keys(missing)
         finally:
             self._key_lookups -= 1
             if not self._key_lookups:
@@ -364,9 +381,12 @@ class SQLiteStorage:
                     if tid is not None and tid not in self.tasks:
                         del self._keys[dropped]
                 self._deferred_key_drops.clear()
-        task_id = self._keys.get(key)
-        if task_id is not None and task_id in self.tasks:
-            return self.tasks[task_id]  # created meanwhile
+        for key in missing:
+            task = self._open_by_key(key)  # created meanwhile
+            if task is not None:
+                found[key] = task
+            elif key in stored:
+                found[key] = stored[key]
         return found
 
     # ------------------------------------------------------------------ reads
@@ -581,12 +601,7 @@ class _Tx:
 
     async def tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
         # One writer: no other transaction can take a key meanwhile.
-        found = {}
-        for key in keys:
-            task = await self._s._task_by_key(key)
-            if task is not None:
-                found[key] = task
-        return found
+        return await self._s._tasks_by_keys(keys)
 
     def put_task(self, task: Task) -> None:
         s = self._s

@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -207,6 +207,25 @@ _DELETE_SQL: dict[str, str] = {
         "DELETE FROM workflow_definitions WHERE definition_id = ? AND version = ?"
     ),
 }
+
+
+# Idempotency keys looked up per SELECT (a power of two: see _key_reads).
+_KEYS_PER_READ = 512
+
+
+def _key_reads(keys: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """SELECTs of the tasks with these keys, padded to a power of two keys each
+    (repeating one): few distinct statements for sqlite3's statement cache."""
+    for start in range(0, len(keys), _KEYS_PER_READ):
+        chunk = keys[start : start + _KEYS_PER_READ]
+        size = 1 << (len(chunk) - 1).bit_length()
+        sql = f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key IN ({', '.join('?' * size)})"
+        yield sql, chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def _by_key(rows: Iterable[Any]) -> dict[str, Task]:
+    tasks = (task_from_row(r) for r in rows)
+    return {t.idempotency_key: t for t in tasks}
 
 
 # Batches handed to the commit process at once: one committing, one behind it.
@@ -414,6 +433,7 @@ class Store:
         # maintenance jobs between them (run_exclusive), reads use the other.
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._lookup: sqlite3.Connection | None = None
         self.committer: CommitProcess | None = None
         self._pending = _Batch()
         # Set by open(). asyncio.get_running_loop() makes a getpid() system call
@@ -469,6 +489,7 @@ class Store:
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._pragmas(self._reader)
             await self._reader.execute("PRAGMA query_only = ON")
+            self._lookup = self._lookup_connection()
             self.committer = CommitProcess(
                 self._loop,
                 self.path,
@@ -491,6 +512,7 @@ class Store:
                 if conn is not None:
                     await conn.close()
             self._writer = self._reader = None
+            self._close_lookup()
             self.committer = None
             self._lock.release()
             raise
@@ -557,7 +579,20 @@ class Store:
             if conn is not None:
                 await conn.close()
         self._writer = self._reader = None
+        self._close_lookup()
         self._lock.release()
+
+    def _lookup_connection(self) -> sqlite3.Connection:
+        """The loop thread's own read-only connection, for lookups too small to
+        be worth a hop to the reader thread; it never waits for a lock."""
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def _close_lookup(self) -> None:
+        conn, self._lookup = self._lookup, None
+        if conn is not None:
+            conn.close()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -863,11 +898,30 @@ class Store:
         token = encode_cursor(items[-1].attempt) if len(found) > n else ""
         return items, token
 
-    async def get_task_by_idempotency_key(self, key: str) -> Task | None:
-        rows = await self._fetchall(
-            f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key = ?", [key]
-        )
-        return task_from_row(rows[0]) if rows else None
+    def tasks_by_keys_now(self, keys: list[str]) -> dict[str, Task] | None:
+        """The stored tasks with these idempotency keys, read on the event loop's
+        thread; None when the file is busy this instant (never waits for it).
+
+        The SDK sends a key with every enqueue, and a new key is in no open
+        task, so each enqueue must ask the file whether a finished task has it.
+        Through the reader thread that hop cost 120-300 us of server CPU per
+        call on top of a 710-750 us unary EnqueueTask (16 callers, a scratch
+        probe); the indexed lookup itself costs a few microseconds."""
+        conn = self._lookup
+        if conn is None:
+            return None
+        try:
+            rows = [row for sql, params in _key_reads(keys) for row in conn.execute(sql, params)]
+        except sqlite3.OperationalError:
+            return None  # busy (a checkpoint truncating the log, say): use the reader
+        return _by_key(rows)
+
+    async def tasks_by_keys(self, keys: list[str]) -> dict[str, Task]:
+        """The same through the reader thread, waiting for the file if need be."""
+        rows = [
+            row for sql, params in _key_reads(keys) for row in await self._fetchall(sql, params)
+        ]
+        return _by_key(rows)
 
     async def list_tasks(
         self, flt: TaskFilter, page_size: int, page_token: str, budget: int
