@@ -7,6 +7,7 @@ each collision rebuilt a replica's state, ending every stream on it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from opscore_proto.v1 import dispatch_pb2 as pb
 from opscore_proto.v1 import workflow_pb2 as wpb
 
+from opscore.client import OpsCoreClient
 from tests.conftest import Harness
 
 pytestmark = pytest.mark.backends("postgres")
@@ -101,3 +103,27 @@ async def test_two_replicas_given_one_session_key_start_one_session(make_harness
         return resp.session.session_id, resp.created
 
     await _race(replicas, send)
+
+
+async def test_the_sdk_retries_a_busy_key_on_the_same_replica(make_harness, caplog):
+    """Clients with both replicas as targets, each starting on a different one:
+    every enqueue succeeds (the SDK retries IDEMPOTENCY_KEY_BUSY), both get the
+    one task, and a busy key moves no client to the other target."""
+    replicas = [await make_harness(), await make_harness()]
+    targets = [h.target for h in replicas]
+    caplog.set_level(logging.INFO, logger="opscore.client")
+    async with (
+        OpsCoreClient(targets) as first,
+        OpsCoreClient(targets[::-1]) as second,
+    ):
+        for r in range(ROUNDS):
+            keys = [f"sdk-{r}-{i}" for i in range(KEYS)]
+            tasks = await asyncio.gather(
+                *(c.enqueue_task("c", idempotency_key=k) for k in keys for c in (first, second))
+            )
+            for i, key in enumerate(keys):
+                assert tasks[2 * i].task_id == tasks[2 * i + 1].task_id, key
+        assert (first.target, second.target) == (targets[0], targets[1])
+    messages = [r.getMessage() for r in caplog.records if r.name == "opscore.client"]
+    assert any("same idempotency_key" in m for m in messages), "no key was ever busy"
+    assert not [m for m in messages if "moving to" in m], "a busy key moved a client"

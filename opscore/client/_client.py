@@ -54,6 +54,9 @@ from opscore.client.tls import TLSConfig, resolve_tls
 
 log = logging.getLogger("opscore.client")
 
+# UNAVAILABLE reasons that come from a healthy server: retried, not failed over.
+_SERVER_FINE = frozenset({"IDEMPOTENCY_KEY_BUSY"})
+
 T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -387,7 +390,9 @@ class OpsCoreClient:
                 return await stub_method(request, metadata=metadata, timeout=deadline)
             except grpc.aio.AioRpcError as err:
                 error = error_from_rpc(err, request_id=request_id, method=method)
-                if isinstance(error, UnavailableError):
+                # A key another replica is handling says nothing about this
+                # target's health: retry here.
+                if isinstance(error, UnavailableError) and error.reason not in _SERVER_FINE:
                     self._failover(index)
                 delay = next(delays, None) if isinstance(error, UnavailableError) else None
                 if delay is None:
