@@ -410,8 +410,10 @@ class SQLiteStorage:
         page: list[Agent] = []
         used = 0
         more = False
-        for agent_id in self._ids[bisect.bisect_right(self._ids, after) :]:
-            a = self.agents[agent_id]
+        ids = self._ids
+        # Indexed, not sliced: a slice would copy every id after the cursor, per page.
+        for i in range(bisect.bisect_right(ids, after), len(ids)):
+            a = self.agents[ids[i]]
             if (state and a.state != state) or (capability and capability not in a.capabilities):
                 continue
             size = agent_size(a)
