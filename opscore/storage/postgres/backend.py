@@ -1081,6 +1081,14 @@ _TASK_KEYS = 0x6F6B0001
 _SESSION_KEYS = 0x6F6B0002
 
 
+def _key_busy() -> Unavailable:
+    return Unavailable(
+        "another replica is handling a request with the same idempotency_key "
+        "right now; retry, and the retry returns what that request created",
+        reason="IDEMPOTENCY_KEY_BUSY",
+    )
+
+
 class _Tx:
     """One transaction of operations. Rows read are kept by id for the rest of the
     transaction (later operations see earlier ones' changes); writes are kept
@@ -1342,10 +1350,15 @@ class _Tx:
         found = {t.idempotency_key: t for t in self._tasks.values() if t.idempotency_key in keys}
         wanted = [k for k in keys if k not in found]
         if wanted:
-            await self._hold_keys(_TASK_KEYS, wanted)
+            # The keys are held first, as _hold_keys says, in the same round
+            # trip (migration 0009_task_keys.sql).
             rows = await self.conn.fetch(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE idempotency_key = ANY($1::text[])", wanted
+                f"SELECT {_TASK_COLS} FROM opscore_tasks_by_keys($1, $2::text[])",
+                _TASK_KEYS,
+                wanted,
             )
+            if rows and rows[0][0] is None:
+                raise _key_busy()
             for row in rows:
                 task = R.task_from_row(row)
                 found[task.idempotency_key] = task
@@ -1367,11 +1380,7 @@ class _Tx:
             keys,
         )
         if busy:
-            raise Unavailable(
-                "another replica is handling a request with the same idempotency_key "
-                "right now; retry, and the retry returns what that request created",
-                reason="IDEMPOTENCY_KEY_BUSY",
-            )
+            raise _key_busy()
 
     def put_task(self, task: Task) -> None:
         self._tasks[task.task_id] = task
