@@ -27,6 +27,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -419,9 +420,15 @@ async def role_enqueue(cfg: dict[str, Any]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     sent = 0
 
+    # As the SDK does by default: a fresh idempotency key per task.
+    key_prefix = f"{uuid.uuid4().hex}-" if cfg.get("keyed") else ""
+
     def req(i: int, t0: float) -> dispatch_pb2.EnqueueTaskRequest:
         return dispatch_pb2.EnqueueTaskRequest(
-            name="noop", capability=cap, input=struct(seq=i, t0=t0)
+            name="noop",
+            capability=cap,
+            input=struct(seq=i, t0=t0),
+            idempotency_key=f"{key_prefix}{i}" if key_prefix else "",
         )
 
     async def send(first: int, count: int) -> None:

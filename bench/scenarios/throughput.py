@@ -52,6 +52,10 @@ def configs(quick: bool) -> list[dict[str, Any]]:
     for a in [1, 16] if quick else [1, 16, 256]:
         for mode in ("unary", "batch"):
             out.append({"shape": "unary", "agents": a, "mode": mode, "mif": 1, "n_tasks": n_unary})
+    # What the SDK sends by default: a fresh idempotency key with every enqueue.
+    out.append(
+        {"shape": "unary", "agents": 16, "mode": "unary-keyed", "mif": 1, "n_tasks": n_unary}
+    )
     for a in (16, 256):
         for mif in (1, 4):
             out.append(
@@ -62,8 +66,15 @@ def configs(quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+_ENQUEUE = {
+    "unary": "EnqueueTask (unary)",
+    "unary-keyed": "EnqueueTask (unary) with an idempotency key each",
+    "batch": "EnqueueTasks (batch of 1,000)",
+}
+
+
 def label(c: dict[str, Any]) -> str:
-    enq = "EnqueueTask (unary)" if c["mode"] == "unary" else "EnqueueTasks (batch of 1,000)"
+    enq = _ENQUEUE[c["mode"]]
     agents = "1 agent" if c["agents"] == 1 else f"{c['agents']} agents"
     if c["shape"] == "stream":
         return f"work stream, {agents}, max_in_flight {c['mif']}, {enq}"
@@ -97,7 +108,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     tag=tag,
                     n_agents=c["agents"],
                     n_tasks=c["n_tasks"],
-                    mode=c["mode"],
+                    mode=c["mode"].removesuffix("-keyed"),
+                    keyed=c["mode"].endswith("-keyed"),
                     shape=c["shape"],
                     max_in_flight=c["mif"],
                 )
@@ -130,6 +142,15 @@ def run(ctx: Context) -> dict[str, Any]:
                     "value": b / u,
                 }
             )
+    keyed, unkeyed = med("unary", 16, "unary-keyed"), med("unary", 16, "unary")
+    if keyed and unkeyed:
+        ratios.append(
+            {
+                "name": "unary shape, 16 agents: enqueue with / without an idempotency key "
+                "(tasks/s)",
+                "value": keyed / unkeyed,
+            }
+        )
     targets = []
     for mif in (1, 4):
         s16, s256 = med("stream", 16, "batch", mif), med("stream", 256, "batch", mif)
