@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from opscore.models import RetryPolicy, Task, TaskState
 from opscore.storage.sqlite import SCHEMA_VERSION, Store, apply_migrations, migrations
 from opscore.workflow.models import SessionState
 from tests.conftest import eventually
+from tests.test_group_commit import task as stored_task
 
 S = pb.AgentState
 
@@ -313,24 +315,13 @@ async def test_key_lookups_on_the_loop_and_through_the_reader_agree(tmp_path: Pa
     await store.open()
     try:
         for n in range(count):
-            store.put_task(
-                Task(
-                    task_id=f"task-{n:05d}",
-                    name="n",
-                    capability="c",
-                    agent_id="",
-                    input=None,
-                    priority=0,
-                    retry_policy=RetryPolicy(),
-                    timeout=timedelta(seconds=300),
-                    heartbeat_timeout=None,
-                    idempotency_key=f"key-{n}",
-                    state=TaskState.COMPLETED,
-                    create_time=now,
-                    update_time=now,
-                    finish_time=now,
-                )
+            finished = dataclasses.replace(
+                stored_task(f"{n:05d}"),
+                idempotency_key=f"key-{n}",
+                state=TaskState.COMPLETED,
+                finish_time=now,
             )
+            store.put_task(finished)
         await store.commit()
         keys = [f"key-{n}" for n in range(count)] + ["key-none", f"key-{count}"]
         now_read = store.tasks_by_keys_now(keys)
