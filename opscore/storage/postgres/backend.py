@@ -1347,7 +1347,10 @@ class _Tx:
             self._keep(R.task_from_row(row))
 
     async def tasks_by_keys(self, keys: Collection[str]) -> dict[str, Task]:
-        found = {t.idempotency_key: t for t in self._tasks.values() if t.idempotency_key in keys}
+        wanted_set = set(keys)  # a call may hold 1,000 keys, the transaction more tasks
+        found = {
+            t.idempotency_key: t for t in self._tasks.values() if t.idempotency_key in wanted_set
+        }
         wanted = [k for k in keys if k not in found]
         if wanted:
             # The keys are held first, as _hold_keys says, in the same round
