@@ -110,7 +110,6 @@ def test_the_cases_cover_the_contract():
 
 async def test_every_string_field_of_every_rpc_refuses_a_nul(harness: Harness):
     with capture_error_log() as log:
-        refused = []
         for method, names, where in CASES:
             body = _with_nul(method.request_class(), names).SerializeToString()
             outcome = await raw_call(
@@ -122,8 +121,6 @@ async def test_every_string_field_of_every_rpc_refuses_a_nul(harness: Harness):
             assert f"{where} contains the NUL character" in outcome.details, (
                 f"{method.path}: {outcome.details!r} does not name {where}"
             )
-            refused.append(where)
-        assert len(refused) == len(CASES)
         assert await health_status(harness.channel) == "SERVING"
         await asyncio.wait_for(round_trip(harness.channel), 20)
         assert not log.records, ErrorLog.describe(log.records)
