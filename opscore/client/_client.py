@@ -55,7 +55,7 @@ from opscore.client.tls import TLSConfig, resolve_tls
 log = logging.getLogger("opscore.client")
 
 # UNAVAILABLE reasons that come from a healthy server: retried, not failed over.
-_SERVER_FINE = frozenset({"IDEMPOTENCY_KEY_BUSY"})
+_SERVER_FINE = frozenset({"IDEMPOTENCY_KEY_BUSY", "DEFINITION_BUSY"})
 
 T = TypeVar("T")
 Req = TypeVar("Req")

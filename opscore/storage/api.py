@@ -192,6 +192,17 @@ class Tx(Protocol):
 
     # ---- workflow definitions
 
+    async def lock_definition(self, definition_id: str) -> None:
+        """Keep other servers from changing this definition id until the
+        transaction ends. Raises Unavailable (reason DEFINITION_BUSY) when
+        another server's transaction holds it right now."""
+
+    async def definition(self, definition_id: str, version: int) -> tuple[bytes, str] | None:
+        """The stored body and content hash of a version (0: the latest)."""
+
+    async def definition_versions(self, definition_id: str) -> list[int]:
+        """The versions stored under this id, ascending."""
+
     def put_definition(
         self, definition_id: str, version: int, body: bytes, content_hash: str, when: datetime
     ) -> None: ...

@@ -120,7 +120,8 @@ class WorkflowServiceServicer:
         twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
         cycle, no capability nor agent, a duration out of bounds, unparsable or
         oversized source. At most 10 are listed, the rest counted ("and 12
-        more"). ALREADY_EXISTS.
+        more"). ALREADY_EXISTS. On PostgreSQL, UNAVAILABLE with reason
+        DEFINITION_BUSY while another replica is changing the same id: retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +145,8 @@ class WorkflowServiceServicer:
     def DeleteWorkflowDefinition(self, request, context):
         """Deletes one version, or every version when `version` is 0. Running
         sessions are unaffected: each keeps the definition it started with.
-        Errors: NOT_FOUND.
+        Errors: NOT_FOUND; on PostgreSQL, UNAVAILABLE with reason DEFINITION_BUSY
+        while another replica is changing the same id: retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,7 +62,8 @@ class WorkflowServiceStub:
     twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
     cycle, no capability nor agent, a duration out of bounds, unparsable or
     oversized source. At most 10 are listed, the rest counted ("and 12
-    more"). ALREADY_EXISTS.
+    more"). ALREADY_EXISTS. On PostgreSQL, UNAVAILABLE with reason
+    DEFINITION_BUSY while another replica is changing the same id: retry.
     """
     GetWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]
     """Returns a definition: the latest version unless `version` is set.
@@ -73,7 +74,8 @@ class WorkflowServiceStub:
     DeleteWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowDefinitionRequest, _workflow_pb2.DeleteWorkflowDefinitionResponse]
     """Deletes one version, or every version when `version` is 0. Running
     sessions are unaffected: each keeps the definition it started with.
-    Errors: NOT_FOUND.
+    Errors: NOT_FOUND; on PostgreSQL, UNAVAILABLE with reason DEFINITION_BUSY
+    while another replica is changing the same id: retry.
     """
     StartWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.StartWorkflowRequest, _workflow_pb2.StartWorkflowResponse]
     """Starts a session of a stored definition or of an inline one.
@@ -155,7 +157,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
     cycle, no capability nor agent, a duration out of bounds, unparsable or
     oversized source. At most 10 are listed, the rest counted ("and 12
-    more"). ALREADY_EXISTS.
+    more"). ALREADY_EXISTS. On PostgreSQL, UNAVAILABLE with reason
+    DEFINITION_BUSY while another replica is changing the same id: retry.
     """
     GetWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowDefinitionRequest, _workflow_pb2.GetWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Returns a definition: the latest version unless `version` is set.
@@ -166,7 +169,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     DeleteWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowDefinitionRequest, _workflow_pb2.DeleteWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Deletes one version, or every version when `version` is 0. Running
     sessions are unaffected: each keeps the definition it started with.
-    Errors: NOT_FOUND.
+    Errors: NOT_FOUND; on PostgreSQL, UNAVAILABLE with reason DEFINITION_BUSY
+    while another replica is changing the same id: retry.
     """
     StartWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.StartWorkflowRequest, _workflow_pb2.StartWorkflowResponse]  # type: ignore[assignment]
     """Starts a session of a stored definition or of an inline one.
@@ -251,7 +255,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         twice, no tasks, missing or duplicate ids, unknown dependency or fallback,
         cycle, no capability nor agent, a duration out of bounds, unparsable or
         oversized source. At most 10 are listed, the rest counted ("and 12
-        more"). ALREADY_EXISTS.
+        more"). ALREADY_EXISTS. On PostgreSQL, UNAVAILABLE with reason
+        DEFINITION_BUSY while another replica is changing the same id: retry.
         """
 
     @_abc_1.abstractmethod
@@ -280,7 +285,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflow_pb2.DeleteWorkflowDefinitionResponse, _abc.Awaitable[_workflow_pb2.DeleteWorkflowDefinitionResponse]]:
         """Deletes one version, or every version when `version` is 0. Running
         sessions are unaffected: each keeps the definition it started with.
-        Errors: NOT_FOUND.
+        Errors: NOT_FOUND; on PostgreSQL, UNAVAILABLE with reason DEFINITION_BUSY
+        while another replica is changing the same id: retry.
         """
 
     @_abc_1.abstractmethod

@@ -1565,10 +1565,21 @@ class _Tx:
     # ---- workflow definitions
 
     async def lock_definition(self, definition_id: str) -> None:
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('opscore-definition:' || $1, 0))",
+        # Tried, never waited for, as the idempotency keys are (_hold_keys):
+        # waiting stalled this replica's whole executor behind another's
+        # transaction, and two batches changing two definitions in opposite
+        # orders on two replicas could deadlock (PostgreSQL aborts one batch,
+        # and that replica rebuilds its state).
+        held = await self.conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('opscore-definition:' || $1, 0))",
             definition_id,
         )
+        if not held:
+            raise Unavailable(
+                f"another replica is changing workflow definition {definition_id!r} "
+                "right now; retry",
+                reason="DEFINITION_BUSY",
+            )
 
     async def definition(self, definition_id: str, version: int) -> tuple[bytes, str] | None:
         row = await self.conn.fetchrow(

@@ -1,8 +1,11 @@
-"""Two replicas given the same idempotency key at once (a client that failed
-over and retried, or two producers): one creates, the other answers with what
-it created, and no replica's group commit fails. Before the keys were held
-(PostgresStorage's _Tx._hold_keys) half of such calls ended UNAVAILABLE and
-each collision rebuilt a replica's state, ending every stream on it."""
+"""Two replicas racing for one name: an idempotency key or a workflow
+definition id. One wins, the other's call is answered (at once, or with a
+retryable UNAVAILABLE that the SDK retries in place), and no replica's group
+commit fails or waits on the other's. Before the keys were held
+(PostgresStorage's _Tx._hold_keys) half of such enqueues ended UNAVAILABLE and
+each collision rebuilt a replica's state, ending every stream on it; before
+definition locks were tried instead of waited for, a held one stalled the
+replica's whole executor."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from opscore_proto.v1 import dispatch_pb2 as pb
@@ -127,3 +131,61 @@ async def test_the_sdk_retries_a_busy_key_on_the_same_replica(make_harness, capl
     messages = [r.getMessage() for r in caplog.records if r.name == "opscore.client"]
     assert any("same idempotency_key" in m for m in messages), "no key was ever busy"
     assert not [m for m in messages if "moving to" in m], "a busy key moved a client"
+
+
+async def test_a_held_definition_lock_refuses_at_once_and_stalls_nothing(
+    make_harness, pg_migrated_url: str
+):
+    """Another transaction holds definition "held": creating it answers
+    DEFINITION_BUSY at once, the replica's other calls go on meanwhile, and
+    once the lock is gone the SDK's create goes through."""
+    h = await make_harness()
+    source = "id: held\ntasks:\n- id: a\n  capability: c\n"
+    holder = await asyncpg.connect(pg_migrated_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('opscore-definition:' || $1, 0))",
+            "held",
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.workflow.CreateWorkflowDefinition(
+                wpb.CreateWorkflowDefinitionRequest(source=source), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "changing workflow definition 'held'" in (info.value.details() or "")
+        enqueued = await h.dispatch.EnqueueTask(pb.EnqueueTaskRequest(capability="c"), timeout=5)
+        assert enqueued.created
+        await tx.rollback()
+    finally:
+        await holder.close()
+    async with OpsCoreClient(h.target) as client:
+        created = await client.create_workflow_definition(source=source)
+    assert created.id == "held" and created.version == 1
+
+
+async def test_two_replicas_changing_definitions_in_opposite_orders(make_harness):
+    """Each replica creates the same definitions, one in the other's reverse
+    order, through the SDK: every call succeeds, each definition gets one
+    version, and neither replica rebuilds its state."""
+    replicas = [await make_harness(), await make_harness()]
+    names = [f"def-{i}" for i in range(8)]
+
+    def source(name: str) -> str:
+        return f"id: {name}\ntasks:\n- id: a\n  capability: c\n"
+
+    async with (
+        OpsCoreClient(replicas[0].target) as first,
+        OpsCoreClient(replicas[1].target) as second,
+    ):
+        for _ in range(ROUNDS):
+            await asyncio.gather(
+                *(first.create_workflow_definition(source=source(n)) for n in names),
+                *(second.create_workflow_definition(source=source(n)) for n in reversed(names)),
+            )
+        for name in names:
+            latest = await first.get_workflow_definition(name)
+            assert latest.version == 1, f"{name}: the same content stored twice"
+    for h in replicas:
+        assert h.server is not None and h.server.recoveries == 0, "a replica rebuilt its state"
