@@ -904,9 +904,8 @@ class Store:
 
         The SDK sends a key with every enqueue, and a new key is in no open
         task, so each enqueue must ask the file whether a finished task has it.
-        Through the reader thread that hop cost 120-300 us of server CPU per
-        call on top of a 710-750 us unary EnqueueTask (16 callers, a scratch
-        probe); the indexed lookup itself costs a few microseconds."""
+        Through the reader thread a lookup cost 123 us of CPU, on this
+        connection 10.6 us (2,000 lookups, in process)."""
         conn = self._lookup
         if conn is None:
             return None
