@@ -151,24 +151,25 @@ TASK_COLS = TASK_FIXED + ", " + ", ".join(TASK_MUTABLE) + ", " + TASK_ADDED
 # and an entry per completed task would cost the commit that completes it (12-18%
 # more of the commit's CPU in a replay, against none measurable for FAILED and
 # CANCELLED, which are rare).
-#
-# The open states' terms are for SQLite only (`open_states=False` on
-# PostgreSQL). PostgreSQL has no index of open tasks (its migration 0006 dropped
-# one, which its planner preferred to the ready-queue indexes for claims), and
-# there the repeated predicate only skews the row estimate: with it, a page of
-# QUEUED ran as a full scan and sort (47-50 ms in a probe with 3,000 queued
-# among 200,000 finished); without it the planner walks seq backwards and stops
-# after a page.
 _TASK_STATE_INDEXES = (
     (frozenset({TaskState.SCHEDULED, TaskState.QUEUED, TaskState.ASSIGNED}), "state IN (1, 2, 3)"),
     (frozenset({TaskState.FAILED, TaskState.CANCELLED}), "state IN (5, 6)"),
 )
+# PostgreSQL's (its migration 0010): ASSIGNED is left out of the index of open
+# tasks, so that a task makes one entry in it, not two (every update of a task
+# row there writes a new entry in each index whose predicate it meets). A page
+# of ASSIGNED reads the leases' index and sorts: there are as many as agents
+# hold, not a backlog.
+_PG_TASK_STATE_INDEXES = (
+    (frozenset({TaskState.SCHEDULED, TaskState.QUEUED}), "state IN (1, 2)"),
+    (frozenset({TaskState.ASSIGNED}), "state = 3"),
+    _TASK_STATE_INDEXES[1],
+)
 
 
-def task_state_index_term(state: TaskState, *, open_states: bool = True) -> str | None:
-    """The literal predicate of the partial index that holds `state`, if any;
-    `open_states=False` leaves out the open states' (see above)."""
-    return _index_term(_TASK_STATE_INDEXES[0 if open_states else 1 :], state)
+def task_state_index_term(state: TaskState, *, postgres: bool = False) -> str | None:
+    """The literal predicate of the partial index that holds `state`, if any."""
+    return _index_term(_PG_TASK_STATE_INDEXES if postgres else _TASK_STATE_INDEXES, state)
 
 
 # The same for sessions (SessionState): the open ones, and the rare ends FAILED
@@ -179,9 +180,9 @@ _SESSION_STATE_INDEXES = (
 )
 
 
-def session_state_index_term(state: int, *, open_states: bool = True) -> str | None:
+def session_state_index_term(state: int) -> str | None:
     """The literal predicate of the partial index of sessions that holds `state`."""
-    return _index_term(_SESSION_STATE_INDEXES[0 if open_states else 1 :], state)
+    return _index_term(_SESSION_STATE_INDEXES, state)
 
 
 def _index_term(indexes: tuple[tuple[frozenset[Any], str], ...], state: int) -> str | None:

@@ -208,7 +208,6 @@ _RUN_UPSERT = (
         )
     )
 )
-_OPEN = "state IN (1, 2, 3)"
 
 
 def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, list[Any]]:
@@ -224,7 +223,7 @@ def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, lis
         where.append(f"seq < {arg(decode_cursor(page_token, int)[0])}")
     if flt.state:
         where.append(f"state = {arg(int(flt.state))}")
-        term = R.task_state_index_term(flt.state, open_states=False)
+        term = R.task_state_index_term(flt.state, postgres=True)
         if term is not None:
             where.append(term)
     if flt.capability:
@@ -267,9 +266,7 @@ def list_sessions_query(
     if state:
         args.append(state)
         where.append(f"state = ${len(args)}")
-        # Open states as before: no repeated predicate, whose effect on the
-        # planner's estimate here was not measured (for tasks it was harmful).
-        term = R.session_state_index_term(state, open_states=False)
+        term = R.session_state_index_term(state)
         if term is not None:
             where.append(term)
     if definition_id:
