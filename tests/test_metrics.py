@@ -369,3 +369,14 @@ async def test_loop_lag_is_a_metric(make_harness):
         return (value(s, f"{name}_bucket", le="0.25") or 0) < (value(s, f"{name}_count") or 0)
 
     await eventually(stall_counted, what="the stall in the histogram")
+
+
+def test_postgres_stats_refresh_takes_a_bounded_share_of_the_database() -> None:
+    """The background counts read every ready task: however long one takes, the
+    wait after it keeps the refresh busy at most 1/STATS_DUTY of the time."""
+    from opscore.storage.postgres.backend import STATS_DUTY, STATS_INTERVAL, stats_wait
+
+    assert stats_wait(0.0) == stats_wait(0.01) == STATS_INTERVAL
+    assert stats_wait(2.0) == 2.0 * STATS_DUTY
+    for took in (0.0, 0.1, 0.25, 0.3, 1.0, 10.0, 120.0):
+        assert took / (took + stats_wait(took)) <= 1 / STATS_DUTY
