@@ -1,9 +1,10 @@
 """Two replicas racing for one name: an idempotency key or a workflow
 definition id. One wins, the other's call is answered (at once, or with a
 retryable UNAVAILABLE that the SDK retries in place), and no replica's group
-commit fails or waits on the other's. Before the keys were held
-(PostgresStorage's _Tx._hold_keys) half of such enqueues ended UNAVAILABLE and
-each collision rebuilt a replica's state, ending every stream on it; before
+commit fails or waits on the other's. Before the keys were held (see
+_key_busy in opscore/storage/postgres/backend.py) half of such enqueues ended
+UNAVAILABLE and each collision rebuilt a replica's state, ending every stream
+on it; before
 definition locks were tried instead of waited for, a held one stalled the
 replica's whole executor."""
 
@@ -131,6 +132,39 @@ async def test_the_sdk_retries_a_busy_key_on_the_same_replica(make_harness, capl
     messages = [r.getMessage() for r in caplog.records if r.name == "opscore.client"]
     assert any("same idempotency_key" in m for m in messages), "no key was ever busy"
     assert not [m for m in messages if "moving to" in m], "a busy key moved a client"
+
+
+async def test_a_held_session_key_refuses_its_call_and_then_starts_once(
+    make_harness, pg_migrated_url: str
+):
+    """Another transaction holds a StartWorkflow key: the call with it answers
+    IDEMPOTENCY_KEY_BUSY at once; once the key is free it starts the session,
+    and the repeat returns that session."""
+    from opscore.storage.postgres.backend import _SESSION_KEYS
+
+    h = await make_harness()
+    await h.workflow.CreateWorkflowDefinition(
+        wpb.CreateWorkflowDefinitionRequest(source="id: k\ntasks:\n- id: a\n  capability: c\n")
+    )
+    start = wpb.StartWorkflowRequest(definition_id="k", idempotency_key="held-key")
+    holder = await asyncpg.connect(pg_migrated_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", _SESSION_KEYS, "held-key"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.workflow.StartWorkflow(start, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "same idempotency_key" in (info.value.details() or "")
+        await tx.rollback()
+    finally:
+        await holder.close()
+    first = await h.workflow.StartWorkflow(start, timeout=5)
+    again = await h.workflow.StartWorkflow(start, timeout=5)
+    assert first.created and not again.created
+    assert again.session.session_id == first.session.session_id
 
 
 async def test_a_held_definition_lock_refuses_at_once_and_stalls_nothing(

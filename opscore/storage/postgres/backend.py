@@ -1090,6 +1090,15 @@ _TASK_KEYS = 0x6F6B0001
 _SESSION_KEYS = 0x6F6B0002
 
 
+# Idempotency keys are held until the transaction ends before they are looked
+# up (the PL/pgSQL functions of migrations 0009 and 0011 do both in one round
+# trip). Without it two replicas given the same key at once (a client that
+# failed over and retried) both found nothing, both inserted, and the loser's
+# whole group commit failed on the unique index, ending every stream on that
+# replica while it rebuilt its state. Try-locks, never waits: a batch holding
+# some keys cannot deadlock one holding others. The read comes after the lock
+# in its own statement, whose snapshot is taken once the key is held (the other
+# replica may just have committed). A held key refuses the one call:
 def _key_busy() -> Unavailable:
     return Unavailable(
         "another replica is handling a request with the same idempotency_key "
@@ -1362,8 +1371,8 @@ class _Tx:
         }
         wanted = [k for k in keys if k not in found]
         if wanted:
-            # The keys are held first, as _hold_keys says, in the same round
-            # trip (migration 0009_task_keys.sql).
+            # The keys are held first (see _key_busy), in the same round trip
+            # (migration 0009_task_keys.sql).
             rows = await self.conn.fetch(
                 f"SELECT {_TASK_COLS} FROM opscore_tasks_by_keys($1, $2::text[])",
                 _TASK_KEYS,
@@ -1375,24 +1384,6 @@ class _Tx:
                 task = R.task_from_row(row)
                 found[task.idempotency_key] = task
         return found
-
-    async def _hold_keys(self, space: int, keys: list[str]) -> None:
-        """Hold idempotency keys until this transaction ends, or refuse the
-        operation. Without it two replicas given the same key at once (a client
-        that failed over and retried) both found no task, both inserted, and the
-        loser's whole group commit failed on the unique index, ending every
-        stream on that replica while it rebuilt its state. Try-locks, never
-        waits: a batch holding some keys cannot deadlock one holding others.
-        Separate from the read that follows, whose snapshot must be taken after
-        the lock is held (the other replica may just have committed)."""
-        busy = await self.conn.fetchval(
-            "SELECT count(*) FROM unnest($2::text[]) AS k "
-            "WHERE NOT pg_try_advisory_xact_lock($1, hashtext(k))",
-            space,
-            keys,
-        )
-        if busy:
-            raise _key_busy()
 
     def put_task(self, task: Task) -> None:
         self._tasks[task.task_id] = task
@@ -1546,12 +1537,14 @@ class _Tx:
             s = live.session  # type: ignore[attr-defined]
             if s.idempotency_key == key:
                 return s  # type: ignore[no-any-return]
-        await self._hold_keys(_SESSION_KEYS, [key])
+        # Held and read in one round trip (migration 0011_session_keys.sql).
         row = await self.conn.fetchrow(
-            f"SELECT {R.SESSION_COLS} FROM sessions WHERE idempotency_key = $1", key
+            f"SELECT {R.SESSION_COLS} FROM opscore_sessions_by_key($1, $2)", _SESSION_KEYS, key
         )
         if row is None:
             return None
+        if row[0] is None:
+            raise _key_busy()
         session = R.session_from_row(row)
         session.runs = await self._s._runs(session.session_id, self.conn)
         return session
@@ -1574,7 +1567,7 @@ class _Tx:
     # ---- workflow definitions
 
     async def lock_definition(self, definition_id: str) -> None:
-        # Tried, never waited for, as the idempotency keys are (_hold_keys):
+        # Tried, never waited for, as the idempotency keys are (see _key_busy):
         # waiting stalled this replica's whole executor behind another's
         # transaction, and two batches changing two definitions in opposite
         # orders on two replicas could deadlock (PostgreSQL aborts one batch,
