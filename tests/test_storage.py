@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from opscore_proto.v1 import dispatch_pb2 as dpb
 from opscore_proto.v1 import lifecycle_pb2 as pb
+from opscore_proto.v1 import workflow_pb2 as wpb
 
 from opscore.clock import to_micros
 from opscore.models import RetryPolicy, Task, TaskState
@@ -356,6 +357,39 @@ async def test_an_existing_key_is_found_when_the_loop_cannot_read_the_file(harne
     finally:
         store._lookup = lookup
     assert not again.created and again.task.task_id == first.task.task_id
+
+
+@pytest.mark.parametrize("on_the_loop", [True, False])
+async def test_start_workflow_reads_its_key_and_definition_either_way(harness, on_the_loop):
+    """StartWorkflow reads the definition and a finished session's key on the
+    loop's own connection, or through the reader thread when the loop cannot
+    read the file: the same definition and the same session either way."""
+    await harness.workflow.CreateWorkflowDefinition(
+        wpb.CreateWorkflowDefinitionRequest(source="id: d\ntasks:\n- id: a\n  capability: c\n")
+    )
+    start = wpb.StartWorkflowRequest(definition_id="d", idempotency_key="kept")
+    first = await harness.workflow.StartWorkflow(start)
+    await harness.workflow.CancelSession(
+        wpb.CancelSessionRequest(session_id=first.session.session_id)
+    )
+    storage = harness.server.storage
+    # Finished and out of memory: only the file knows the key now.
+    await eventually(lambda: "kept" not in storage._session_keys, what="the session evicted")
+    store = storage.store
+    lookup = store._lookup
+    if not on_the_loop:
+        store._lookup = None
+    try:
+        again = await harness.workflow.StartWorkflow(start)
+        other = await harness.workflow.StartWorkflow(
+            wpb.StartWorkflowRequest(definition_id="d", idempotency_key="new")
+        )
+    finally:
+        store._lookup = lookup
+    assert not again.created and again.session.session_id == first.session.session_id
+    assert again.session.state == wpb.SESSION_STATE_CANCELLED
+    assert other.created and other.session.definition_id == "d"
+    assert other.session.session_id != first.session.session_id
 
 
 # ------------------------------------------------------------------ ListTasks by state
