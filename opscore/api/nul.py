@@ -125,11 +125,10 @@ def _in_map(path: str, mapping: Any, key_is_text: bool, value_kind: str) -> str 
     for key, value in mapping.items():
         if key_is_text and "\x00" in key:
             return f"{path} key {key!r}"
-        where = f"{path}[{key!r}]"
         if value_kind == "text" and "\x00" in value:
-            return where
+            return f"{path}[{key!r}]"
         if value_kind == "message" and (found := _find(value)) is not None:
-            return f"{where}.{found}"
+            return f"{path}[{key!r}].{found}"
     return None
 
 
