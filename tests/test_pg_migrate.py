@@ -24,7 +24,7 @@ from opscore.storage.postgres.migrate import (
     schema_version,
 )
 from opscore.storage.postgres.pool import PgSettings, connect
-from opscore.storage.sqlite.store import apply_migrations as apply_sqlite_migrations
+from opscore.storage.sqlite.migrate import apply_migrations as apply_sqlite_migrations
 from tests.support.pg import PgCluster
 
 # Catalog of the public schema: everything a migration can create, as text.

@@ -412,7 +412,7 @@ def test_sqlite_list_tasks_by_state_reads_its_index_in_order(
 ) -> None:
     from opscore.models import TaskFilter
     from opscore.storage.pages import encode_cursor
-    from opscore.storage.sqlite.store import list_tasks_query
+    from opscore.storage.sqlite.queries import list_tasks_query
 
     conn = sqlite3.connect(tmp_path / "plan.db")
     apply_migrations(conn)
@@ -471,7 +471,7 @@ _SESSION_STATE_INDEXES = [
 def test_sqlite_list_sessions_by_state_reads_its_index(
     tmp_path: Path, state: SessionState, index: str
 ) -> None:
-    from opscore.storage.sqlite.store import list_sessions_query
+    from opscore.storage.sqlite.queries import list_sessions_query
 
     conn = sqlite3.connect(tmp_path / "plan.db")
     apply_migrations(conn)

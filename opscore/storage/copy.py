@@ -31,7 +31,7 @@ from opscore.storage import is_postgres, sqlite_path
 from opscore.storage.postgres import migrate as pg_migrate
 from opscore.storage.postgres.pool import PgSettings, connect
 from opscore.storage.sqlite.lock import DatabaseLock
-from opscore.storage.sqlite.store import SCHEMA_VERSION, apply_migrations
+from opscore.storage.sqlite.migrate import SCHEMA_VERSION, apply_migrations
 
 log = logging.getLogger("opscore.storage.copy")
 

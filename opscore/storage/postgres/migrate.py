@@ -1,6 +1,6 @@
 """Numbered PostgreSQL migrations (migrations/000N_*.sql), applied at start.
 
-The same discipline as SQLite's (opscore/storage/sqlite/store.py): migrations are applied
+The same discipline as SQLite's (opscore/storage/sqlite/migrate.py): migrations are applied
 in order, each in its own transaction together with its row in
 `schema_migrations`, so a crash or an error mid-upgrade leaves the database at the
 previous version, never in between; a database from an older Ops-Core upgrades; a

@@ -1,4 +1,4 @@
-"""The one module that speaks SQL.
+"""The SQLite store: the group-commit writer and the reads.
 
 Writes go through a single writer coroutine, which hands each batch to the commit
 process (commitproc.py), a child process that owns the connection commits use. Engines
@@ -19,9 +19,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,93 +60,21 @@ from opscore.storage.rows import (
     run_row,
     session_from_row,
     session_row,
-    session_state_index_term,
     task_from_row,
     task_row,
-    task_state_index_term,
     transition_from_row,
     transition_row,
 )
 from opscore.storage.sqlite import retention
 from opscore.storage.sqlite.commitproc import CommitProcess, CommitProcessDied, NotWritten
 from opscore.storage.sqlite.lock import DatabaseLock
+from opscore.storage.sqlite.migrate import apply_migrations
+from opscore.storage.sqlite.queries import by_key, key_reads, list_sessions_query, list_tasks_query
 from opscore.workflow.models import Session, TaskRun
 
 log = logging.getLogger("opscore.storage")
 
 T = TypeVar("T")
-
-# --------------------------------------------------------------------------- migrations
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def migrations() -> list[Migration]:
-    """Numbered migrations shipped with the package, in order."""
-    found: list[Migration] = []
-    folder = resources.files("opscore.storage.sqlite") / "migrations"
-    for entry in folder.iterdir():
-        name = entry.name
-        if not name.endswith(".sql"):
-            continue
-        number = int(name.split("_", 1)[0])
-        found.append(Migration(number, name, entry.read_text()))
-    found.sort(key=lambda m: m.version)
-    expected = list(range(1, len(found) + 1))
-    if [m.version for m in found] != expected:
-        raise RuntimeError(f"migrations are not numbered 1..n: {[m.name for m in found]}")
-    return found
-
-
-SCHEMA_VERSION = len(migrations())
-
-
-def apply_migrations(conn: sqlite3.Connection, target: int | None = None) -> int:
-    """Bring a plain sqlite3 connection's database up to `target` (default: latest).
-
-    Each migration runs in its own transaction together with the version bump, so a
-    crash mid-upgrade leaves the database at the previous version, never in between.
-    """
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    target = SCHEMA_VERSION if target is None else target
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"database schema version {current} is newer than this Ops-Core "
-            f"({SCHEMA_VERSION}); upgrade Ops-Core"
-        )
-    for m in migrations():
-        if current < m.version <= target:
-            log.info("applying migration", extra={"migration": m.name})
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _split_sql(m.sql):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {m.version}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            current = m.version
-    return current
-
-
-def _split_sql(script: str) -> list[str]:
-    statements, buf = [], ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            if buf.strip():
-                statements.append(buf.strip())
-            buf = ""
-    if buf.strip() and not buf.strip().startswith("--"):
-        statements.append(buf.strip())
-    return statements
-
 
 # --------------------------------------------------------------------------- tables
 
@@ -209,25 +135,6 @@ _DELETE_SQL: dict[str, str] = {
 }
 
 
-# Idempotency keys looked up per SELECT (a power of two: see _key_reads).
-_KEYS_PER_READ = 512
-
-
-def _key_reads(keys: list[str]) -> Iterator[tuple[str, list[str]]]:
-    """SELECTs of the tasks with these keys, padded to a power of two keys each
-    (repeating one): few distinct statements for sqlite3's statement cache."""
-    for start in range(0, len(keys), _KEYS_PER_READ):
-        chunk = keys[start : start + _KEYS_PER_READ]
-        size = 1 << (len(chunk) - 1).bit_length()
-        sql = f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key IN ({', '.join('?' * size)})"
-        yield sql, chunk + [chunk[-1]] * (size - len(chunk))
-
-
-def _by_key(rows: Iterable[Any]) -> dict[str, Task]:
-    tasks = (task_from_row(r) for r in rows)
-    return {t.idempotency_key: t for t in tasks}
-
-
 # Batches handed to the commit process at once: one committing, one behind it.
 _IN_FLIGHT = 2
 
@@ -250,80 +157,6 @@ def _work(batch: _Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
         if keys:
             work.append((_DELETE_SQL[table], list(keys.values())))
     return work
-
-
-def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, list[Any]]:
-    """ListTasks' query: the newest `n` tasks matching `flt`, after the cursor."""
-    where: list[str] = []
-    params: list[Any] = []
-    if page_token:
-        where.append("rowid < ?")
-        params.append(decode_cursor(page_token, int)[0])
-    if flt.state:
-        where.append("state = ?")
-        params.append(int(flt.state))
-        term = task_state_index_term(flt.state)
-        if term is not None:
-            where.append(term)
-    if flt.capability:
-        where.append("capability = ?")
-        params.append(flt.capability)
-    if flt.session_id:
-        where.append("session_id = ?")
-        params.append(flt.session_id)
-    if flt.agent_id:
-        return _pinned_or_assigned(where, params, flt.agent_id, n)
-    sql = f"SELECT rowid, {TASK_COLS} FROM tasks"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return sql + " ORDER BY rowid DESC LIMIT ?", [*params, n]
-
-
-def list_sessions_query(
-    state: int, definition_id: str, page_token: str, n: int
-) -> tuple[str, list[Any]]:
-    """ListSessions' query: the newest `n` sessions matching, after the cursor."""
-    where: list[str] = []
-    params: list[Any] = []
-    if page_token:
-        where.append("rowid < ?")
-        params.append(decode_cursor(page_token, int)[0])
-    if state:
-        where.append("state = ?")
-        params.append(state)
-        term = session_state_index_term(state)
-        if term is not None:
-            where.append(term)
-    if definition_id:
-        where.append("definition_id = ?")
-        params.append(definition_id)
-    sql = f"SELECT rowid, {SESSION_COLS} FROM sessions"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return sql + " ORDER BY rowid DESC LIMIT ?", [*params, n]
-
-
-def _pinned_or_assigned(
-    where: list[str], params: list[Any], agent_id: str, n: int
-) -> tuple[str, list[Any]]:
-    """The newest `n` tasks pinned to or assigned to `agent_id` (and matching
-    `where`). Each side walks its own index backwards from the newest and stops
-    after `n`; written as one `agent_id = ? OR assigned_agent_id = ?`, SQLite
-    reads every task of the agent and sorts them, for every page."""
-    sides = []
-    side_params: list[Any] = []
-    for column in ("agent_id", "assigned_agent_id"):
-        sides.append(
-            "SELECT r FROM (SELECT rowid AS r FROM tasks WHERE "
-            + " AND ".join([f"{column} = ?", *where])
-            + " ORDER BY rowid DESC LIMIT ?)"
-        )
-        side_params += [agent_id, *params, n]
-    sql = (
-        f"SELECT rowid, {TASK_COLS} FROM tasks WHERE rowid IN ({' UNION '.join(sides)}) "
-        "ORDER BY rowid DESC LIMIT ?"
-    )
-    return sql, [*side_params, n]
 
 
 class _Batch:
@@ -924,19 +757,17 @@ class Store:
         Through the reader thread a lookup cost 123 us of CPU, on this
         connection 10.6 us (2,000 lookups, in process)."""
         rows: list[Any] = []
-        for sql, params in _key_reads(keys):
+        for sql, params in key_reads(keys):
             found = self._fetch_now(sql, params)
             if found is None:
                 return None
             rows += found
-        return _by_key(rows)
+        return by_key(rows)
 
     async def tasks_by_keys(self, keys: list[str]) -> dict[str, Task]:
         """The same through the reader thread, waiting for the file if need be."""
-        rows = [
-            row for sql, params in _key_reads(keys) for row in await self._fetchall(sql, params)
-        ]
-        return _by_key(rows)
+        rows = [row for sql, params in key_reads(keys) for row in await self._fetchall(sql, params)]
+        return by_key(rows)
 
     async def list_tasks(
         self, flt: TaskFilter, page_size: int, page_token: str, budget: int
