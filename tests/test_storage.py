@@ -442,8 +442,8 @@ async def test_postgres_list_tasks_by_state_reads_its_index(
     db_url: str, state: TaskState, index: tuple[str, ...]
 ) -> None:
     from opscore.models import TaskFilter
-    from opscore.storage.postgres.backend import list_tasks_query
     from opscore.storage.postgres.pool import PgSettings, connect
+    from opscore.storage.postgres.statements import list_tasks_query
 
     sql, args = list_tasks_query(TaskFilter(state=state), "", 101)
     conn = await connect(PgSettings.from_url(db_url))
@@ -497,8 +497,8 @@ def test_sqlite_list_sessions_by_state_reads_its_index(
 async def test_postgres_list_sessions_reads_the_filter_s_index(
     db_url: str, state: int, definition_id: str, index: str
 ) -> None:
-    from opscore.storage.postgres.backend import list_sessions_query
     from opscore.storage.postgres.pool import PgSettings, connect
+    from opscore.storage.postgres.statements import list_sessions_query
 
     sql, args = list_sessions_query(int(state), definition_id, "", 101)
     conn = await connect(PgSettings.from_url(db_url))
@@ -530,8 +530,8 @@ async def test_postgres_list_tasks_by_queued_reads_no_finished_history(
     finished ones enqueued after them, which it did before migration 0010."""
     from opscore.models import TaskFilter
     from opscore.storage.pages import encode_cursor
-    from opscore.storage.postgres.backend import list_tasks_query
     from opscore.storage.postgres.pool import PgSettings, connect
+    from opscore.storage.postgres.statements import list_tasks_query
 
     insert = (
         "INSERT INTO tasks (task_id, name, capability, agent_id, priority, max_attempts, "

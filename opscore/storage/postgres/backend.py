@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -68,6 +67,8 @@ from opscore.storage.pages import (
     nbytes,
 )
 from opscore.storage.postgres import retention
+from opscore.storage.postgres import rows as PR
+from opscore.storage.postgres import statements as S
 from opscore.storage.postgres.migrate import migrate
 from opscore.storage.postgres.pool import (
     DatabaseUnavailable,
@@ -107,248 +108,6 @@ def stats_wait(took: float) -> float:
     return max(STATS_INTERVAL, STATS_DUTY * took)
 
 
-_TASK_COLS = R.TASK_COLS
-_TASK_N = len(_TASK_COLS.split(","))
-_TASK_UPSERT = (
-    f"INSERT INTO tasks ({_TASK_COLS}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, _TASK_N + 1))}) "
-    "ON CONFLICT (task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
-)
-# New tasks (an enqueue's hundreds) as one INSERT over arrays, in their order
-# (`seq` is the listing order): one statement instead of one per row. An upsert
-# still: a task not read here may exist (a lost race).
-_TASK_FIXED_TYPES = (
-    "text", "text", "text", "text", "bytea", "integer", "integer", "bigint",
-    "double precision", "bigint", "bigint", "bigint", "text", "text", "text", "bigint",
-)  # fmt: skip
-# Tasks read in the transaction are rewritten with one UPDATE over arrays (one
-# statement for the batch, only the mutable columns), cheaper than an upsert per row.
-_TASK_MUTABLE_TYPES = (
-    "integer", "integer", "text", "bigint", "bigint", "bigint", "bytea", "text", "text",
-    "bytea", "bytea", "boolean", "bigint", "bigint", "bigint",
-)  # fmt: skip
-_TASK_FIRST_MUTABLE = len(R.TASK_FIXED.split(","))
-_TASK_UPDATE = (
-    "UPDATE tasks t SET "
-    + ", ".join(f"{c} = u.{c}" for c in R.TASK_MUTABLE)
-    + " FROM unnest($1::text[], "
-    + ", ".join(f"${i + 2}::{ty}[]" for i, ty in enumerate(_TASK_MUTABLE_TYPES))
-    + ") AS u (task_id, "
-    + ", ".join(R.TASK_MUTABLE)
-    + ") WHERE t.task_id = u.task_id"
-)
-_TASK_ALL_TYPES = (*_TASK_FIXED_TYPES, *_TASK_MUTABLE_TYPES, "text")
-assert len(_TASK_ALL_TYPES) == _TASK_N
-_TASK_INSERT_MANY = (
-    f"INSERT INTO tasks ({_TASK_COLS}) SELECT "
-    + ", ".join(f"u.c{i}" for i in range(_TASK_N))
-    + " FROM unnest("
-    + ", ".join(f"${i + 1}::{ty}[]" for i, ty in enumerate(_TASK_ALL_TYPES))
-    + ") WITH ORDINALITY AS u ("
-    + ", ".join(f"c{i}" for i in range(_TASK_N))
-    + ", n) ORDER BY u.n ON CONFLICT (task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.TASK_MUTABLE)
-)
-_AGENT_N = len(R.AGENT_COLS.split(","))
-_AGENT_UPSERT = (
-    f"INSERT INTO agents ({R.AGENT_COLS}) VALUES "
-    f"({', '.join(f'${i}' for i in range(1, _AGENT_N + 1))}) ON CONFLICT (agent_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in R.AGENT_UPDATED)
-)
-_TRANSITION_INSERT = (
-    f"INSERT INTO agent_transitions ({R.TRANSITION_COLS}) VALUES "
-    "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING"
-)
-# Attempts as one INSERT over arrays, parameters from $1 (or from `first`): alone,
-# or in the tasks UPDATE's statement (one round trip for both, the usual case:
-# an attempt ends when its task changes).
-_ATTEMPT_TYPES = (
-    "text", "integer", "text", "integer", "bigint", "bigint", "text", "text", "bytea", "bytea",
-)  # fmt: skip
-
-
-def _attempt_upsert(first: int = 1) -> str:
-    arrays = ", ".join(f"${first + i}::{ty}[]" for i, ty in enumerate(_ATTEMPT_TYPES))
-    return (
-        f"INSERT INTO task_attempts ({R.ATTEMPT_COLS}) SELECT * FROM unnest({arrays}) "
-        "ON CONFLICT (task_id, attempt) DO UPDATE SET "
-        "outcome = EXCLUDED.outcome, end_time = EXCLUDED.end_time, "
-        "error_message = EXCLUDED.error_message, error_type = EXCLUDED.error_type, "
-        "error_details = EXCLUDED.error_details, progress = EXCLUDED.progress"
-    )
-
-
-_ATTEMPT_UPSERT = _attempt_upsert()
-_TASK_UPDATE_AND_ATTEMPTS = (
-    f"WITH attempts AS ({_attempt_upsert(len(_TASK_MUTABLE_TYPES) + 2)}) {_TASK_UPDATE}"
-)
-_SESSION_UPSERT = (
-    f"INSERT INTO sessions ({R.SESSION_COLS}) VALUES "
-    f"({', '.join(f'${i}' for i in range(1, R.SESSION_NCOLS + 1))}) "
-    "ON CONFLICT (session_id) DO UPDATE SET "
-    + ", ".join(
-        f"{c} = EXCLUDED.{c}"
-        for c in (
-            "state",
-            "output",
-            "error_message",
-            "error_type",
-            "error_details",
-            "update_time",
-            "finish_time",
-        )
-    )
-)
-_RUN_UPSERT = (
-    f"INSERT INTO session_task_runs ({R.RUN_COLS}) VALUES "
-    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-    "ON CONFLICT (session_id, workflow_task_id) DO UPDATE SET "
-    + ", ".join(
-        f"{c} = EXCLUDED.{c}"
-        for c in (
-            "task_id",
-            "state",
-            "attempt",
-            "output",
-            "error_message",
-            "error_type",
-            "error_details",
-            "start_time",
-            "finish_time",
-        )
-    )
-)
-
-
-def list_tasks_query(flt: TaskFilter, page_token: str, n: int) -> tuple[str, list[Any]]:
-    """ListTasks' query: the newest `n` tasks matching `flt`, after the cursor."""
-    where: list[str] = []
-    args: list[Any] = []
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    if page_token:
-        where.append(f"seq < {arg(decode_cursor(page_token, int)[0])}")
-    if flt.state:
-        where.append(f"state = {arg(int(flt.state))}")
-        term = R.task_state_index_term(flt.state, postgres=True)
-        if term is not None:
-            where.append(term)
-    if flt.capability:
-        where.append(f"capability = {arg(flt.capability)}")
-    if flt.session_id:
-        # The repeated "<> ''" lets a generic plan use the partial index too.
-        where.append(f"session_id = {arg(flt.session_id)} AND session_id <> ''")
-    page = arg(n)
-    if flt.agent_id:
-        # Each side walks its own index from the newest and stops after a page;
-        # one "agent_id = a OR assigned_agent_id = a" reads every task of
-        # the agent and sorts them, for every page.
-        a = arg(flt.agent_id)
-        sides = [
-            "(SELECT seq FROM tasks WHERE "
-            + " AND ".join([f"{column} = {a} AND {column} <> ''", *where])
-            + f" ORDER BY seq DESC LIMIT {page})"
-            for column in ("agent_id", "assigned_agent_id")
-        ]
-        sql = f"SELECT seq, {_TASK_COLS} FROM tasks WHERE seq IN ({' UNION '.join(sides)})"
-    else:
-        sql = f"SELECT seq, {_TASK_COLS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY seq DESC LIMIT {page}"
-    return sql, args
-
-
-def list_sessions_query(
-    state: int, definition_id: str, page_token: str, n: int
-) -> tuple[str, list[Any]]:
-    """ListSessions' query. Built per filter rather than one statement with
-    `($1 = 0 OR state = $1)` terms: under a generic plan those read every
-    session newest first whatever the filter, as a filter on each row."""
-    where: list[str] = []
-    args: list[Any] = []
-    if page_token:
-        args.append(decode_cursor(page_token, int)[0])
-        where.append(f"seq < ${len(args)}")
-    if state:
-        args.append(state)
-        where.append(f"state = ${len(args)}")
-        term = R.session_state_index_term(state)
-        if term is not None:
-            where.append(term)
-    if definition_id:
-        args.append(definition_id)
-        where.append(f"definition_id = ${len(args)}")
-    sql = f"SELECT seq, {R.SESSION_COLS} FROM sessions"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    args.append(n)
-    return sql + f" ORDER BY seq DESC LIMIT ${len(args)}", args
-
-
-def _pg_agent_row(a: Agent) -> tuple[Any, ...]:
-    return (
-        a.agent_id,
-        a.name,
-        a.version,
-        list(a.capabilities),
-        a.contact_endpoint,
-        json.dumps(a.metadata, sort_keys=True),
-        int(a.state),
-        a.state_details,
-        to_micros(a.register_time),
-        to_micros(a.state_change_time),
-        to_micros(a.last_seen_time),
-        a.deregistered,
-        int(a.state_before_offline),
-        a.history_seq,
-    )
-
-
-def _pg_agent_from_row(r: Any, streams: int = 0) -> Agent:
-    return Agent(
-        agent_id=r[0],
-        name=r[1],
-        version=r[2],
-        capabilities=tuple(r[3]),
-        contact_endpoint=r[4],
-        metadata=json.loads(r[5]),
-        state=AgentState(r[6]),
-        state_details=r[7],
-        register_time=from_micros(r[8]),  # type: ignore[arg-type]
-        state_change_time=from_micros(r[9]),  # type: ignore[arg-type]
-        last_seen_time=from_micros(r[10]),  # type: ignore[arg-type]
-        deregistered=r[11],
-        state_before_offline=AgentState(r[12]),
-        history_seq=r[13],
-        open_subscriptions=streams,
-    )
-
-
-_CANCEL_REQUESTED = 27  # position in rows.TASK_COLS
-
-
-def _pg_task_row(t: Task) -> tuple[Any, ...]:
-    row = list(R.task_row(t))
-    row[_CANCEL_REQUESTED] = bool(row[_CANCEL_REQUESTED])
-    return tuple(row)
-
-
-def _pg_transition_row(t: StateTransition) -> tuple[Any, ...]:
-    row = list(R.transition_row(t))
-    row[8] = bool(row[8])
-    return tuple(row)
-
-
-def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as one list per column: the arrays of an INSERT ... unnest."""
-    return [list(col) for col in zip(*rows, strict=True)]
-
-
 async def _within(awaitable: Awaitable[object], what: str) -> bool:
     """Wait up to CLOSE_STEP_TIMEOUT for one step of closing; False (logged) if
     it failed or did not finish. A stopping server must stop."""
@@ -364,13 +123,6 @@ async def _within(awaitable: Awaitable[object], what: str) -> bool:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-# Streams on live replicas: what makes an agent live with no call of its own.
-_LIVE_STREAMS = (
-    "SELECT COALESCE(SUM(s.streams), 0) FROM agent_streams s JOIN replicas r USING (replica_id) "
-    "WHERE s.agent_id = $1 AND r.heartbeat_time > opscore_now_us() - $2"
-)
 
 
 class _Op:
@@ -885,11 +637,11 @@ class PostgresStorage:
 
     async def read_agent(self, agent_id: str) -> Agent | None:
         rows = await self._fetch(
-            f"SELECT {R.AGENT_COLS}, ({_LIVE_STREAMS}) FROM agents WHERE agent_id = $1",
+            f"SELECT {R.AGENT_COLS}, ({S.LIVE_STREAMS}) FROM agents WHERE agent_id = $1",
             agent_id,
             self._replica_us,
         )
-        return _pg_agent_from_row(rows[0], rows[0][_AGENT_N]) if rows else None
+        return PR.agent_from_row(rows[0], rows[0][S.AGENT_N]) if rows else None
 
     async def read_transition(self, agent_id: str, sequence: int) -> StateTransition | None:
         rows = await self._fetch(
@@ -921,7 +673,7 @@ class PostgresStorage:
             limit + 1,
             self._replica_us,
         )
-        agents = [_pg_agent_from_row(r, r[_AGENT_N]) for r in rows]
+        agents = [PR.agent_from_row(r, r[S.AGENT_N]) for r in rows]
         n = fit((agent_size(a) - 64 for a in agents[:limit]), budget)
         page = agents[:n]
         return page, (encode_cursor(page[-1].agent_id) if len(agents) > n else "")
@@ -943,14 +695,14 @@ class PostgresStorage:
         return items, (encode_cursor(items[-1].sequence) if len(rows) > n else "")
 
     async def read_task(self, task_id: str) -> Task | None:
-        rows = await self._fetch(f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = $1", task_id)
+        rows = await self._fetch(f"SELECT {R.TASK_COLS} FROM tasks WHERE task_id = $1", task_id)
         return R.task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
         self, flt: TaskFilter, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Task], str]:
         limit = clamp_page_size(page_size)
-        sql, args = list_tasks_query(flt, page_token, limit + 1)
+        sql, args = S.list_tasks_query(flt, page_token, limit + 1)
         rows = await self._fetch(sql, *args)
         n = fit((nbytes(r[5], r[23], r[24], r[26], r[27]) for r in rows[:limit]), budget)
         items = [R.task_from_row(tuple(r)[1:]) for r in rows[:n]]
@@ -1040,7 +792,7 @@ class PostgresStorage:
         self, state: int, definition_id: str, page_size: int, page_token: str, budget: int
     ) -> tuple[list[Session], str]:
         limit = clamp_page_size(page_size)
-        sql, args = list_sessions_query(state, definition_id, page_token, limit + 1)
+        sql, args = S.list_sessions_query(state, definition_id, page_token, limit + 1)
         rows = await self._fetch(sql, *args)
         n = fit((nbytes(r[5], r[6], r[7], r[9]) for r in rows[:limit]), budget)
         return [R.session_from_row(tuple(r)[1:]) for r in rows[:n]], (
@@ -1184,30 +936,30 @@ class _Tx:
         rows = 0
         attempts = by_kind.get("attempt", [])
         if by_kind.get("agent"):
-            await c.executemany(_AGENT_UPSERT, [_pg_agent_row(a) for a in by_kind["agent"]])
+            await c.executemany(S.AGENT_UPSERT, [PR.agent_row(a) for a in by_kind["agent"]])
         if appends.get("transition"):
-            await c.executemany(_TRANSITION_INSERT, appends["transition"])
+            await c.executemany(S.TRANSITION_INSERT, appends["transition"])
         if by_kind.get("task"):
             new, old = [], []
             for t in by_kind["task"]:
-                (old if t.task_id in self._read_tasks else new).append(_pg_task_row(t))
+                (old if t.task_id in self._read_tasks else new).append(PR.task_row(t))
             if len(new) == 1:
-                await c.execute(_TASK_UPSERT, *new[0])
+                await c.execute(S.TASK_UPSERT, *new[0])
             elif new:
-                await c.execute(_TASK_INSERT_MANY, *_columns(new))
+                await c.execute(S.TASK_INSERT_MANY, *PR.columns(new))
             if old:
-                first = _TASK_FIRST_MUTABLE
+                first = S.TASK_FIRST_MUTABLE
                 columns = [list(col) for col in zip(*old, strict=True)]
-                args = [columns[0], *columns[first : first + len(_TASK_MUTABLE_TYPES)]]
+                args = [columns[0], *columns[first : first + len(S.TASK_MUTABLE_TYPES)]]
                 if attempts:
-                    await c.execute(_TASK_UPDATE_AND_ATTEMPTS, *args, *_columns(attempts))
+                    await c.execute(S.TASK_UPDATE_AND_ATTEMPTS, *args, *PR.columns(attempts))
                     attempts = []
                 else:
-                    await c.execute(_TASK_UPDATE, *args)
+                    await c.execute(S.TASK_UPDATE, *args)
         if attempts:
-            await c.execute(_ATTEMPT_UPSERT, *_columns(attempts))
+            await c.execute(S.ATTEMPT_UPSERT, *PR.columns(attempts))
         if by_kind.get("session"):
-            await c.executemany(_SESSION_UPSERT, by_kind["session"])
+            await c.executemany(S.SESSION_UPSERT, by_kind["session"])
         if appends.get("session_definition"):
             await c.executemany(
                 "INSERT INTO session_definitions (session_id, body) VALUES ($1, $2) "
@@ -1215,7 +967,7 @@ class _Tx:
                 appends["session_definition"],
             )
         if by_kind.get("run"):
-            await c.executemany(_RUN_UPSERT, by_kind["run"])
+            await c.executemany(S.RUN_UPSERT, by_kind["run"])
         if appends.get("event"):
             await c.executemany(
                 "INSERT INTO session_events (session_id, sequence, body) VALUES ($1, $2, $3)",
@@ -1293,11 +1045,11 @@ class _Tx:
             return self._agents[agent_id]
         lock = "FOR UPDATE OF a" if wait else "FOR UPDATE OF a SKIP LOCKED"
         row = await self.conn.fetchrow(
-            f"SELECT {R.AGENT_COLS}, ({_LIVE_STREAMS}) FROM agents a WHERE agent_id = $1 {lock}",
+            f"SELECT {R.AGENT_COLS}, ({S.LIVE_STREAMS}) FROM agents a WHERE agent_id = $1 {lock}",
             agent_id,
             self._s._replica_us,
         )
-        agent = _pg_agent_from_row(row, row[_AGENT_N]) if row is not None else None
+        agent = PR.agent_from_row(row, row[S.AGENT_N]) if row is not None else None
         if agent is not None or wait:
             self._agents[agent_id] = agent
         return agent
@@ -1307,7 +1059,7 @@ class _Tx:
         self._writes.append(("agent", agent.agent_id, dataclasses.replace(agent)))
 
     def add_transition(self, transition: StateTransition) -> None:
-        self._writes.append(("transition", None, _pg_transition_row(transition)))
+        self._writes.append(("transition", None, PR.transition_row(transition)))
 
     def stream_opened(self, agent: Agent) -> None:
         agent.open_subscriptions += 1
@@ -1336,7 +1088,7 @@ class _Tx:
         task = self._tasks.get(task_id)
         if task is None:
             row = await self.conn.fetchrow(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = $1 FOR UPDATE", task_id
+                f"SELECT {R.TASK_COLS} FROM tasks WHERE task_id = $1 FOR UPDATE", task_id
             )
             if row is None:
                 return None
@@ -1348,7 +1100,7 @@ class _Tx:
         if task is not None:
             return task
         row = await self.conn.fetchrow(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = $1", task_id
+            f"SELECT {R.TASK_COLS} FROM tasks WHERE task_id = $1", task_id
         )
         return R.task_from_row(row) if row is not None else None
 
@@ -1357,7 +1109,7 @@ class _Tx:
         if len(wanted) < 2:
             return  # `task` reads the one itself
         rows = await self.conn.fetch(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ANY($1::text[]) "
+            f"SELECT {R.TASK_COLS} FROM tasks WHERE task_id = ANY($1::text[]) "
             "ORDER BY task_id FOR UPDATE",
             wanted,
         )
@@ -1374,7 +1126,7 @@ class _Tx:
             # The keys are held first (see _key_busy), in the same round trip
             # (migration 0009_task_keys.sql).
             rows = await self.conn.fetch(
-                f"SELECT {_TASK_COLS} FROM opscore_tasks_by_keys($1, $2::text[])",
+                f"SELECT {R.TASK_COLS} FROM opscore_tasks_by_keys($1, $2::text[])",
                 _TASK_KEYS,
                 wanted,
             )
@@ -1431,12 +1183,12 @@ class _Tx:
         # and are released at COMMIT.
         rows = await self.conn.fetch(
             "WITH by_capability AS (SELECT t.* FROM unnest($1::text[], $2::integer[]) "
-            f"AS c (capability, n), LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE "
+            f"AS c (capability, n), LATERAL (SELECT {R.TASK_COLS} FROM tasks WHERE "
             "tasks.state = 2 AND tasks.agent_id = '' AND tasks.capability = c.capability "
             "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
             "tasks.ready_seq LIMIT c.n FOR UPDATE SKIP LOCKED) t), "
             "pinned AS (SELECT t.* FROM unnest($3::text[], $4::integer[]) AS p (agent_id, n), "
-            f"LATERAL (SELECT {_TASK_COLS} FROM tasks WHERE tasks.state = 2 "
+            f"LATERAL (SELECT {R.TASK_COLS} FROM tasks WHERE tasks.state = 2 "
             "AND tasks.agent_id = p.agent_id AND tasks.agent_id <> '' "
             "AND tasks.task_id <> ALL($5::text[]) ORDER BY tasks.priority DESC, "
             "tasks.ready_seq LIMIT p.n FOR UPDATE SKIP LOCKED) t) "
@@ -1477,7 +1229,7 @@ class _Tx:
 
     async def held_by(self, agent_id: str) -> list[Task]:
         rows = await self.conn.fetch(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE state = 3 AND assigned_agent_id = $1 "
+            f"SELECT {R.TASK_COLS} FROM tasks WHERE state = 3 AND assigned_agent_id = $1 "
             "ORDER BY task_id FOR UPDATE",
             agent_id,
         )
