@@ -16,14 +16,10 @@ streams, so an agent never receives a lease that a crash could forget.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from opscore import limits
 from opscore import validation as v
@@ -57,6 +53,8 @@ from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.observability.tracecontext import attempt_traceparent
 from opscore.payload import Payload
 from opscore.storage.api import Storage, Tx, Want
+from opscore.subscription import Assignment, Cancellation, StreamEnd, StreamItem, Subscription
+from opscore.taskspec import TaskSpec
 
 log = logging.getLogger("opscore.dispatch")
 
@@ -65,187 +63,6 @@ MAX_IN_FLIGHT = limits.MAX_IN_FLIGHT
 # TaskError.type of a cancelled task (and of the attempt a cancellation ended).
 CANCELLED_ERROR_TYPE = "Cancelled"
 MAX_BATCH = limits.MAX_ENQUEUE_BATCH
-
-
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(slots=True, frozen=True)
-class RetryPolicySpec:
-    """A retry policy as requested: zero/None fields take the defaults."""
-
-    max_attempts: int = 0
-    initial_backoff: timedelta | None = None
-    backoff_multiplier: float = 0.0
-    max_backoff: timedelta | None = None
-
-    def resolve(self, field: str = "retry_policy") -> RetryPolicy:
-        d = RetryPolicy()
-        if not 0 <= self.max_attempts <= limits.MAX_ATTEMPTS:
-            raise InvalidArgument(
-                f"{field}.max_attempts must be between 1 and {limits.MAX_ATTEMPTS} "
-                "(0 for the default 3)",
-                field=f"{field}.max_attempts",
-            )
-        v.duration(self.initial_backoff, f"{field}.initial_backoff", limits.MAX_BACKOFF)
-        v.duration(self.max_backoff, f"{field}.max_backoff", limits.MAX_BACKOFF)
-        m = self.backoff_multiplier
-        if m != 0.0 and not 1.0 <= m <= limits.MAX_BACKOFF_MULTIPLIER:  # NaN fails both
-            raise InvalidArgument(
-                f"{field}.backoff_multiplier must be between 1.0 and "
-                f"{limits.MAX_BACKOFF_MULTIPLIER:g} (0 for the default 2.0), got {m!r}",
-                field=f"{field}.backoff_multiplier",
-            )
-        initial = d.initial_backoff if self.initial_backoff is None else self.initial_backoff
-        maximum = d.max_backoff if self.max_backoff is None else self.max_backoff
-        if self.max_backoff is not None and maximum < initial:
-            raise InvalidArgument(
-                f"{field}.max_backoff must not be smaller than initial_backoff",
-                field=f"{field}.max_backoff",
-            )
-        return RetryPolicy(
-            max_attempts=self.max_attempts or d.max_attempts,
-            initial_backoff=initial,
-            backoff_multiplier=self.backoff_multiplier or d.backoff_multiplier,
-            max_backoff=max(maximum, initial),
-        )
-
-
-@dataclass(slots=True)
-class TaskSpec:
-    """What a caller asks to enqueue, before validation and defaults. Not
-    frozen: one is made per task enqueued, and a frozen dataclass pays a
-    object.__setattr__ call per field (2.5 against 0.55 us for the 14 fields).
-    Nothing changes one after it is made; dataclasses.replace makes a copy."""
-
-    name: str = ""
-    capability: str = ""
-    agent_id: str = ""
-    input: Payload = None
-    priority: int = 0
-    schedule_time: datetime | None = None
-    delay: timedelta | None = None
-    retry_policy: RetryPolicySpec = RetryPolicySpec()
-    timeout: timedelta | None = None
-    heartbeat_timeout: timedelta | None = None
-    idempotency_key: str = ""
-    session_id: str = ""
-    workflow_task_id: str = ""
-    # The traceparent the task's spans go under ("": the enqueuing call's).
-    trace_parent: str = ""
-
-
-# --------------------------------------------------------------------------- streams
-
-
-@dataclass(slots=True, frozen=True)
-class Assignment:
-    task: Task
-
-
-@dataclass(slots=True, frozen=True)
-class Cancellation:
-    task_id: str
-    attempt: int
-    reason: str
-
-
-@dataclass(slots=True, frozen=True)
-class StreamEnd:
-    """The engine ended the subscription; `error` None means a clean end (OK)."""
-
-    error: Exception | None
-
-
-@dataclass(slots=True, frozen=True)
-class Ack:
-    """The answer to one item an agent sent on its work stream (opscore.workstream)."""
-
-    id: int
-    error: OpsCoreError | None = None
-    task_state: TaskState = TaskState.UNSPECIFIED
-    lease_expire_time: datetime | None = None
-    cancel_requested: bool = False
-
-
-StreamMessage = Assignment | Cancellation | StreamEnd | Ack
-StreamItem = tuple["asyncio.Future[None] | None", StreamMessage]
-
-_sub_ids = itertools.count(1)
-
-
-@dataclass(eq=False, slots=True)
-class Subscription:
-    agent: Agent
-    capabilities: frozenset[str]
-    requested: frozenset[str]
-    max_in_flight: int
-    sub_id: int = field(default_factory=lambda: next(_sub_ids))
-    in_flight: set[str] = field(default_factory=set)
-    outbox: deque[StreamItem] = field(default_factory=deque)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
-
-    @property
-    def has_room(self) -> bool:
-        return len(self.in_flight) < self.max_in_flight
-
-    # Set whenever the outbox is short: a work stream stops reading its client
-    # while the client is not reading what it is sent.
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    # The last commit whose completion wakes this stream (take()).
-    watched: asyncio.Future[None] | None = None
-
-    def push(self, item: StreamItem) -> None:
-        self.outbox.append(item)
-        commit = item[0]
-        if commit is None or commit.done():
-            self.wakeup.set()
-        elif commit is not self.watched:
-            # The stream wakes when the commit ends, not now: nothing can be
-            # sent before. Items of one transaction share one callback.
-            self.watched = commit
-            commit.add_done_callback(self._committed)
-        if len(self.outbox) > _OUTBOX_HIGH_WATER:
-            self.drained.clear()
-
-    def _committed(self, _commit: asyncio.Future[None]) -> None:
-        self.wakeup.set()
-
-    async def next(self) -> StreamItem:
-        while not self.outbox:
-            self.wakeup.clear()
-            await self.wakeup.wait()
-        item = self.outbox.popleft()
-        if len(self.outbox) <= _OUTBOX_LOW_WATER:
-            self.drained.set()
-        return item
-
-    async def take(self) -> list[StreamItem]:
-        """The items at the head of the queue whose commit has ended, in order,
-        waiting for at least one (never for more). The caller reads each
-        commit's outcome with `result()` and never has to await it: a stream
-        wakes once per commit instead of at the push and again at the commit
-        (behind a shield, so that its cancellation cannot cancel a commit other
-        calls wait on), which cost a loop turn and two futures per message."""
-        outbox = self.outbox
-        while not outbox or not _settled(outbox[0][0]):
-            self.wakeup.clear()
-            await self.wakeup.wait()
-        items = []
-        while outbox and _settled(outbox[0][0]):
-            items.append(outbox.popleft())
-        if len(outbox) <= _OUTBOX_LOW_WATER:
-            self.drained.set()
-        return items
-
-
-def _settled(commit: asyncio.Future[None] | None) -> bool:
-    return commit is None or commit.done()
-
-
-_OUTBOX_HIGH_WATER = 2000
-_OUTBOX_LOW_WATER = 500
 
 
 # Task events for listeners (the workflow engine), awaited inside the operation

@@ -15,11 +15,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from opscore.dispatch import Ack, DispatchEngine, Subscription
+from opscore.dispatch import DispatchEngine
 from opscore.errors import InvalidArgument, OpsCoreError
 from opscore.models import TaskError
 from opscore.payload import Payload
 from opscore.storage.api import Tx
+from opscore.subscription import Ack, Subscription
 
 log = logging.getLogger("opscore.workstream")
 

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from opscore.dispatch import Ack, StreamEnd, Subscription
 from opscore.errors import Unavailable
 from opscore.models import Agent, AgentState
+from opscore.subscription import Ack, StreamEnd, Subscription
 
 
 def subscription() -> Subscription:

@@ -18,8 +18,8 @@ from opscore_proto.v1 import dispatch_pb2 as pb
 
 from opscore.api import convert as c
 from opscore.api.servicers import dispatch as servicer
-from opscore.dispatch import Assignment
 from opscore.models import RetryPolicy, Task, TaskState
+from opscore.subscription import Assignment
 
 
 def _task() -> Task:

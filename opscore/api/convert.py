@@ -10,7 +10,6 @@ from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2, workflow_p
 
 from opscore import workstream as ws
 from opscore.api.errors import status_code
-from opscore.dispatch import Ack, RetryPolicySpec, TaskSpec
 from opscore.errors import InvalidArgument
 from opscore.models import (
     Agent,
@@ -25,6 +24,8 @@ from opscore.observability.tracecontext import attempt_traceparent
 
 # Servicers reach the value helpers through this module: one import for all translation.
 from opscore.protovalues import dur, from_dur, from_ts, payload, set_ts, struct, ts
+from opscore.subscription import Ack
+from opscore.taskspec import RetryPolicySpec, TaskSpec
 from opscore.workflow.models import Session, StoredEvent, TaskRun
 
 # ---------------------------------------------------------------- lifecycle

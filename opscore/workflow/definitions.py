@@ -23,10 +23,10 @@ from opscore_proto.v1 import workflow_pb2
 
 from opscore import limits
 from opscore import validation as v
-from opscore.dispatch import RetryPolicySpec
 from opscore.errors import InvalidArgument
 from opscore.models import RetryPolicy
 from opscore.protovalues import from_dur, payload
+from opscore.taskspec import RetryPolicySpec
 from opscore.workflow import shape
 from opscore.workflow.problems import Problems
 

@@ -30,7 +30,7 @@ from opscore_proto.v1 import common_pb2, workflow_pb2
 from opscore import limits
 from opscore import validation as v
 from opscore.clock import utcnow
-from opscore.dispatch import CANCELLED_ERROR_TYPE, DispatchEngine, TaskSpec
+from opscore.dispatch import CANCELLED_ERROR_TYPE, DispatchEngine
 from opscore.errors import (
     AlreadyExists,
     ConfigError,
@@ -46,6 +46,7 @@ from opscore.models import Page, Task, TaskError, TaskState
 from opscore.observability.observer import NO_OBSERVER, EngineObserver
 from opscore.payload import Payload
 from opscore.storage.api import Storage, Tx
+from opscore.taskspec import TaskSpec
 from opscore.workflow.definitions import Definition, Plan, content_hash, parse_source, validate
 from opscore.workflow.models import (
     TERMINAL_EVENTS,

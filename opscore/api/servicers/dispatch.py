@@ -17,16 +17,10 @@ from opscore.api.interceptors import (
     stream_ready,
     undecodable_error,
 )
-from opscore.dispatch import (
-    Ack,
-    Assignment,
-    Cancellation,
-    DispatchEngine,
-    StreamEnd,
-    StreamItem,
-)
+from opscore.dispatch import DispatchEngine
 from opscore.errors import InvalidArgument, OpsCoreError, Unavailable
 from opscore.models import TaskFilter
+from opscore.subscription import Ack, Assignment, Cancellation, StreamEnd, StreamItem
 from opscore.workstream import WorkStream
 
 
