@@ -403,7 +403,7 @@ async def test_registers_again_with_a_server_that_lost_its_database(
     """The server comes back with an empty database while the agent's IDLE
     report waits for a stream: the hello gets NOT_FOUND, the agent registers
     again (without waiting behind that report) and takes new work."""
-    monkeypatch.setattr("opscore.agent._MIN_ANSWER_WAIT", 0.2)
+    monkeypatch.setattr("opscore.agent.worker._MIN_ANSWER_WAIT", 0.2)
     own = client_for(harness, retry=RetryConfig(max_attempts=2))
     agent = make_agent(harness, transport=transport, client=own)
     release = asyncio.Event()

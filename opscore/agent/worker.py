@@ -1,65 +1,6 @@
-"""The Agent worker: register, connect, run handlers, report results.
-
-    from opscore.agent import Agent, TaskContext
-
-    agent = Agent("summarizer", agent_id="summarizer-1", max_in_flight=4)
-
-    @agent.task("text.summarize")
-    async def summarize(task: TaskContext) -> dict:
-        words = task.input["text"].split()
-        task.report_progress({"words_seen": len(words)})
-        return {"summary": " ".join(words[:10]), "words": len(words)}
-
-    agent.run_sync()   # or: await agent.run()
-
-What `run()` does:
-
-1. Registers the agent with the capabilities of its handlers (retrying while the
-   server is unreachable) and reports `IDLE`.
-2. Opens its work stream (DispatchService.Connect) with `max_in_flight` and runs
-   each assignment's handler in its own asyncio task: `async def` handlers on
-   the event loop, plain functions in a thread pool. Results, heartbeats and
-   state reports go back on the same stream, each answered by the server; the
-   ones ready at the same moment travel in one message. While tasks run the
-   agent reports `ACTIVE`, and `IDLE` again once it has none (at most one
-   report per half second). `transport="subscribe"` uses the older shape
-   instead: a SubscribeTasks stream and one unary call per result.
-3. Sends heartbeats automatically (every third of the task's
-   `heartbeat_timeout`) while a handler runs, and at once when the handler
-   reports progress.
-4. Completes the task with the handler's return value (a dict is the output;
-   any other value `v` becomes `{"result": v}`; None leaves it empty), or fails
-   it with the exception it raised: type and message, with the traceback in the
-   details (`{"traceback": ..., "exception_type": "module.Class"}`), and logs
-   the failure at WARNING with the traceback. `NonRetryableError` fails the
-   task for good. An output that is not JSON-like fails it for good too,
-   naming the key and the type (`output['when']: datetime is not JSON-like`),
-   and so does one the server refuses (larger than 1 MiB, nested too deep).
-   A result the server ignores (the lease was lost, the task finished
-   meanwhile) is dropped with a warning.
-5. Honours cancellations (from the stream, or a heartbeat answering
-   `cancel_requested`) by cancelling the handler's asyncio task; no result is
-   sent. A thread cannot be interrupted: a sync handler should check
-   `task.cancelled` now and then.
-6. Reconnects with jittered backoff when the server goes away (draining or
-   unreachable), keeping the tasks it holds, and sends again what the server
-   had not answered (results are idempotent); an assignment it already runs
-   or has finished, re-sent by the server after the reconnect, is ignored. Registers again if
-   the server no longer knows it. A stream the server ends normally means the
-   agent was deregistered: `run()` then cancels its handlers and returns.
-7. On SIGTERM or SIGINT (or `shutdown()`), stops taking work (capacity 0 on
-   the work stream; the subscription is closed in the older shape), lets the
-   tasks it holds finish (up to `shutdown_timeout`, after which they are
-   cancelled and failed as retryable so another agent picks them up), sends
-   their results, reports `FINISHED`, half-closes the stream and returns. A
-   second signal skips the wait.
-
-Logging: the agent logs to the `opscore.agent` logger. When the application has
-configured no logging at all, `run()` adds a handler to the `opscore` logger
-that prints WARNING and above to stderr (handler failures with their
-traceback, reconnections), so the smallest agent shows what goes wrong; it
-steps aside as soon as the application configures a root handler.
-"""
+"""The Agent worker itself: registration, the connection in either shape
+(work stream or SubscribeTasks), running handlers, delivering results, and the
+shutdown (the package's docstring has the whole story)."""
 
 from __future__ import annotations
 
@@ -74,7 +15,6 @@ import os
 import random
 import signal
 import threading
-import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,10 +23,13 @@ from typing import Any, TypeVar
 
 from opscore_proto.v1 import common_pb2, dispatch_pb2, lifecycle_pb2
 
+from opscore.agent.context import TaskContext
+from opscore.agent.failures import NonRetryableError, failure_details
+from opscore.agent.state import CLOSING_WAIT, StateReporter
 from opscore.client import OpsCoreClient, TLSConfig
 from opscore.client._tracing import handler_span, record_failure
 from opscore.client._workstream import Outbox, WorkStream, error_from_result, on_refusal
-from opscore.client.convert import Seconds, to_datetime, to_dict, to_struct, to_timedelta
+from opscore.client.convert import Seconds, to_datetime, to_struct
 from opscore.client.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -97,9 +40,6 @@ from opscore.client.errors import (
     UnavailableError,
     connection_problem,
 )
-from opscore.limits import MAX_DETAILS_BYTES
-
-__all__ = ["TRANSPORTS", "Agent", "Handler", "NonRetryableError", "TaskContext"]
 
 log = logging.getLogger("opscore.agent")
 
@@ -110,10 +50,6 @@ H = TypeVar("H", bound=Handler)
 _IDLE = lifecycle_pb2.AGENT_STATE_IDLE
 _ACTIVE = lifecycle_pb2.AGENT_STATE_ACTIVE
 _FINISHED = lifecycle_pb2.AGENT_STATE_FINISHED
-# The failure details (traceback + the handler's own details) must stay within
-# the server's limit, or the failure itself is refused and the attempt lingers
-# until its lease ends. Characters of the traceback's tail kept at most:
-_TRACEBACK_LIMIT = 16_000
 # Finished attempts remembered against stale re-sent assignments (a re-send
 # follows a reconnect by moments; this bounds the memory).
 _FINISHED_REMEMBERED = 4096
@@ -121,9 +57,6 @@ _FINISHED_REMEMBERED = 4096
 TRANSPORTS = ("connect", "subscribe")
 # Errors that reconnecting cannot fix: `run()` raises them.
 _FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED")
-# How long a graceful end waits for the server to answer FINISHED and to end
-# the half-closed stream, each.
-_CLOSING_WAIT = 10.0
 # A result whose lease has passed by our clock is still sent (the server's
 # clock decides): its answer is awaited at least this long.
 _MIN_ANSWER_WAIT = 5.0
@@ -154,61 +87,6 @@ def _default_logging() -> None:
     ours.addHandler(handler)
 
 
-def _qualified_name(exc: BaseException) -> str:
-    cls = type(exc)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
-
-
-def _failure_details(exc: BaseException, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The traceback, the exception's type and `extra` (a NonRetryableError's
-    details), cut down to fit the server's limit on error details."""
-    trace = "".join(traceback.format_exception(exc))
-    details: dict[str, Any] = {"exception_type": _qualified_name(exc)}
-    try:
-        to_struct(dict(extra), "details")
-        details.update(extra)
-    except TypeError as problem:
-        details["details_error"] = f"the error's details were dropped: {problem}"
-    details["traceback"] = trace[-_TRACEBACK_LIMIT:]
-    while True:
-        struct = to_struct(details, "details")
-        assert struct is not None
-        size = struct.ByteSize()
-        if size <= MAX_DETAILS_BYTES:
-            return details
-        keep = len(details["traceback"]) - (size - MAX_DETAILS_BYTES) - 64
-        if keep > 0:
-            details["traceback"] = details["traceback"][-keep:]
-        else:  # the handler's own details are too big: keep ours
-            details = {
-                "exception_type": details["exception_type"],
-                "details_error": "the error's details were dropped: larger than "
-                f"{MAX_DETAILS_BYTES} bytes",
-                "traceback": trace[-_TRACEBACK_LIMIT // 2 :],
-            }
-
-
-class NonRetryableError(Exception):
-    """Raise from a handler to fail the task for good: no further attempt.
-
-    `error_type` replaces the class name as the error's type; `details` (a
-    JSON-like dict) is sent with it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        error_type: str | None = None,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.details = dict(details or {})
-
-
 def _seconds(value: Seconds) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
@@ -229,183 +107,10 @@ class _Backoff:
         self._step = self.initial
 
 
-class TaskContext:
-    """What a handler gets: the task, its input, and ways to talk back.
-
-    `input` is the task's input as a dict. For a workflow task
-    (`session_id` set) the input holds `parameters` (from the definition),
-    `input` (the session's input) and `upstream` (each dependency's output by
-    task id), also available as `parameters`, `session_input` and `upstream`.
-    """
-
-    def __init__(self, agent: Agent, task: dispatch_pb2.Task) -> None:
-        self.task: dispatch_pb2.Task = task
-        self.agent_id: str = agent.agent_id
-        self.task_id: str = task.task_id
-        self.attempt: int = task.attempt
-        self.capability: str = task.capability
-        self.name: str = task.name
-        self.session_id: str = task.session_id
-        self.workflow_task_id: str = task.workflow_task_id
-        self.input: dict[str, Any] = to_dict(task.input)
-        #: When the lease ends unless extended (updated by each heartbeat).
-        self.lease_expire_time: datetime | None = to_datetime(task, "lease_expire_time")
-        self.heartbeat_timeout: timedelta | None = to_timedelta(task, "heartbeat_timeout")
-        #: W3C trace context of this attempt's span (`traceparent`), from the
-        #: assignment; empty when the server does not trace.
-        self.trace_context: dict[str, str] = {}
-        self._loop = asyncio.get_running_loop()
-        self._progress: dict[str, Any] | None = None
-        self._progress_lock = threading.Lock()
-        # Wakes the heartbeat loop: progress to send, or the handler is done.
-        self._wake = asyncio.Event()
-        self._handler_done = False
-        self._cancel_reason = ""
-        self._cancel_kind = ""
-        self._work: asyncio.Future[Any] | None = None
-
-    @property
-    def parameters(self) -> dict[str, Any]:
-        """`input["parameters"]` of a workflow task ({} for a standalone task)."""
-        return self._workflow_part("parameters")
-
-    @property
-    def session_input(self) -> dict[str, Any]:
-        """`input["input"]`: the session's input, for a workflow task."""
-        return self._workflow_part("input")
-
-    @property
-    def upstream(self) -> dict[str, Any]:
-        """`input["upstream"]`: each dependency's output by workflow task id."""
-        return self._workflow_part("upstream")
-
-    def _workflow_part(self, key: str) -> dict[str, Any]:
-        value = self.input.get(key) if self.session_id else None
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the task was cancelled, its lease lost, or the agent is
-        giving up on it (forced shutdown). Sync handlers should check it."""
-        return bool(self._cancel_kind)
-
-    @property
-    def cancel_reason(self) -> str:
-        """Why the task was cancelled ("" while it is not)."""
-        return self._cancel_reason
-
-    def report_progress(self, progress: Mapping[str, Any]) -> None:
-        """Record progress (a JSON-like dict); it is sent with a heartbeat at once.
-
-        Callable from async and sync handlers alike (from any thread); it never
-        blocks. Only the latest report is kept if several come before the
-        heartbeat goes out.
-        """
-        snapshot = dict(progress)
-        to_struct(snapshot, "progress")  # fail here, in the handler, if it is not JSON-like
-        with self._progress_lock:
-            self._progress = snapshot
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._wake.set()
-        else:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    def _take_progress(self) -> dict[str, Any] | None:
-        with self._progress_lock:
-            progress, self._progress = self._progress, None
-        return progress
-
-    def _stop_heartbeats(self) -> None:
-        self._handler_done = True
-        self._wake.set()
-
-    def _restore_progress(self, progress: dict[str, Any] | None) -> None:
-        with self._progress_lock:
-            if self._progress is None:
-                self._progress = progress
-
-    def _cancel(self, reason: str, kind: str) -> None:
-        """kind: "server" (cancelled or lease lost: send nothing) or "shutdown"
-        (fail as retryable so it runs elsewhere)."""
-        if self._cancel_kind:
-            return
-        self._cancel_reason, self._cancel_kind = reason, kind
-        if self._work is not None and not self._work.done():
-            self._work.cancel()
-
-
 @dataclass(eq=False)
 class _Held:
     ctx: TaskContext
     runner: asyncio.Task[None]
-
-
-class _StateReporter:
-    """Reports ACTIVE/IDLE as the agent's load changes, one report at a time and at
-    most one per `interval` seconds, so a busy agent does not flood its history."""
-
-    def __init__(self, agent: Agent, interval: float = 0.5) -> None:
-        self.agent = agent
-        self.interval = interval
-        self.wanted: int = _IDLE
-        self.sent: int | None = None
-        self._changed = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-
-    async def send(
-        self, state: int, details: Mapping[str, Any] | None = None, *, unary: bool = False
-    ) -> None:
-        """Report `state`: on the work stream when the agent works on one, else
-        (or with `unary`) with ReportState."""
-        if unary:
-            # Not behind the lock: at a re-registration the loop's report may be
-            # waiting for the very stream that registering is to reopen.
-            await self.agent.client.report_state(self.agent.agent_id, state, details=details)
-            self.sent = state
-            return
-        async with self._lock:
-            await self.agent._report_state(state, details)
-            self.sent = state
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="opscore-agent-state")
-
-    def want(self, state: int) -> None:
-        if state != self.wanted:
-            self.wanted = state
-            self._changed.set()
-
-    async def _loop(self) -> None:
-        while not self._closing.is_set():
-            await self._changed.wait()
-            self._changed.clear()
-            if self._closing.is_set():
-                return
-            if self.wanted != self.sent:
-                try:
-                    await self.send(self.wanted)
-                except OpsCoreError as exc:
-                    log.warning("could not report state: %s", exc)
-                    self._changed.set()  # try again after the interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.interval)
-
-    async def close(self) -> None:
-        self._closing.set()
-        self._changed.set()
-        if self._task is not None and not self._task.done():
-            # A report waiting for a stream that does not come back is given up.
-            _, pending = await asyncio.wait({self._task}, timeout=_CLOSING_WAIT)
-            for task in pending:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
 
 class Agent:
@@ -498,7 +203,7 @@ class Agent:
         self._stream: WorkStream | None = None
         self._half_close = asyncio.Event()
         self._finished_reported = False
-        self._reporter: _StateReporter | None = None
+        self._reporter: StateReporter | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stragglers: set[asyncio.Task[None]] = set()
 
@@ -677,7 +382,7 @@ class Agent:
                 )
                 self.agent_id = agent.agent_id
                 if self._reporter is None:
-                    self._reporter = _StateReporter(self)
+                    self._reporter = StateReporter(self)
                 await self._reporter.send(_ACTIVE if self._held else _IDLE, unary=True)
             except (UnavailableError, NotFoundError) as exc:
                 delay = backoff.next()
@@ -938,7 +643,7 @@ class Agent:
                     state=_FINISHED, details=to_struct({"reason": "shutdown"}, "details")
                 )
             )
-            until = datetime.now(UTC) + timedelta(seconds=_CLOSING_WAIT)
+            until = datetime.now(UTC) + timedelta(seconds=CLOSING_WAIT)
             try:
                 await self._ask(report, until)
                 self._finished_reported = True
@@ -947,7 +652,7 @@ class Agent:
                 log.debug("FINISHED not reported on the work stream: %r", exc)
         self._half_close.set()
         self._outbox.end()
-        _, pending = await asyncio.wait({connection}, timeout=_CLOSING_WAIT)
+        _, pending = await asyncio.wait({connection}, timeout=CLOSING_WAIT)
         if pending:
             log.warning("the server did not end the work stream; closing it")
             connection.cancel()
@@ -1068,7 +773,7 @@ class Agent:
     async def _report_exception(self, ctx: TaskContext, exc: BaseException) -> None:
         retryable = not isinstance(exc, NonRetryableError)
         extra = exc.details if isinstance(exc, NonRetryableError) else {}
-        details = _failure_details(exc, extra)
+        details = failure_details(exc, extra)
         if isinstance(exc, NonRetryableError):
             error_type = exc.error_type or type(exc).__name__
         else:
