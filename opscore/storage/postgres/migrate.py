@@ -16,15 +16,14 @@ exactly once, by one of them; the others wait for it rather than fail.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 import asyncpg
 
 from opscore.errors import ConfigError
+from opscore.storage.migrations import Migration, shipped
 
 log = logging.getLogger("opscore.storage.postgres")
 
@@ -47,17 +46,6 @@ CREATE TABLE schema_migrations (
 
 
 @dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
 class Migrated:
     """What a run did: the version the database is at now, and what this run applied
     (empty when another runner, or an earlier start, had applied everything)."""
@@ -76,19 +64,7 @@ class SchemaTooNew(MigrationError):
 
 def migrations() -> list[Migration]:
     """Numbered migrations shipped with the package, in order."""
-    found: list[Migration] = []
-    folder = resources.files("opscore.storage.postgres") / "migrations"
-    for entry in folder.iterdir():
-        name = entry.name
-        if not name.endswith(".sql"):
-            continue
-        found.append(Migration(int(name.split("_", 1)[0]), name, entry.read_text()))
-    found.sort(key=lambda m: m.version)
-    if [m.version for m in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError(
-            f"PostgreSQL migrations are not numbered 1..n: {[m.name for m in found]}"
-        )
-    return found
+    return shipped("opscore.storage.postgres", "PostgreSQL")
 
 
 SCHEMA_VERSION = len(migrations())

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from dataclasses import dataclass
-from importlib import resources
+
+from opscore.storage.migrations import Migration, shipped
 
 log = logging.getLogger("opscore.storage")
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
 def migrations() -> list[Migration]:
     """Numbered migrations shipped with the package, in order."""
-    found: list[Migration] = []
-    folder = resources.files("opscore.storage.sqlite") / "migrations"
-    for entry in folder.iterdir():
-        name = entry.name
-        if not name.endswith(".sql"):
-            continue
-        number = int(name.split("_", 1)[0])
-        found.append(Migration(number, name, entry.read_text()))
-    found.sort(key=lambda m: m.version)
-    expected = list(range(1, len(found) + 1))
-    if [m.version for m in found] != expected:
-        raise RuntimeError(f"migrations are not numbered 1..n: {[m.name for m in found]}")
-    return found
+    return shipped("opscore.storage.sqlite", "SQLite")
 
 
 SCHEMA_VERSION = len(migrations())
