@@ -59,6 +59,32 @@ def test_migrations_are_numbered_one_to_n():
         assert m.sql.strip()
 
 
+def test_a_gap_in_the_shipped_migrations_is_refused(tmp_path: Path, monkeypatch):
+    """Both backends read their files with storage.migrations.shipped: a missing
+    number (a file lost in packaging, a bad rebase) stops the server at start
+    rather than skipping a step of the schema."""
+    from opscore.storage.migrations import shipped
+
+    package = tmp_path / "fake_backend"
+    (package / "migrations").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("0001_first.sql", "0003_third.sql", "README.txt"):
+        (package / "migrations" / name).write_text("SELECT 1;\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError) as caught:
+        shipped("fake_backend", "Fake")
+    message = str(caught.value)
+    assert message.startswith("Fake migrations are not numbered 1..n")
+    assert "0001_first.sql" in message and "0003_third.sql" in message
+    (package / "migrations" / "0002_second.sql").write_text("SELECT 2;\n")
+    found = shipped("fake_backend", "Fake")
+    assert [(m.version, m.name) for m in found] == [
+        (1, "0001_first.sql"),
+        (2, "0002_second.sql"),
+        (3, "0003_third.sql"),
+    ]
+
+
 def test_migrating_at_once_equals_migrating_step_by_step(tmp_path: Path):
     at_once, stepwise = tmp_path / "at_once.db", tmp_path / "stepwise.db"
     conn = sqlite3.connect(at_once, isolation_level=None)
