@@ -4,7 +4,7 @@ commit it follows has ended.
 
 The outbox is bounded by the client's reading: above _OUTBOX_HIGH_WATER items
 `drained` clears, and a work stream stops reading its agent's messages until
-the outbox is back under _OUTBOX_LOW_WATER.
+at most _OUTBOX_LOW_WATER are left.
 """
 
 from __future__ import annotations
